@@ -1,0 +1,165 @@
+"""Checkpoint format: weights plus everything inference needs, loadable without unpickling objects.
+
+A checkpoint is a `torch.save`d dict of plain types and tensors only, so `torch.load(weights_only=True)`
+reads it. Keys: format, version, config (ModelConfig), class_names, input (InputConvention), metadata
+(JSON text: epoch, metrics, ...), state_dict.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .build import ModelConfig, build_model
+from .convention import InputConvention
+from .storage_io import read_bytes, write_bytes_atomic
+
+FORMAT = "fcn-segmentation-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, foreign or does not match what was asked for."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model in eval mode and what it needs at inference time."""
+
+    model: nn.Module
+    config: ModelConfig
+    class_names: list[str]
+    convention: InputConvention
+    metadata: dict = field(default_factory=dict)
+    model_id: str = ""
+    uri: str = ""
+
+
+def _payload(model: nn.Module, class_names: list[str], convention: InputConvention, metadata: dict | None) -> dict:
+    config = ModelConfig.of(model)
+    if len(class_names) != config.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {config.num_classes} classes")
+    # DDP wraps the model as `module.`; store the plain names so any loader finds them.
+    state = {k.removeprefix("module."): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict(),
+        "class_names": [str(c) for c in class_names],
+        "input": convention.to_dict(),
+        "metadata": json.dumps(metadata or {}, sort_keys=True),
+        "state_dict": state,
+    }
+
+
+def checkpoint_bytes(model: nn.Module, *, class_names: list[str], convention: InputConvention,
+                     metadata: dict | None = None) -> bytes:
+    """Serialise a checkpoint to bytes (for callers that hand the bytes to another writer)."""
+    buf = io.BytesIO()
+    torch.save(_payload(model, list(class_names), convention, metadata), buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(uri: str, model: nn.Module, *, class_names: list[str], convention: InputConvention,
+                    metadata: dict | None = None) -> str:
+    """Write a checkpoint to a local path or URI (atomically) and return its model id."""
+    data = checkpoint_bytes(model, class_names=class_names, convention=convention, metadata=metadata)
+    write_bytes_atomic(uri, data)
+    return model_id_of(data)
+
+
+def model_id_of(data: bytes) -> str:
+    """Stable id of a checkpoint's content: the first 16 hex digits of its SHA-256."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def read_checkpoint_payload(uri: str) -> tuple[dict, str]:
+    """Read and validate a checkpoint's dict without building the model. Returns (payload, model_id)."""
+    try:
+        data = read_bytes(uri)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {uri}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint {uri} is a directory, not a file") from None
+    except PermissionError:
+        raise CheckpointError(f"checkpoint {uri} cannot be read: permission denied") from None
+    if not data:
+        raise CheckpointError(f"checkpoint {uri} is empty (0 bytes)")
+    if not data.startswith(b"PK"):  # torch.save writes a zip archive
+        raise CheckpointError(f"checkpoint {uri} is not a torch file (no zip archive header)")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"checkpoint {uri} holds Python objects other than tensors and plain types; "
+                              "refusing to unpickle it (not a checkpoint written by this project)") from None
+    except Exception as e:  # torch reports damaged archives as RuntimeError, EOFError, BadZipFile, ...
+        raise CheckpointError(f"checkpoint {uri} is truncated or corrupt ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        keys = sorted(payload)[:5] if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"checkpoint {uri} is not an FCN checkpoint of this project (found {keys}); "
+                              "use models.save_checkpoint, or init_backbone for VGG16 weights")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {uri} has format version {payload.get('version')}, this code reads {VERSION}")
+    return payload, model_id_of(data)
+
+
+def load_checkpoint(uri: str, *, map_location: str | torch.device = "cpu", num_classes: int | None = None) -> Checkpoint:
+    """Load a checkpoint from a local path or URI into a ready model (eval mode).
+
+    Raises CheckpointError with the file and the problem for a missing, empty, truncated, foreign or
+    mismatched file, or when `num_classes` is given and differs from the checkpoint's.
+    """
+    payload, model_id = read_checkpoint_payload(uri)
+    try:
+        config = ModelConfig(**payload["config"])
+        convention = InputConvention.from_dict(payload["input"])
+        class_names = list(payload["class_names"])
+        metadata = json.loads(payload["metadata"])
+        state = payload["state_dict"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {uri} has a malformed header ({type(e).__name__}: {e})") from None
+    if num_classes is not None and num_classes != config.num_classes:
+        raise CheckpointError(f"checkpoint {uri} predicts {config.num_classes} classes, but {num_classes} were asked for")
+    model = build_model(config.arch, config.num_classes, width_mult=config.width_mult, padding=config.padding)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}")
+        if wrong:
+            parts.append(f"shape mismatch in {', '.join(wrong[:3])}")
+        raise CheckpointError(f"checkpoint {uri}: weights do not match {config.arch} "
+                              f"(num_classes={config.num_classes}, width_mult={config.width_mult}): {'; '.join(parts)}")
+    model.load_state_dict(state)
+    model.to(map_location).eval()
+    return Checkpoint(model, config, class_names, convention, metadata, model_id, uri)
+
+
+def init_from_checkpoint(model: nn.Module, uri: str) -> list[str]:
+    """Staged training: initialise `model` (e.g. FCN-16s) from a previous stage's checkpoint (FCN-32s).
+
+    The checkpoint must have the same num_classes, width and padding. Returns the copied tensor names.
+    """
+    from .surgery import init_from_stage
+
+    payload, _ = read_checkpoint_payload(uri)
+    src = ModelConfig(**payload["config"])
+    dst = ModelConfig.of(model)
+    for attr in ("num_classes", "width_mult", "padding"):
+        if getattr(src, attr) != getattr(dst, attr):
+            raise CheckpointError(f"checkpoint {uri} has {attr}={getattr(src, attr)}, "
+                                  f"but the {dst.arch} being initialised has {attr}={getattr(dst, attr)}")
+    try:
+        return init_from_stage(model, payload["state_dict"])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {uri}: {e}") from None

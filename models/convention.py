@@ -1,0 +1,51 @@
+"""Input conventions: how uint8 RGB pixels become the tensor a set of weights expects."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class InputConvention:
+    """value = (pixel * scale - mean) / std, per channel, channels in `channel_order`.
+
+    `mean` and `std` are given in `channel_order`. Pixels come in as RGB 0..255.
+    """
+
+    channel_order: str = "RGB"
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s == 0 for s in self.std):
+            raise ValueError("mean and std need three values, std non-zero")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "InputConvention":
+        return InputConvention(str(d["channel_order"]), float(d["scale"]),
+                               tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+
+    def normalize(self, rgb: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) or (3, H, W) RGB pixels (uint8 or float, 0..255) -> normalised float tensor."""
+        x = rgb.float()
+        if self.channel_order == "BGR":
+            x = x.flip(-3)
+        shape = (3, 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return (x * self.scale - mean) / std
+
+
+# torchvision's ImageNet VGG16 weights.
+TORCHVISION = InputConvention()
+# The original Caffe FCN / VGG16 weights: BGR, 0..255, mean subtracted.
+CAFFE = InputConvention("BGR", 1.0, (104.00699, 116.66877, 122.67891), (1.0, 1.0, 1.0))

@@ -1,0 +1,28 @@
+"""FCN-32s: VGG16 trunk, one score layer, a single 32x bilinear upsampling."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import VGG16Trunk, crop_like, init_trunk_weights, same_crop, upsampler, zero_init
+
+# Reference (conv1_1 padding 100) crop offset of the final output.
+REFERENCE_CROP = 19
+
+
+class FCN32s(VGG16Trunk):
+    arch = "fcn32s"
+
+    def __init__(self, num_classes: int = 21, *, width_mult: float = 1.0, padding: str = "reference"):
+        super().__init__()
+        self.num_classes = num_classes
+        self._build_trunk(width_mult, padding)
+        init_trunk_weights(self)
+        self.score_fr = zero_init(nn.Conv2d(self.fc_channels, num_classes, 1))
+        self.upscore = upsampler(num_classes, 32)
+        self.crop = REFERENCE_CROP if padding == "reference" else same_crop(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, h = self.trunk(x)
+        h = self.upscore(self.score_fr(h))
+        return crop_like(h, self.crop, x).contiguous()

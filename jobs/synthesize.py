@@ -1,0 +1,71 @@
+"""Write a deterministic synthetic segmentation dataset in PASCAL VOC layout (local directory or s3:// prefix).
+
+    python jobs/synthesize.py --output s3://bucket/data/synthetic --count 200 --size 160x120 --seed 0
+
+The last stdout line is one JSON summary (counts, classes, per-class pixel counts).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import re  # noqa: E402
+
+from pipeline.cli import JobError, print_summary, run_job  # noqa: E402
+from pipeline.storage import check_writable  # noqa: E402
+from pipeline.synthetic import SYNTHETIC_CLASSES, synthesize_voc  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors become one `error: ...` line (exit 2) through run_job."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise JobError(f"{message} (see --help)")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' (e.g. 160x120) -> (width, height)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ValueError(f"--size must be WIDTHxHEIGHT with positive integers, e.g. 160x120; got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="synthesize.py",
+        description="Write a deterministic synthetic segmentation dataset in PASCAL VOC layout: "
+                    "JPEGImages/, SegmentationClass/ (palette PNGs, 255 = void), ImageSets/Segmentation/"
+                    f"{{train,val}}.txt and classes.txt. Classes: {', '.join(SYNTHETIC_CLASSES)}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--output", required=True, default=argparse.SUPPRESS,
+                   help="destination directory or s3:// prefix (required)")
+    p.add_argument("--count", required=True, type=int, default=argparse.SUPPRESS,
+                   help="number of images to write (required)")
+    p.add_argument("--size", default="160x120", help="image size as WIDTHxHEIGHT")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical files")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of images listed in val.txt")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    size = parse_size(args.size)
+    if args.count < 1:
+        raise ValueError(f"--count must be >= 1, got {args.count}")
+    if not (0.0 <= args.val_fraction < 1.0):
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    check_writable(args.output)
+    summary = synthesize_voc(args.output, args.count, size=size, seed=args.seed, val_fraction=args.val_fraction)
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,117 @@
+"""Dataset formats: VOC layout, image/mask manifests (CSV or Parquet), and image collections to label.
+
+Listing happens on the driver and yields URIs only (strings); pixels are read and decoded by Ray Data.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .decode import IMAGE_EXTENSIONS
+from .storage import FileInfo, StorageError, check_exists, dirname, is_remote, join, list_files, normalize, read_bytes
+
+log = logging.getLogger(__name__)
+
+VOC_SPLITS_DIR = "ImageSets/Segmentation"
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, empty or malformed; the message names the URI."""
+
+
+def detect_format(uri: str) -> str:
+    """'manifest' for a .csv/.parquet file, otherwise 'voc' (a directory or prefix in VOC layout)."""
+    return "manifest" if normalize(uri).lower().endswith(MANIFEST_SUFFIXES) else "voc"
+
+
+def list_samples(uri: str, split: str) -> list[dict[str, str]]:
+    """[{"image": uri, "mask": uri}, ...] for one split of a VOC directory or a manifest, in file order."""
+    uri = normalize(uri)
+    samples = list_manifest(uri, split) if detect_format(uri) == "manifest" else list_voc(uri, split)
+    if not samples:
+        raise DatasetError(f"split {split!r} of {uri} has no samples")
+    return samples
+
+
+def list_voc(root: str, split: str) -> list[dict[str, str]]:
+    """Samples named in ImageSets/Segmentation/<split>.txt: JPEGImages/<id>.jpg + SegmentationClass/<id>.png."""
+    check_exists(root, "dataset")
+    split_file = join(root, VOC_SPLITS_DIR, f"{split}.txt")
+    try:
+        text = read_bytes(split_file).decode("utf-8")
+    except FileNotFoundError:
+        raise DatasetError(f"no split file {split_file} (VOC layout expects {VOC_SPLITS_DIR}/{split}.txt)") from None
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
+    return [{"image": join(root, "JPEGImages", f"{i}.jpg"), "mask": join(root, "SegmentationClass", f"{i}.png")}
+            for i in ids]
+
+
+def _resolve(base_dir: str, ref: str) -> str:
+    ref = str(ref).strip()
+    if "://" in ref or ref.startswith("/"):
+        return normalize(ref)
+    return join(base_dir, ref)
+
+
+def read_manifest(uri: str) -> pa.Table:
+    check_exists(uri, "manifest")
+    data = read_bytes(uri)
+    try:
+        if uri.lower().endswith(".csv"):
+            return pacsv.read_csv(io.BytesIO(data))
+        return pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DatasetError(f"manifest {uri} cannot be parsed: {str(e).splitlines()[0]}") from None
+
+
+def list_manifest(uri: str, split: str) -> list[dict[str, str]]:
+    """Rows of a manifest with `image` and `mask` columns (relative URIs are relative to the manifest).
+
+    With a `split` column only that split's rows are used; without one, every row belongs to every split.
+    """
+    table = read_manifest(uri)
+    missing = {"image", "mask"} - set(table.column_names)
+    if missing:
+        raise DatasetError(f"manifest {uri} lacks column(s) {', '.join(sorted(missing))} (has {', '.join(table.column_names)})")
+    images = table.column("image").to_pylist()
+    masks = table.column("mask").to_pylist()
+    if "split" in table.column_names:
+        splits = [str(s) for s in table.column("split").to_pylist()]
+    else:
+        log.warning("manifest %s has no split column: all rows are used for split %r", uri, split)
+        splits = [split] * len(images)
+    base = dirname(uri)
+    return [{"image": _resolve(base, i), "mask": _resolve(base, m)}
+            for i, m, s in zip(images, masks, splits) if s == split and i and m]
+
+
+def read_class_names(uri: str) -> list[str] | None:
+    """Class names from `classes.txt` beside the dataset (one per line, line = class id), if present."""
+    uri = normalize(uri)
+    base = dirname(uri) if detect_format(uri) == "manifest" else uri
+    try:
+        text = read_bytes(join(base, "classes.txt")).decode("utf-8")
+    except (FileNotFoundError, StorageError):
+        return None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    return names or None
+
+
+def list_images(uri: str) -> list[FileInfo]:
+    """Every image under a prefix or directory, recursively (jpg, jpeg, png, bmp, tif, tiff, webp, any
+    case), with size and version (ETag on S3, mtime_ns-size locally) so later runs can tell what changed.
+
+    A single image file is accepted too.
+    """
+    uri = normalize(uri)
+    if uri.lower().endswith(IMAGE_EXTENSIONS) and not is_remote(uri):
+        if os.path.isfile(uri):
+            st = os.stat(uri)
+            return [FileInfo(uri, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")]
+    return list_files(uri, IMAGE_EXTENSIONS)

@@ -57,13 +57,61 @@ def bucket(s3):
     return "s3://test-bucket"
 
 
-@pytest.fixture(scope="session")
-def ray_session(s3_server):
-    """One local Ray instance for the whole test session (never joins a stray cluster)."""
+_RAY = {"mode": None}  # "local" while the session's local Ray is up, "cluster" while a test cluster is
+
+
+def _shutdown_ray() -> None:
     import ray
 
+    if ray.is_initialized():
+        ray.shutdown()
+    _RAY["mode"] = None
+
+
+@pytest.fixture
+def ray_session(s3_server):
+    """The one local Ray instance of the test session (started on first use; never joins a stray cluster).
+
+    2 logical CPUs, as on CI's machine. Tests that start a multi-node cluster run last (see
+    pytest_collection_modifyitems), so this instance starts at most twice per session.
+    """
+    import ray
+
+    if _RAY["mode"] != "local":
+        _shutdown_ray()
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
+                 log_to_driver=False)
+        _RAY["mode"] = "local"
+    return ray
+
+
+@pytest.fixture
+def multinode_cluster(s3_server):
+    """A head with no worker resources plus `add_node`-able nodes, on this machine (ray.cluster_utils).
+
+    Replaces the local Ray for the rest of the session; mark tests using it with @pytest.mark.multinode.
+    The driver is connected to the head; the test adds nodes (cluster.add_node(num_cpus=1, num_gpus=1),
+    logical GPUs test scheduling, not CUDA) and calls cluster.wait_for_nodes().
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    _shutdown_ray()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0,
+                                                             "object_store_memory": 256 * 1024**2})
+    _RAY["mode"] = "cluster"
+    ray.init(address=cluster.address)
+    yield cluster
+    _shutdown_ray()
+    cluster.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Multi-node tests last: each tears down the shared local Ray, which is then not needed again."""
+    items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _shutdown_ray()

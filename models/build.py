@@ -45,11 +45,13 @@ class ModelConfig:
         return ModelConfig(model.arch, model.num_classes, model.width_mult, model.padding)
 
 
-def build_model(name: str, num_classes: int, *, width_mult: float = 1.0, padding: str = "reference") -> nn.Module:
+def build_model(name: str, num_classes: int, *, width_mult: float = 1.0, padding: str = "reference",
+                dropout: float = 0.5) -> nn.Module:
     """Build an FCN (`fcn32s`, `fcn16s`, `fcn8s`, `fcn8s-atonce`) with a freshly initialised trunk.
 
     Output is (N, num_classes, H, W) for any input of at least 1x1. `padding="same"` is the compute-lean
     variant without conv1_1's 100-pixel padding; `width_mult` < 1 narrows every trunk and fc layer.
+    `dropout` is fc6/fc7's drop probability in training (0.5 in the paper).
     """
     cfg = ModelConfig(name, num_classes, float(width_mult), padding)
-    return ARCHITECTURES[cfg.arch](cfg.num_classes, width_mult=cfg.width_mult, padding=cfg.padding)
+    return ARCHITECTURES[cfg.arch](cfg.num_classes, width_mult=cfg.width_mult, padding=cfg.padding, dropout=dropout)

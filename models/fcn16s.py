@@ -14,10 +14,11 @@ REFERENCE_CROP = 27
 class FCN16s(VGG16Trunk):
     arch = "fcn16s"
 
-    def __init__(self, num_classes: int = 21, *, width_mult: float = 1.0, padding: str = "reference"):
+    def __init__(self, num_classes: int = 21, *, width_mult: float = 1.0, padding: str = "reference",
+                 dropout: float = 0.5):
         super().__init__()
         self.num_classes = num_classes
-        self._build_trunk(width_mult, padding)
+        self._build_trunk(width_mult, padding, dropout)
         init_trunk_weights(self)
         self.score_fr = zero_init(nn.Conv2d(self.fc_channels, num_classes, 1))
         self.score_pool4 = zero_init(nn.Conv2d(self.pool4_channels, num_classes, 1))

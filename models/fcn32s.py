@@ -13,10 +13,11 @@ REFERENCE_CROP = 19
 class FCN32s(VGG16Trunk):
     arch = "fcn32s"
 
-    def __init__(self, num_classes: int = 21, *, width_mult: float = 1.0, padding: str = "reference"):
+    def __init__(self, num_classes: int = 21, *, width_mult: float = 1.0, padding: str = "reference",
+                 dropout: float = 0.5):
         super().__init__()
         self.num_classes = num_classes
-        self._build_trunk(width_mult, padding)
+        self._build_trunk(width_mult, padding, dropout)
         init_trunk_weights(self)
         self.score_fr = zero_init(nn.Conv2d(self.fc_channels, num_classes, 1))
         self.upscore = upsampler(num_classes, 32)

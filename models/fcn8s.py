@@ -18,10 +18,11 @@ class FCN8s(VGG16Trunk):
     pool4_scale = 1.0
     pool3_scale = 1.0
 
-    def __init__(self, num_classes: int = 21, *, width_mult: float = 1.0, padding: str = "reference"):
+    def __init__(self, num_classes: int = 21, *, width_mult: float = 1.0, padding: str = "reference",
+                 dropout: float = 0.5):
         super().__init__()
         self.num_classes = num_classes
-        self._build_trunk(width_mult, padding)
+        self._build_trunk(width_mult, padding, dropout)
         init_trunk_weights(self)
         self.score_fr = zero_init(nn.Conv2d(self.fc_channels, num_classes, 1))
         self.score_pool4 = zero_init(nn.Conv2d(self.pool4_channels, num_classes, 1))

@@ -68,7 +68,7 @@ class VGG16Trunk(nn.Module):
     Subclasses call `self.trunk(x)` and get (pool3, pool4, fc7-output) back.
     """
 
-    def _build_trunk(self, width_mult: float, padding: str) -> None:
+    def _build_trunk(self, width_mult: float, padding: str, dropout: float = 0.5) -> None:
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
         if not (0 < width_mult <= 1):
@@ -88,10 +88,10 @@ class VGG16Trunk(nn.Module):
         fc = scaled(FC_WIDTH, width_mult)
         self.fc6 = nn.Conv2d(in_ch, fc, 7, padding=0 if padding == "reference" else 3)
         self.relu6 = nn.ReLU(inplace=True)
-        self.drop6 = nn.Dropout2d(0.5)
+        self.drop6 = nn.Dropout2d(dropout)
         self.fc7 = nn.Conv2d(fc, fc, 1)
         self.relu7 = nn.ReLU(inplace=True)
-        self.drop7 = nn.Dropout2d(0.5)
+        self.drop7 = nn.Dropout2d(dropout)
         self.fc_channels = fc
         self.pool3_channels = scaled(256, width_mult)
         self.pool4_channels = scaled(512, width_mult)

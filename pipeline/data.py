@@ -104,7 +104,7 @@ def unpack_whole(row: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def segmentation_dataset(samples: list[dict[str, str]], *, num_classes: int, transform: TrainTransform | None = None,
-                         max_pixels: int = DEFAULT_MAX_PIXELS, bad_log=None, rows_per_task: int = 8,
+                         max_pixels: int = DEFAULT_MAX_PIXELS, bad_log=None, rows_per_task: int = 32,
                          num_cpus: float = 1) -> ray.data.Dataset:
     """A streaming Ray Dataset of decoded samples.
 

@@ -1,0 +1,54 @@
+"""Evaluate a checkpoint on a dataset split with the paper's metrics, distributed over Ray Data.
+
+    python jobs/evaluate.py --data URI --checkpoint URI [--split val]
+
+The last stdout line is one JSON object: pixel_accuracy, mean_accuracy, mean_iou, fw_iou, per_class_iou, ...
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+
+from pipeline.cli import JobError, print_summary, run_job  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise JobError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="evaluate.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                description="Evaluate an FCN checkpoint (pixel accuracy, mean accuracy, mean IU, frequency-weighted "
+                            "IU, per-class IU) on whole images at native size, as training's validation does.")
+    p.add_argument("--data", required=True, default=argparse.SUPPRESS,
+                   help="dataset: VOC-layout directory/prefix or .csv/.parquet manifest, local or s3:// (required)")
+    p.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
+                   help="checkpoint file (model.pt), local or s3:// (required)")
+    p.add_argument("--split", default="val", help="split to evaluate")
+    p.add_argument("--actors", type=int, default=1, help="inference actors (one per GPU with --use-gpu)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per inference actor")
+    p.add_argument("--use-gpu", action="store_true", help="run inference on GPUs")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="mixed precision on GPU")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.actors < 1:
+        raise JobError(f"--actors must be >= 1, got {args.actors}")
+    from pipeline.evaluation import evaluate_checkpoint
+
+    summary = evaluate_checkpoint(args.data, args.checkpoint, split=args.split, actors=args.actors,
+                                  cpus_per_actor=args.cpus_per_actor, use_gpu=args.use_gpu,
+                                  amp=args.amp if args.use_gpu else "off")
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,90 @@
+"""Train an FCN data-parallel on Ray Train: `python jobs/train.py --data URI --storage URI --name RUN ...`
+
+Rerunning the same command with the same --storage/--name resumes after the last completed epoch. The
+last stdout line is one JSON summary (best/latest checkpoint, metrics, images/s).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+
+from models import ARCHITECTURES  # noqa: E402
+from pipeline.cli import JobError, print_summary, run_job  # noqa: E402
+from pipeline.train_config import TrainConfig  # noqa: E402
+
+DEFAULTS = TrainConfig(data="", storage="", name="")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise JobError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = _Parser(prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                description="Train FCN-32s/16s/8s data-parallel on Ray Train (DDP). Checkpoints go to "
+                            "STORAGE/NAME/epoch_NNNN/model.pt; rerun with the same name to resume.")
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data", required=True, default=argparse.SUPPRESS,
+                   help="dataset: VOC-layout directory/prefix or a .csv/.parquet manifest, local or s3:// (required)")
+    g.add_argument("--storage", required=True, default=argparse.SUPPRESS,
+                   help="where runs are stored: a local directory (shared by all nodes) or s3:// prefix (required)")
+    g.add_argument("--name", required=True, default=argparse.SUPPRESS, help="run name; reuse it to resume (required)")
+    g.add_argument("--train-split", default=d.train_split, help="split used for training")
+    g.add_argument("--val-split", default=d.val_split, help="split evaluated after every epoch")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, choices=list(ARCHITECTURES), help="architecture")
+    g.add_argument("--num-classes", type=int, default=d.num_classes, help="classes including background")
+    g.add_argument("--padding", default=d.padding, choices=["reference", "same"],
+                   help="'reference' = the paper's conv1_1 padding 100; 'same' = 0.6x the FLOPs")
+    g.add_argument("--width-mult", type=float, default=d.width_mult, help="channel width multiplier (<1 for CPU runs)")
+    g.add_argument("--backbone-weights", default=d.backbone_weights,
+                   help="VGG16 init: a torchvision vgg16 state-dict FILE/URI, 'imagenet' (downloads), or 'none'")
+    g.add_argument("--init-from", default=d.init_from,
+                   help="checkpoint URI of the previous stage (fcn32s -> fcn16s -> fcn8s)")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="fc6/fc7 dropout probability")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="total epochs of the run")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per worker per step")
+    g.add_argument("--crop-size", type=int, default=d.crop_size, help="training crop side (pixels)")
+    g.add_argument("--min-scale", type=float, default=d.min_scale, help="smallest random scale")
+    g.add_argument("--max-scale", type=float, default=d.max_scale, help="largest random scale")
+    g.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
+    g.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam"], help="optimiser")
+    g.add_argument("--lr", type=float, default=d.lr, help="base learning rate (poly schedule to 0)")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
+    g.add_argument("--poly-power", type=float, default=d.poly_power, help="poly learning-rate schedule power")
+    g.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "off"], help="mixed precision on GPU")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed of the initialisation")
+    g = p.add_argument_group("cluster")
+    g.add_argument("--num-workers", type=int, default=d.num_workers, help="data-parallel workers")
+    g.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL); otherwise CPU workers (gloo)")
+    g.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker,
+                   help="CPUs reserved per worker (the rest decode data)")
+    g.add_argument("--data-cpus", type=float, default=d.data_cpus, help="CPUs per Ray Data decode/augment task")
+    g.add_argument("--max-failures", type=int, default=d.max_failures,
+                   help="worker-group restarts from the latest checkpoint before giving up")
+    g.add_argument("--keep-best", type=int, default=d.keep_best, help="best checkpoints kept by mean IU (plus the latest)")
+    g.add_argument("--max-pixels", type=int, default=d.max_pixels, help="reject images larger than this")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    cfg = TrainConfig(**args)
+    if cfg.amp != "off" and not cfg.use_gpu:
+        cfg.amp = "off"  # CPU workers train in fp32
+    from pipeline.train_run import run_training
+
+    print_summary(run_training(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    run_job(main)

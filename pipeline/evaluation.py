@@ -1,0 +1,125 @@
+"""Whole-image evaluation: the paper's metrics from native-size predictions, in training and in evaluate.py.
+
+Both paths run the same `predict_label_map` on one image at a time at its native size, so training's
+per-epoch validation and `jobs/evaluate.py` give identical confusion matrices for the same model.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from models import InputConvention
+
+from .data import unpack_whole
+from .metrics import ConfusionMatrix
+
+
+def autocast_for(device: torch.device, amp: str):
+    """The autocast context for a device and an --amp choice ('bf16', 'fp16', 'off'); CPU always runs fp32."""
+    if device.type != "cuda" or amp == "off":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def to_input(images: torch.Tensor, convention: InputConvention, device: torch.device,
+             channels_last: bool = False) -> torch.Tensor:
+    """(N, H, W, 3) uint8 RGB -> normalised (N, 3, H, W) float on `device` (normalisation on the device)."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    x = convention.normalize(x)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+@torch.no_grad()
+def predict_label_map(model: nn.Module, convention: InputConvention, image: np.ndarray, device: torch.device,
+                      amp: str = "off") -> torch.Tensor:
+    """One RGB uint8 (H, W, 3) image at native size -> (H, W) int64 class ids on `device`."""
+    x = to_input(torch.from_numpy(np.ascontiguousarray(image))[None], convention, device)
+    with autocast_for(device, amp):
+        logits = model(x)
+    return logits[0].argmax(0)
+
+
+@torch.no_grad()
+def evaluate_rows(model: nn.Module, convention: InputConvention, rows: Iterable[dict], num_classes: int,
+                  device: torch.device, amp: str = "off") -> tuple[ConfusionMatrix, int]:
+    """Confusion matrix over validation rows (see pipeline.data.unpack_whole) and the number of images."""
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes)
+    n = 0
+    for row in rows:
+        image, mask = unpack_whole(row)
+        pred = predict_label_map(model, convention, image, device, amp)
+        cm.update(pred, torch.from_numpy(mask.copy()).to(device))
+        n += 1
+    model.train(was_training)
+    return cm, n
+
+
+class ConfusionPredictor:
+    """Ray Data actor for evaluate.py: loads the checkpoint once, returns one flattened matrix per batch."""
+
+    def __init__(self, checkpoint_uri: str, num_classes: int, device: str = "cpu", amp: str = "off",
+                 threads: int | None = None):
+        from models import load_checkpoint
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.ck = load_checkpoint(checkpoint_uri, map_location=self.device, num_classes=num_classes)
+        self.num_classes = num_classes
+        self.amp = amp
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [{k: batch[k][i] for k in ("height", "width", "image", "mask")} for i in range(len(batch["height"]))]
+        cm, n = evaluate_rows(self.ck.model, self.ck.convention, rows, self.num_classes, self.device, self.amp)
+        return {"matrix": [cm.matrix.reshape(-1)], "images": np.array([n], dtype=np.int64)}
+
+
+def evaluate_checkpoint(data: str, checkpoint_uri: str, *, split: str = "val", actors: int = 1,
+                        cpus_per_actor: float = 1.0, use_gpu: bool = False, amp: str = "off",
+                        max_pixels: int | None = None) -> dict:
+    """Evaluate a checkpoint on a dataset split, distributed over a Ray Data actor pool.
+
+    Returns the scores of `ConfusionMatrix.scores()` plus images, bad samples, checkpoint and model_id.
+    """
+    import ray
+
+    from models import load_checkpoint
+
+    from .data import BadSampleLog, segmentation_dataset
+    from .datasets import list_samples
+    from .decode import DEFAULT_MAX_PIXELS
+
+    ck = load_checkpoint(checkpoint_uri)  # fails fast, before any cluster work, on a bad file
+    num_classes = ck.config.num_classes
+    samples = list_samples(data, split)
+    if not ray.is_initialized():
+        import os
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    bad_log = BadSampleLog.remote()
+    ds = segmentation_dataset(samples, num_classes=num_classes, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                              bad_log=bad_log)
+    matrices = ds.map_batches(
+        ConfusionPredictor,
+        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "num_classes": num_classes,
+                               "device": "cuda" if use_gpu else "cpu", "amp": amp,
+                               "threads": None if use_gpu else max(1, int(cpus_per_actor))},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=4,
+        num_cpus=cpus_per_actor,
+        num_gpus=1 if use_gpu else 0,
+    )
+    total = ConfusionMatrix(num_classes)
+    images = 0
+    for batch in matrices.iter_batches(batch_size=None, batch_format="numpy"):
+        for flat, n in zip(batch["matrix"], batch["images"]):
+            total.merge(ConfusionMatrix.from_matrix(np.asarray(flat, dtype=np.int64).reshape(num_classes, num_classes)))
+            images += int(n)
+    bad = ray.get(bad_log.rows.remote())
+    return {**total.scores(), "images": images, "split": split, "checkpoint": checkpoint_uri,
+            "model_id": ck.model_id, "class_names": ck.class_names, "bad_samples": bad}

@@ -1,0 +1,210 @@
+"""The per-worker training function run by Ray Train's TorchTrainer (DDP over gloo or NCCL).
+
+Flat and explicit, like torchvision's segmentation reference: build, resume, train an epoch, validate the
+whole validation split (sharded; confusion matrices summed exactly across workers), checkpoint, report.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import tempfile
+import time
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models import InputConvention, build_model, init_backbone, init_from_checkpoint, load_checkpoint
+from models.checkpoint import checkpoint_bytes
+
+from .evaluation import autocast_for, evaluate_rows, to_input
+from .metrics import ConfusionMatrix
+from .run_state import (META_FILE, MODEL_FILE, STATE_FILE, epoch_dir_name, ledger, new_attempt_id, run_uri,
+                        scan_checkpoints, write_ledger)
+from .storage import join, read_bytes, write_bytes
+from .train_config import TrainConfig
+
+
+
+def _poly_lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    return cfg.lr * max(0.0, 1.0 - step / max(1, total_steps)) ** cfg.poly_power
+
+
+def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":  # decoupled weight decay: L2 inside Adam would be rescaled per parameter
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _resume_point(run: str, rank: int) -> dict | None:
+    """Rank 0 decides where to resume (Ray's checkpoint, or a later complete one the race hid); all agree."""
+    decision = [None]
+    if rank == 0:
+        found = scan_checkpoints(run)
+        latest = found[-1] if found else None
+        ray_ck = ray.train.get_checkpoint()
+        if latest is not None and ray_ck is not None:
+            ray_name = os.path.basename(ray_ck.path.rstrip("/"))
+            if ray_name != os.path.basename(latest["uri"]):
+                print(f"[train] Ray's latest checkpoint is {ray_name}, storage holds a complete "
+                      f"{os.path.basename(latest['uri'])} (reported just before a failure): resuming after it", flush=True)
+        decision[0] = latest
+    if dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+    return decision[0]
+
+
+def _save_checkpoint_dir(directory: str, model: nn.Module, cfg: TrainConfig, class_names: list[str],
+                         convention: InputConvention, optimizer, step: int, epoch: int, history: list,
+                         metrics: dict) -> None:
+    model_data = checkpoint_bytes(model, class_names=class_names, convention=convention,
+                                  metadata={"epoch": epoch, "metrics": metrics, "run": cfg.name, "train_config": cfg.to_dict()})
+    buf = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "history": history}, buf)
+    state_data = buf.getvalue()
+    with open(os.path.join(directory, MODEL_FILE), "wb") as f:
+        f.write(model_data)
+    with open(os.path.join(directory, STATE_FILE), "wb") as f:
+        f.write(state_data)
+    meta = {"epoch": epoch, "metrics": metrics, "model_bytes": len(model_data), "state_bytes": len(state_data)}
+    with open(os.path.join(directory, META_FILE), "w") as f:
+        json.dump(meta, f)
+
+
+def _maybe_inject_fault(run: str, epoch: int, rank: int, kill_after_report: int | None) -> None:
+    """Test hook (see train_run.KILL_AFTER_REPORT_ENV): SIGKILL rank 0 right after reporting `epoch`, once."""
+    if rank != 0 or kill_after_report != epoch:
+        return
+    marker = join(run, "_fault_injected")
+    try:
+        read_bytes(marker)
+        return  # already killed once in this run
+    except FileNotFoundError:
+        write_bytes(marker, b"1")
+    print(f"[train] test hook: SIGKILL of rank 0 (pid {os.getpid()}) after reporting epoch {epoch}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = TrainConfig(**config["cfg"])
+    class_names: list[str] = config["class_names"]
+    convention = InputConvention.from_dict(config["convention"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    run = run_uri(cfg.storage, cfg.name)
+    attempt = new_attempt_id()
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if dist.is_initialized():
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.num_classes, width_mult=cfg.width_mult, padding=cfg.padding, dropout=cfg.dropout)
+    resume = _resume_point(run, rank)
+    train_state = None
+    if resume is not None:
+        model.load_state_dict(load_checkpoint(resume["model_uri"]).model.state_dict())
+        train_state = torch.load(io.BytesIO(read_bytes(join(resume["uri"], STATE_FILE))), weights_only=True)
+        if rank == 0 and not any(r["epoch"] == resume["epoch"] for r in ledger(run)):
+            write_ledger(run, resume["epoch"], "recovered", resume["metrics"])
+    elif cfg.init_from:
+        init_from_checkpoint(model, cfg.init_from)
+    elif cfg.backbone_weights != "none":
+        init_backbone(model, cfg.backbone_weights)
+
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    optimizer = _make_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler("cuda") if use_cuda and cfg.amp == "fp16" else None
+    step, start_epoch, history = 0, 1, []
+    if train_state is not None:
+        optimizer.load_state_dict(train_state["optimizer"])
+        step, start_epoch, history = train_state["step"], train_state["epoch"] + 1, list(train_state["history"])
+    total_steps = cfg.epochs * config["steps_per_epoch"]
+    # Sum over pixels divided by the valid pixels of the *global* batch (all workers): DDP's gradient average
+    # then equals one process on the whole batch, even when workers hold different numbers of void pixels.
+    criterion = nn.CrossEntropyLoss(ignore_index=255, reduction="sum")
+    has_val = rank < config["val_shards"]
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros(3, dtype=torch.float64)  # summed loss, batches, images
+        shard = ray.train.get_dataset_shard("train")
+        # streaming_split(equal=True) gives every worker the same number of rows, hence of steps.
+        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size,
+                                               local_shuffle_buffer_size=cfg.batch_size * 8):
+            x = to_input(batch["image"], convention, device, channels_last=use_cuda)
+            y = batch["mask"].to(device, non_blocking=True).long()
+            for group in optimizer.param_groups:
+                group["lr"] = _poly_lr(cfg, step, total_steps)
+            valid = (y != 255).sum().to(torch.float64)
+            if dist.is_initialized():
+                dist.all_reduce(valid)
+            with autocast_for(device, cfg.amp):
+                logits = model(x)
+                loss = criterion(logits.float(), y) * (world / valid.clamp_min(1.0)).float()
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            step += 1
+            # Logged loss: this worker's share of the global mean, summed back over workers below.
+            loss_sum += torch.tensor([float(loss.detach()) / world, 1.0 / world, float(len(x))], dtype=torch.float64)
+        train_seconds = time.perf_counter() - t0
+
+        cm = ConfusionMatrix(cfg.num_classes)
+        n_val = 0
+        if has_val:
+            val_rows = ray.train.get_dataset_shard(f"val_{rank}").iter_rows()
+            cm, n_val = evaluate_rows(core, convention, val_rows, cfg.num_classes, device, cfg.amp)
+        totals = torch.cat([loss_sum, torch.tensor([n_val, train_seconds], dtype=torch.float64)])
+        matrix = torch.from_numpy(cm.matrix).to(device)
+        if dist.is_initialized():
+            totals = totals.to(device)
+            dist.all_reduce(matrix)  # exact int64 sum of every worker's confusion matrix
+            seconds = totals[4:5].clone()
+            dist.all_reduce(totals)
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+            totals[4] = seconds[0]
+            totals = totals.cpu()
+        scores = ConfusionMatrix.from_matrix(matrix.cpu().numpy()).scores()
+        metrics = {
+            "epoch": epoch,
+            "loss": float(totals[0] / max(1.0, float(totals[1]))),
+            **scores,
+            "train_images": int(totals[2]),
+            "val_images": int(totals[3]),
+            "images_per_second": float(totals[2] / max(1e-9, float(totals[4]))),
+            "lr": _poly_lr(cfg, step, total_steps),
+            "worker_nodes": nodes,
+        }
+        history.append({k: v for k, v in metrics.items() if k != "per_class_iou"})
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                _save_checkpoint_dir(tmp, core, cfg, class_names, convention, optimizer, step, epoch, history, metrics)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=epoch_dir_name(epoch))
+            write_ledger(run, epoch, attempt, {k: v for k, v in metrics.items() if k != "per_class_iou"})
+            print(f"[train] epoch {epoch}/{cfg.epochs} loss {metrics['loss']:.4f} mean_iou {metrics['mean_iou']:.4f} "
+                  f"pixel_acc {metrics['pixel_accuracy']:.4f} images/s {metrics['images_per_second']:.1f} "
+                  f"(train {metrics['train_images']}, val {metrics['val_images']})", flush=True)
+            _maybe_inject_fault(run, epoch, rank, config.get("kill_after_report"))
+        else:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=epoch_dir_name(epoch))

@@ -1,0 +1,152 @@
+"""Driver side of a training run: check everything that can be checked before any cluster work, build the
+Ray Data inputs, run Ray Train's TorchTrainer, and summarise from what storage durably holds."""
+from __future__ import annotations
+
+import math
+import os
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from models import TORCHVISION, VOC_CLASSES, InputConvention, ModelConfig, read_checkpoint_payload
+from models.checkpoint import CheckpointError
+
+from .cli import JobError
+from .data import BadSampleLog, segmentation_dataset
+from .datasets import list_samples, read_class_names
+from .run_state import ledger, run_uri, scan_checkpoints
+from .storage import check_exists, check_writable, normalize
+from .train_config import TrainConfig
+from .train_loop import train_loop_per_worker
+from .transforms import TrainTransform
+
+AMP_CHOICES = ("bf16", "fp16", "off")
+# Test hook: when set to an epoch number in the driver's environment, rank 0 is SIGKILLed right after
+# reporting that epoch's checkpoint (once per run), to prove the report/commit race loses and repeats nothing.
+KILL_AFTER_REPORT_ENV = "FCN_TEST_KILL_AFTER_REPORT"
+OPTIMIZERS = ("sgd", "adam")
+
+
+def preflight(cfg: TrainConfig) -> tuple[list, list, list[str], InputConvention]:
+    """Validate options, dataset, initialisation source and storage; raise one clear error otherwise."""
+    ModelConfig(cfg.model, cfg.num_classes, cfg.width_mult, cfg.padding)  # raises ValueError on bad choices
+    for name, value, low in [("epochs", cfg.epochs, 1), ("batch-size", cfg.batch_size, 1), ("crop-size", cfg.crop_size, 1),
+                             ("num-workers", cfg.num_workers, 1)]:
+        if value < low:
+            raise JobError(f"--{name} must be >= {low}, got {value}")
+    if cfg.amp not in AMP_CHOICES:
+        raise JobError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {cfg.amp!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise JobError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    if not cfg.name or "/" in cfg.name:
+        raise JobError(f"--name must be a non-empty run name without '/', got {cfg.name!r}")
+    train = list_samples(cfg.data, cfg.train_split)
+    val = list_samples(cfg.data, cfg.val_split)
+
+    class_names = read_class_names(cfg.data)
+    if class_names is not None and len(class_names) != cfg.num_classes:
+        raise JobError(f"--num-classes {cfg.num_classes} does not match the {len(class_names)} classes in "
+                       f"{normalize(cfg.data)}/classes.txt ({', '.join(class_names[:6])}...)")
+    if class_names is None:
+        class_names = list(VOC_CLASSES) if cfg.num_classes == len(VOC_CLASSES) else [f"class_{i}" for i in range(cfg.num_classes)]
+
+    convention = TORCHVISION
+    if cfg.init_from:
+        payload, _ = read_checkpoint_payload(cfg.init_from)
+        src = ModelConfig(**payload["config"])
+        if src.num_classes != cfg.num_classes:
+            raise CheckpointError(f"checkpoint {cfg.init_from} predicts {src.num_classes} classes, but --num-classes is {cfg.num_classes}")
+        if (src.width_mult, src.padding) != (cfg.width_mult, cfg.padding):
+            raise CheckpointError(f"checkpoint {cfg.init_from} has width_mult={src.width_mult}, padding={src.padding}; "
+                                  f"the run asks for width_mult={cfg.width_mult}, padding={cfg.padding}")
+        convention = InputConvention.from_dict(payload["input"])
+    elif cfg.backbone_weights not in ("none", "imagenet"):
+        check_exists(cfg.backbone_weights, "VGG16 weights file")
+        if cfg.width_mult != 1.0:
+            raise JobError("--backbone-weights needs --width-mult 1.0 (pretrained VGG16 has full width)")
+    check_writable(run_uri(cfg.storage, cfg.name))
+    return train, val, class_names, convention
+
+
+def build_trainer(cfg: TrainConfig, train: list, val: list, class_names: list[str], convention: InputConvention,
+                  bad_log) -> TorchTrainer:
+    transform = TrainTransform(cfg.crop_size, cfg.min_scale, cfg.max_scale, cfg.flip)
+    datasets = {"train": segmentation_dataset(train, num_classes=cfg.num_classes, transform=transform,
+                                              max_pixels=cfg.max_pixels, bad_log=bad_log, num_cpus=cfg.data_cpus)}
+    # Validation: one fixed, disjoint shard per worker so that every image is evaluated exactly once
+    # (streaming_split(equal=True) may drop rows, which would bias the metrics).
+    val_shards = min(cfg.num_workers, len(val))
+    for r in range(val_shards):
+        datasets[f"val_{r}"] = segmentation_dataset(val[r::cfg.num_workers], num_classes=cfg.num_classes,
+                                                    max_pixels=cfg.max_pixels, bad_log=bad_log, num_cpus=cfg.data_cpus)
+    steps_per_epoch = max(1, math.ceil(len(train) / cfg.num_workers / cfg.batch_size))
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "class_names": class_names, "convention": convention.to_dict(),
+                           "steps_per_epoch": steps_per_epoch, "val_shards": val_shards,
+                           "kill_after_report": int(os.environ[KILL_AFTER_REPORT_ENV]) if os.environ.get(KILL_AFTER_REPORT_ENV) else None},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            storage_path=normalize(cfg.storage),
+            name=cfg.name,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_best, checkpoint_score_attribute="mean_iou",
+                                               checkpoint_score_order="max"),
+            # A worker group that cannot be placed is retried forever by default: bound it.
+            failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=max(3, cfg.max_failures)),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def summarise(cfg: TrainConfig, bad_rows: list[dict], trained_epochs: list[dict]) -> dict:
+    run = run_uri(cfg.storage, cfg.name)
+    found = scan_checkpoints(run)
+    if not found:
+        raise JobError(f"training finished without a checkpoint under {run}")
+    best = max(found, key=lambda c: (c["metrics"].get("mean_iou") or -1.0, c["epoch"]))
+    latest = found[-1]
+    records = ledger(run)
+    ips = [r["metrics"]["images_per_second"] for r in trained_epochs]
+    return {
+        "run": run,
+        "best_mean_iou": best["metrics"].get("mean_iou"),
+        "best_epoch": best["epoch"],
+        "best_checkpoint": best["model_uri"],
+        "latest_checkpoint": latest["model_uri"],
+        "epochs": latest["epoch"],
+        "epochs_trained_now": [r["epoch"] for r in trained_epochs],
+        "worker_nodes": latest["metrics"].get("worker_nodes"),
+        "final_metrics": {k: latest["metrics"].get(k) for k in
+                          ("loss", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou", "per_class_iou")},
+        "images_per_second": sum(ips) / len(ips) if ips else None,
+        "kept_checkpoints": [c["model_uri"] for c in found],
+        "bad_samples": bad_rows,
+        "ledger_epochs": [r["epoch"] for r in records],
+    }
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train (or resume) a run; returns the summary dict printed by jobs/train.py."""
+    train, val, class_names, convention = preflight(cfg)
+    run = run_uri(cfg.storage, cfg.name)
+    done_before = {r["epoch"] for r in ledger(run)}
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    bad_log = BadSampleLog.remote()
+    trainer = build_trainer(cfg, train, val, class_names, convention, bad_log)
+    latest = scan_checkpoints(run)
+    if latest and latest[-1]["epoch"] >= cfg.epochs:
+        print(f"[train] {run} already completed epoch {latest[-1]['epoch']} of {cfg.epochs}: nothing to train", flush=True)
+    else:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    bad_rows = ray.get(bad_log.rows.remote())
+    for row in bad_rows:
+        print(f"[train] skipped bad sample {row['uri']}: {row['reason']}", flush=True)
+    trained_now = [r for r in ledger(run) if r["epoch"] not in done_before and r["attempt"] != "recovered"]
+    return summarise(cfg, bad_rows, trained_now)

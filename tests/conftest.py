@@ -108,6 +108,16 @@ def multinode_cluster(s3_server):
     cluster.shutdown()
 
 
+@pytest.fixture
+def ray_stopped(s3_server):
+    """No Ray instance in this process (for tests that start a separate Ray head, e.g. `ray start`).
+
+    Mark such tests @pytest.mark.multinode so they run after the tests sharing the local Ray.
+    """
+    _shutdown_ray()
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     """Multi-node tests last: each tears down the shared local Ray, which is then not needed again."""
     items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)

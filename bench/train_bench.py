@@ -1,0 +1,108 @@
+"""Training throughput: the Ray Train job (1 worker) vs a plain single-process PyTorch loop, same run.
+
+Same model, data, batch, augmentation and CPU budget on both sides: one CPU trains (torch with 1 thread),
+one CPU decodes and augments (Ray Data there; a torch DataLoader worker here). Epoch 1 warms up and is left
+out. Prints one JSON line with both images/s figures and `ray_vs_plain` (target >= 0.95).
+
+    python bench/train_bench.py [--images 192] [--epochs 3] [--width-mult 0.25] [--crop 128]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from models import TORCHVISION, build_model  # noqa: E402
+from pipeline.data import load_pair  # noqa: E402
+from pipeline.datasets import list_samples  # noqa: E402
+from pipeline.evaluation import to_input  # noqa: E402
+from pipeline.synthetic import synthesize_voc  # noqa: E402
+from pipeline.transforms import TrainTransform  # noqa: E402
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, samples, transform, num_classes):
+        self.samples, self.transform, self.num_classes = samples, transform, num_classes
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        image, mask = load_pair(s["image"], s["mask"], num_classes=self.num_classes, max_pixels=64_000_000)
+        image, mask = self.transform(image, mask, np.random.default_rng())
+        return torch.from_numpy(image), torch.from_numpy(mask)
+
+
+def plain_loop(samples, args) -> list[float]:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model("fcn8s", 6, width_mult=args.width_mult, padding="same")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    crit = nn.CrossEntropyLoss(ignore_index=255)
+    loader = torch.utils.data.DataLoader(PairDataset(samples, TrainTransform(args.crop), 6), batch_size=args.batch,
+                                         shuffle=True, num_workers=1, persistent_workers=True)
+    rates = []
+    for _ in range(args.epochs):
+        t0, n = time.perf_counter(), 0
+        for image, mask in loader:
+            x = to_input(image, TORCHVISION, torch.device("cpu"))
+            loss = crit(model(x), mask.long())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n += len(image)
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+def ray_job(data, args) -> list[float]:
+    import ray
+
+    from pipeline.run_state import scan_checkpoints
+    from pipeline.train_config import TrainConfig
+    from pipeline.train_run import run_training
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    storage = tempfile.mkdtemp(prefix="trainbench")
+    cfg = TrainConfig(data=data, storage=storage, name="bench", num_classes=6, width_mult=args.width_mult,
+                      padding="same", epochs=args.epochs, batch_size=args.batch, crop_size=args.crop, amp="off",
+                      num_workers=1, cpus_per_worker=1.0, keep_best=args.epochs, max_failures=0)
+    run_training(cfg)
+    ray.shutdown()
+    return [c["metrics"]["images_per_second"] for c in scan_checkpoints(os.path.join(storage, "bench"))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=192)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--width-mult", type=float, default=0.25)
+    p.add_argument("--crop", type=int, default=128)
+    args = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    data = os.path.join(tempfile.mkdtemp(prefix="trainbench-data"), "syn")
+    synthesize_voc(data, args.images + 8, size=(160, 120), seed=0, val_fraction=8 / (args.images + 8))
+    samples = list_samples(data, "train")
+    plain = plain_loop(samples, args)
+    ray_rates = ray_job(data, args)
+    plain_ips, ray_ips = float(np.mean(plain[1:])), float(np.mean(ray_rates[1:]))
+    print(json.dumps({"bench": "train", "device": "cpu", "model": "fcn8s", "width_mult": args.width_mult,
+                      "padding": "same", "crop": args.crop, "batch": args.batch, "train_images": len(samples),
+                      "epochs_measured": args.epochs - 1, "plain_images_per_second": round(plain_ips, 2),
+                      "ray_images_per_second": round(ray_ips, 2), "ray_vs_plain": round(ray_ips / plain_ips, 3),
+                      "per_epoch": {"plain": [round(r, 2) for r in plain], "ray": [round(r, 2) for r in ray_rates]}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Training across nodes (ray.cluster_utils.Cluster on this machine) and through `ray job submit`."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from models import load_checkpoint
+from pipeline.synthetic import synthesize_voc
+from tests.jobs_util import ROOT, run_in_process
+
+pytestmark = pytest.mark.multinode
+
+
+def test_two_workers_on_two_nodes(multinode_cluster, tmp_path, capsys):
+    # Head has no worker resources; each node fits exactly one 1.5-CPU worker, leaving 0.5 CPU for decoding.
+    for _ in range(2):
+        multinode_cluster.add_node(num_cpus=2, object_store_memory=128 * 1024**2)
+    multinode_cluster.wait_for_nodes()
+    data = str(tmp_path / "syn")
+    synthesize_voc(data, 16, size=(40, 32), seed=3, val_fraction=0.25)
+    summary = run_in_process("train", [
+        "--data", data, "--storage", str(tmp_path / "runs"), "--name", "nodes", "--num-classes", "6",
+        "--width-mult", "0.0625", "--padding", "same", "--num-workers", "2", "--cpus-per-worker", "1.5",
+        "--data-cpus", "0.5", "--epochs", "1", "--batch-size", "2", "--crop-size", "32", "--max-failures", "0"], capsys)
+    nodes = summary["worker_nodes"]
+    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
+    head = multinode_cluster.head_node.node_id
+    assert head not in nodes
+    assert load_checkpoint(summary["latest_checkpoint"]).metadata["epoch"] == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_train(ray_stopped, tmp_path):
+    data = str(tmp_path / "syn")
+    synthesize_voc(data, 12, size=(40, 32), seed=4, val_fraction=0.25)
+    bin_dir = os.path.dirname(sys.executable)
+    ray_cli = os.path.join(bin_dir, "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
+    dash = _free_port()
+    started = subprocess.run([ray_cli, "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dash}",
+                              "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+                              f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        submit = subprocess.run(
+            [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ROOT, "--",
+             "python", "jobs/train.py", "--data", data, "--storage", str(tmp_path / "runs"), "--name", "submitted",
+             "--num-classes", "6", "--width-mult", "0.0625", "--padding", "same", "--cpus-per-worker", "0.5",
+             "--epochs", "1", "--batch-size", "2", "--crop-size", "32"],
+            capture_output=True, text=True, env=env, timeout=400)
+        out = submit.stdout + submit.stderr
+        assert submit.returncode == 0 and "succeeded" in out, out[-3000:]
+        # The job's stdout is tailed back by `ray job submit`, possibly with a prefix on each line.
+        line = [line for line in out.splitlines() if '"latest_checkpoint"' in line][-1]
+        summary = json.loads(line[line.index("{"):])
+        assert summary["epochs"] == 1
+        assert load_checkpoint(summary["latest_checkpoint"]).config.arch == "fcn8s"
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)

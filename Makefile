@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # on disk; PyPI's CPU-only torch cannot import torchvision there. Elsewhere the resolver picks.
 TORCH_PIN := $(shell test -f /etc/xdg/pip/constraints.txt && echo "torch==2.14.1 torchvision==0.29.1")
 
-.PHONY: test venv clean-venv
+.PHONY: test demo demo-s3 venv clean-venv
 
 venv: $(VENV)/.installed
 
@@ -19,6 +19,13 @@ $(VENV)/.installed: pyproject.toml
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The whole product on this machine: synthesize -> train -> label -> query (local files, then S3 on loopback).
+demo: venv
+	RAY_AUTH_MODE=disabled $(PY) jobs/demo.py --workdir demo-out
+
+demo-s3: venv
+	RAY_AUTH_MODE=disabled $(PY) jobs/demo.py --workdir demo-out-s3 --s3
 
 clean-venv:
 	rm -rf $(VENV)

@@ -116,15 +116,18 @@ def main(argv: list[str] | None = None) -> int:
                       cpus_per_worker=max(0.5, min(4.0, (cores - 1) / 2)), max_failures=1)
     train = run_training(cfg)
 
+    # The folder to label; files are written once, so a rerun sees the same versions and skips them.
     images = storage.join(base, "images")
     val_ids = storage.read_text(storage.join(data, "ImageSets", "Segmentation", "val.txt")).split()[:16]
-    for i in val_ids:
-        storage.write_bytes(storage.join(images, "synthetic", f"{i}.jpg"),
-                            storage.read_bytes(storage.join(data, "JPEGImages", f"{i}.jpg")))
-    for path in _photos():
-        storage.write_bytes(storage.join(images, "photos", os.path.basename(path)), open(path, "rb").read())
-    photo = storage.read_bytes(storage.join(images, "synthetic", f"{val_ids[0]}.jpg"))
-    storage.write_bytes(storage.join(images, "broken", "truncated.jpg"), photo[: len(photo) // 3])
+    wanted = {storage.join(images, "synthetic", f"{i}.jpg"): storage.join(data, "JPEGImages", f"{i}.jpg") for i in val_ids}
+    wanted.update({storage.join(images, "photos", os.path.basename(p)): p for p in _photos()})
+    for dst, src in wanted.items():
+        if not storage.exists(dst):
+            storage.write_bytes(dst, storage.read_bytes(src))
+    broken = storage.join(images, "broken", "truncated.jpg")
+    if not storage.exists(broken):
+        jpeg = storage.read_bytes(wanted[storage.join(images, "synthetic", f"{val_ids[0]}.jpg")])
+        storage.write_bytes(broken, jpeg[: len(jpeg) // 3])
 
     out = storage.join(base, "labels")
     print(f"[demo] labeling {images} with {train['best_checkpoint']}", flush=True)
@@ -135,12 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     coverage = _query(example_query("class_coverage", out), out, {"run_date": run_date})
     errors = _query(f"SELECT image_uri, stage, error FROM read_parquet('{out}/errors/**/*.parquet', "
                     "hive_partitioning = true)", out)
-    previews_dir = storage.join(out, "previews")
-    if args.s3:  # bring the pictures home so a person can open them
-        local = os.path.join(workdir, "previews")
+    # Overlays sit under previews/run_date=.../<run_id>/; show the newest run's (a rerun labels nothing new).
+    previews_root = storage.join(out, "previews")
+    pngs = storage.list_files(previews_root, (".png",)) if storage.exists(previews_root) else []
+    previews_dir = max((storage.dirname(f.uri) for f in pngs), default=previews_root)
+    if args.s3 and pngs:  # bring the pictures home so a person can open them
+        local = os.path.join(workdir, "previews", os.path.basename(previews_dir))
         fs, path = storage.filesystem(previews_dir)
-        if fs.exists(path):
-            fs.get(path, local, recursive=True)
+        fs.get(path.rstrip("/") + "/", local + "/", recursive=True)
         previews_dir = local
 
     print("\n[demo] training summary:", json.dumps({k: train[k] for k in (

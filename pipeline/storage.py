@@ -120,6 +120,15 @@ def check_exists(uri: str, what: str = "path") -> None:
         raise storage_error(uri, e) from None
 
 
+def exists(uri: str) -> bool:
+    """True when a file or directory/prefix exists (False also when the store cannot be reached)."""
+    try:
+        fs, path = filesystem(uri)
+        return bool(fs.exists(path))
+    except Exception:
+        return False
+
+
 def read_bytes(uri: str) -> bytes:
     """A whole object. FileNotFoundError for a missing one; StorageError for an unreachable store."""
     try:

@@ -2,10 +2,13 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 
 import pytest
 
@@ -48,12 +51,14 @@ def test_ray_job_submit_train(ray_stopped, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
     dash = _free_port()
-    started = subprocess.run([ray_cli, "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dash}",
-                              "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-                              f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                             capture_output=True, text=True, env=env, timeout=120)
-    assert started.returncode == 0, started.stderr[-2000:]
+    # --block keeps the head's processes in this process group, so the test stops exactly this head
+    # (`ray stop` would stop every Ray on the machine).
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dash}",
+                             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+                             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
+        _wait_for_dashboard(dash, head)
         submit = subprocess.run(
             [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ROOT, "--",
              "python", "jobs/train.py", "--data", data, "--storage", str(tmp_path / "runs"), "--name", "submitted",
@@ -68,5 +73,34 @@ def test_ray_job_submit_train(ray_stopped, tmp_path):
         assert summary["epochs"] == 1
         assert load_checkpoint(summary["latest_checkpoint"]).config.arch == "fcn8s"
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        _stop_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_dashboard(port: int, head: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert head.poll() is None, "ray start --head exited early"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"Ray dashboard on port {port} did not come up in {timeout}s")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            time.sleep(1)  # let the group's children exit too
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,63 @@
+"""Preview pictures for a person: the image blended with the class palette, with a legend of the classes
+present (colour, id, name, share of the image)."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from models import voc_palette
+
+ALPHA = 0.5
+MIN_SIDE = 256      # small images are enlarged (nearest neighbour) to at least this long side
+MAX_SIDE = 1024     # large ones shrunk to at most this
+SWATCH = 14
+LINE = 18
+PAD = 6
+
+
+def palette_array() -> np.ndarray:
+    return np.array(voc_palette(256), dtype=np.uint8)
+
+
+def render_overlay(rgb: np.ndarray, label: np.ndarray, class_names: list[str], *, alpha: float = ALPHA) -> bytes:
+    """PNG bytes: `rgb` (H, W, 3) blended with the palette colour of `label` (H, W), legend below."""
+    if rgb.shape[:2] != label.shape:
+        raise ValueError(f"image {rgb.shape[:2]} and label map {label.shape} differ in size")
+    colours = palette_array()[label]
+    blend = (rgb.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
+    img = Image.fromarray(blend)
+    h, w = label.shape
+    long_side = max(h, w)
+    if long_side < MIN_SIDE:
+        k = math.ceil(MIN_SIDE / long_side)
+        img = img.resize((w * k, h * k), Image.NEAREST)
+    elif long_side > MAX_SIDE:
+        s = MAX_SIDE / long_side
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.NEAREST)
+    ids, counts = np.unique(label, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    font = ImageFont.load_default()
+    lines = []
+    for i in order:
+        cid = int(ids[i])
+        name = class_names[cid] if cid < len(class_names) else f"class {cid}"
+        lines.append((cid, f"{cid} {name}  {100.0 * counts[i] / label.size:.1f}%"))
+    draw_probe = ImageDraw.Draw(img)
+    text_w = max((draw_probe.textlength(t, font=font) for _, t in lines), default=0)
+    legend_w = int(PAD * 3 + SWATCH + text_w)
+    out_w = max(img.width, legend_w)
+    out = Image.new("RGB", (out_w, img.height + PAD * 2 + LINE * len(lines)), (255, 255, 255))
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    pal = voc_palette(256)
+    y = img.height + PAD
+    for cid, text in lines:
+        draw.rectangle([PAD, y + 2, PAD + SWATCH, y + 2 + SWATCH], fill=pal[cid], outline=(0, 0, 0))
+        draw.text((PAD * 2 + SWATCH, y + 2), text, fill=(0, 0, 0), font=font)
+        y += LINE
+    buf = io.BytesIO()
+    out.save(buf, "PNG")
+    return buf.getvalue()

@@ -1,0 +1,120 @@
+"""Shared helpers of the labeling tests: a tiny checkpoint, a mixed image bucket, output readers."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from models import TORCHVISION, build_model, save_checkpoint
+from pipeline import label_output as out
+from pipeline import storage
+from pipeline.synthetic import SYNTHETIC_CLASSES
+from tests.images import broken_files, encode, exif_rotated_jpeg, gradient_rgb, png16_rgb
+
+CLASS_NAMES = list(SYNTHETIC_CLASSES)
+
+
+def make_checkpoint(uri: str, seed: int = 0) -> str:
+    """A narrow FCN-8s (width 1/16) whose score layers are random, so label maps vary across the image."""
+    torch.manual_seed(seed)
+    model = build_model("fcn8s", len(CLASS_NAMES), width_mult=1 / 16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("score"):
+                p.normal_(0, 0.5)
+    return save_checkpoint(uri, model, class_names=CLASS_NAMES, convention=TORCHVISION)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> tuple[str, str]:
+    """(path, model_id) of the tiny checkpoint."""
+    path = str(tmp_path_factory.mktemp("ck") / "fcn8s-tiny.pt")
+    return path, make_checkpoint(path)
+
+
+def real_photo(name: str = "coffee.png") -> bytes:
+    import skimage
+
+    with open(os.path.join(os.path.dirname(skimage.__file__), "data", name), "rb") as f:
+        return f.read()
+
+
+def _png(arr: np.ndarray) -> bytes:
+    return encode(arr, "PNG")
+
+
+def mixed_images() -> tuple[dict[str, bytes], dict[str, str], dict[str, tuple[int, int]]]:
+    """(files, bad -> expected reason, good -> (height, width) after EXIF orientation).
+
+    Bad files sit between good ones in URI order, so they share read blocks and inference batches.
+    """
+    broken = broken_files()
+    rgba = np.dstack([gradient_rgb(40, 50, 3), np.full((40, 50), 128, np.uint8)])
+    bmp = bytearray(encode(gradient_rgb(6, 6), "BMP"))
+    bmp[30:34] = (9).to_bytes(4, "little")  # a compression type Pillow does not support
+    files = {
+        "a00_photo.png": real_photo("coffee.png"),
+        "a01_truncated.jpg": broken["truncated.jpg"],
+        "a02_odd.jpg": encode(gradient_rgb(23, 37, 1), "JPEG", quality=90),
+        "a03_zero.jpg": broken["zero.jpg"],
+        "a04_gray.png": _png(gradient_rgb(31, 29, 2)[:, :, 0]),
+        "a05_notes.jpg": broken["notes.jpg"],
+        "a06_rgba.png": encode(Image.fromarray(rgba, "RGBA"), "PNG"),
+        "a07_bomb.png": broken["bomb.png"],
+        "a08_exif.jpg": exif_rotated_jpeg(gradient_rgb(20, 34, 4), orientation=6),
+        "a09_unsupported.bmp": bytes(bmp),
+        "a10_16bit.png": png16_rgb((gradient_rgb(27, 33, 5).astype(np.uint16) * 257)),
+        "a12_cmyk.jpg": encode(Image.fromarray(gradient_rgb(30, 30, 6)).convert("CMYK"), "JPEG"),
+        "a14_canvas64a.png": _png(gradient_rgb(45, 40, 7)),
+        "a16_canvas64b.png": _png(gradient_rgb(33, 47, 8)),
+        "sub/dir/a18_upper.JPG": encode(gradient_rgb(41, 33, 9), "JPEG"),
+        "readme.txt": b"not listed: not an image extension",
+    }
+    bad = {"a01_truncated.jpg": "truncated or corrupt", "a03_zero.jpg": "empty file",
+           "a05_notes.jpg": "not a recognised image format", "a07_bomb.png": "MP limit",
+           "a09_unsupported.bmp": "Unsupported BMP compression"}
+    sizes = {"a00_photo.png": (400, 600), "a02_odd.jpg": (23, 37), "a04_gray.png": (31, 29),
+             "a06_rgba.png": (40, 50), "a08_exif.jpg": (34, 20), "a10_16bit.png": (27, 33), "a12_cmyk.jpg": (30, 30),
+             "a14_canvas64a.png": (45, 40), "a16_canvas64b.png": (33, 47), "sub/dir/a18_upper.JPG": (41, 33)}
+    return files, bad, sizes
+
+
+def write_files(root: str, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        storage.write_bytes(storage.join(root, name), data)
+
+
+def good_image(seed: int, h: int, w: int) -> bytes:
+    return _png(gradient_rgb(h, w, seed))
+
+
+def tables(root: str) -> dict[str, pa.Table]:
+    return {name: out.read_table(root, name) for name in out.TABLES}
+
+
+def duckdb_connection(root: str):
+    import duckdb
+
+    con = duckdb.connect()
+    if root.startswith("s3://"):
+        import s3fs
+
+        con.register_filesystem(s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False))
+    return con
+
+
+def decode_row(row: dict) -> np.ndarray:
+    return out.decode_label_map(row["label_map"], row["label_encoding"], row["height"], row["width"])
+
+
+def png_ok(data: bytes) -> Image.Image:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    Image.open(io.BytesIO(data)).verify()
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img

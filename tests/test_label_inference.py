@@ -1,0 +1,136 @@
+"""pipeline.inference without Ray: preprocessing is a function of the image alone, batches never change an
+image's labels, upsampling and statistics are right."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import TORCHVISION, load_checkpoint
+from pipeline import inference
+from pipeline.inference import InferenceSettings, Predictor, canvas_size, predict_image, preprocess, target_size
+from tests.images import gradient_rgb
+from tests.label_fixtures import tiny_checkpoint  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def ck(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint[0])
+
+
+def test_sizes_and_canvas_depend_on_the_image_alone():
+    assert target_size(400, 600, 48) == (32, 48)
+    assert target_size(30, 20, 48) == (30, 20)
+    assert target_size(5000, 3, 100) == (100, 1)
+    assert target_size(400, 600, None) == (400, 600)
+    assert canvas_size(33, 64, 32) == (64, 64) and canvas_size(1, 1, 32) == (32, 32)
+    rgb = gradient_rgb(45, 40, 1)
+    p = preprocess(rgb, None, 32)
+    assert p.canvas.shape == (64, 64, 3) and (p.h, p.w, p.height, p.width) == (45, 40, 45, 40)
+    np.testing.assert_array_equal(p.canvas[:45, :40], rgb)
+    np.testing.assert_array_equal(p.canvas[45:, :40], np.broadcast_to(rgb[-1], (19, 40, 3)))  # edge padding
+    small = preprocess(gradient_rgb(400, 600, 2), 48, 32)
+    assert small.canvas.shape == (32, 64, 3) and (small.h, small.w, small.height, small.width) == (32, 48, 400, 600)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_batch_neighbours_never_change_labels(ck, batch_size):
+    """Images of several sizes, some sharing a canvas, predicted together == each predicted alone."""
+    images = [gradient_rgb(h, w, seed) for seed, (h, w) in enumerate([(40, 50), (33, 47), (45, 40), (20, 70),
+                                                                      (64, 64), (41, 33), (17, 19)])]
+    settings = InferenceSettings(max_side=None, batch_size=batch_size, device="cpu")
+    predictor = Predictor(ck.model, ck.convention, settings)
+    together = predictor.predict([preprocess(im, None, 32) for im in images])
+    for im, pred in zip(images, together):
+        alone = predict_image(ck, None, im, batch_size=batch_size)
+        np.testing.assert_array_equal(pred.label, alone.label)
+        np.testing.assert_array_equal(pred.confidence_sum, alone.confidence_sum)
+    assert any(len(p.class_id) > 1 for p in together)  # the model is not constant
+
+
+def test_padding_is_part_of_the_prediction(ck):
+    """Padding changes FCN's border pixels: the canvas must be a fixed function of the image (else labels
+    would depend on who shares the batch). Here: the same image on a bigger canvas labels differently."""
+    im = gradient_rgb(40, 50, 3)
+    a = predict_image(ck, None, im, canvas_multiple=32).label
+    b = predict_image(ck, None, im, canvas_multiple=96).label
+    assert a.shape == b.shape == (40, 50)
+    assert (a != b).any()
+
+
+def test_upsampling_matches_torch_bilinear_and_labels_come_back_full_size(ck):
+    predictor = Predictor(ck.model, ck.convention, InferenceSettings(device="cpu"))
+    torch.manual_seed(0)
+    scores = torch.randn(6, 13, 17) * 3
+    d = predictor.labels_and_stats(scores, 40, 51)
+    ref = F.interpolate(scores[None], size=(40, 51), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(d["label"].long(), ref.argmax(0))
+    pred = predict_image(ck, None, gradient_rgb(400, 600, 4), max_side=48)
+    assert pred.label.shape == (400, 600) and pred.pixel_count.sum() == 400 * 600
+
+
+def test_statistics_match_numpy_and_bands_change_nothing(ck, monkeypatch):
+    predictor = Predictor(ck.model, ck.convention, InferenceSettings(device="cpu"))
+    torch.manual_seed(1)
+    scores = torch.randn(6, 23, 31) * 2
+    whole = predictor._to_host(predictor.labels_and_stats(scores, 23, 31))
+    monkeypatch.setattr(inference, "BAND_ELEMENTS", 6 * 31 * 4)  # bands of 4 rows
+    banded = predictor._to_host(predictor.labels_and_stats(scores, 23, 31))
+    prob = torch.softmax(scores.double(), 0).numpy()
+    label = prob.argmax(0)
+    np.testing.assert_array_equal(whole.label, label)
+    ids, counts = np.unique(label, return_counts=True)
+    np.testing.assert_array_equal(whole.class_id, ids)
+    np.testing.assert_array_equal(whole.pixel_count, counts)
+    for k, c in enumerate(ids):
+        ys, xs = np.nonzero(label == c)
+        assert (whole.x_min[k], whole.y_min[k], whole.x_max[k], whole.y_max[k]) == (xs.min(), ys.min(), xs.max(), ys.max())
+        assert whole.mean_confidence[k] == pytest.approx(prob.max(0)[label == c].mean(), rel=1e-5)
+    for field in ("label", "class_id", "pixel_count", "x_min", "y_min", "x_max", "y_max"):
+        np.testing.assert_array_equal(getattr(whole, field), getattr(banded, field))
+    np.testing.assert_allclose(whole.confidence_sum, banded.confidence_sum, rtol=1e-6)
+    np.testing.assert_allclose(whole.pixel_fraction.sum(), 1.0)
+
+
+def test_a_failing_image_costs_only_itself(ck, monkeypatch):
+    """One image whose post-processing always fails shares a forward pass with three good ones."""
+    predictor = Predictor(ck.model, ck.convention, InferenceSettings(max_side=None, batch_size=4, device="cpu"))
+    images = [gradient_rgb(h, w, i) for i, (h, w) in enumerate([(30, 30), (31, 30), (30, 30), (30, 29)])]
+    real = predictor.labels_and_stats
+
+    def flaky(scores, height, width):
+        if height == 31:
+            raise RuntimeError("boom")
+        return real(scores, height, width)
+
+    monkeypatch.setattr(predictor, "labels_and_stats", flaky)
+    preds = predictor.predict([preprocess(im, None, 32) for im in images])
+    assert isinstance(preds[1], RuntimeError)
+    for i in (0, 2, 3):
+        np.testing.assert_array_equal(preds[i].label, predict_image(ck, None, images[i], batch_size=4).label)
+
+
+def test_predict_image_takes_a_bare_model(ck):
+    im = gradient_rgb(25, 35, 5)
+    a = predict_image(ck, None, im)
+    b = predict_image(ck.model, TORCHVISION, im)
+    np.testing.assert_array_equal(a.label, b.label)
+    with pytest.raises(ValueError):
+        predict_image(ck.model, None, im)
+
+
+def test_checkpoint_from_bytes_equals_models_loader(tiny_checkpoint, tmp_path):
+    from models import CheckpointError
+    from pipeline.inference import load_checkpoint_bytes
+
+    path, model_id = tiny_checkpoint
+    data = open(path, "rb").read()
+    fast, ref = load_checkpoint_bytes(data, "s3://b/m.pt"), load_checkpoint(path)
+    assert fast.model_id == ref.model_id == model_id and fast.class_names == ref.class_names
+    assert fast.convention == ref.convention and fast.config == ref.config and not fast.model.training
+    for (k, a), (_, b) in zip(fast.model.state_dict().items(), ref.model.state_dict().items()):
+        assert a.device.type == "cpu" and torch.equal(a, b), k
+    for bad, message in [(data[:4000], "s3://b/m.pt is truncated or corrupt"), (b"", "s3://b/m.pt is empty")]:
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint_bytes(bad, "s3://b/m.pt")

@@ -17,18 +17,13 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
-from pipeline.cli import JobError, print_summary, run_job  # noqa: E402
+from pipeline.cli import JobArgumentParser, print_summary, run_job  # noqa: E402
 
 DEMO_BUCKET = "fcn-demo"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise JobError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="demo.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = JobArgumentParser(prog="demo.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 description="End-to-end demo: synthetic VOC data, 2-worker training of a reduced-width FCN-8s on "
                             "CPU, labeling of a folder (synthetic + real photos + one broken file), DuckDB queries.")
     p.add_argument("--workdir", default="demo-out", help="local folder for everything the demo writes (and previews)")

@@ -13,16 +13,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 
-from pipeline.cli import JobError, print_summary, run_job  # noqa: E402
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise JobError(f"{message} (see --help)")
+from pipeline.cli import JobArgumentParser, JobError, print_summary, run_job  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="evaluate.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = JobArgumentParser(prog="evaluate.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 description="Evaluate an FCN checkpoint (pixel accuracy, mean accuracy, mean IU, frequency-weighted "
                             "IU, per-class IU) on whole images at native size, as training's validation does.")
     p.add_argument("--data", required=True, default=argparse.SUPPRESS,

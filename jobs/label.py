@@ -17,16 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 
-from pipeline.cli import JobError, print_summary, run_job  # noqa: E402
+from pipeline.cli import JobArgumentParser, print_summary, run_job  # noqa: E402
 from pipeline.decode import DEFAULT_MAX_PIXELS  # noqa: E402
 from pipeline.labeling import ENCODINGS, LabelConfig, label_images  # noqa: E402
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors become one `error: ...` line (exit 2) through run_job."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise JobError(f"{message} (see --help)")
 
 
 def _optional_int(text: str) -> int | None:
@@ -34,7 +27,7 @@ def _optional_int(text: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = JobArgumentParser(
         prog="label.py",
         description="Label every image under --images with an FCN checkpoint on Ray Data and write label maps, "
                     "per-class statistics and errors as zstd Parquet under --output, partitioned by "

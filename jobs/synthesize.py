@@ -14,16 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 import re  # noqa: E402
 
-from pipeline.cli import JobError, print_summary, run_job  # noqa: E402
+from pipeline.cli import JobArgumentParser, print_summary, run_job  # noqa: E402
 from pipeline.storage import check_writable  # noqa: E402
 from pipeline.synthetic import SYNTHETIC_CLASSES, synthesize_voc  # noqa: E402
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors become one `error: ...` line (exit 2) through run_job."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise JobError(f"{message} (see --help)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -35,7 +28,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = JobArgumentParser(
         prog="synthesize.py",
         description="Write a deterministic synthetic segmentation dataset in PASCAL VOC layout: "
                     "JPEGImages/, SegmentationClass/ (palette PNGs, 255 = void), ImageSets/Segmentation/"

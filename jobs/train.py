@@ -13,20 +13,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 
 from models import ARCHITECTURES  # noqa: E402
-from pipeline.cli import JobError, print_summary, run_job  # noqa: E402
+from pipeline.cli import JobArgumentParser, print_summary, run_job  # noqa: E402
 from pipeline.train_config import TrainConfig  # noqa: E402
 
 DEFAULTS = TrainConfig(data="", storage="", name="")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise JobError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
-    p = _Parser(prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = JobArgumentParser(prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 description="Train FCN-32s/16s/8s data-parallel on Ray Train (DDP). Checkpoints go to "
                             "STORAGE/NAME/epoch_NNNN/model.pt; rerun with the same name to resume.")
     g = p.add_argument_group("data and output")

@@ -1,6 +1,7 @@
 """What every job in jobs/ shares: import path setup, clear one-line errors, the JSON summary line."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -16,6 +17,13 @@ USER_ERRORS = (StorageError, CheckpointError, BackboneError, ValueError, FileNot
 
 class JobError(RuntimeError):
     """A job cannot proceed for a reason the message states (bad argument, empty dataset, ...)."""
+
+
+class JobArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors become one `error: ...` line and exit status 2 through `run_job`."""
+
+    def error(self, message: str):  # argparse API
+        raise JobError(f"{message} (see --help)")
 
 
 def _clean(value: Any) -> Any:

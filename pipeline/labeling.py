@@ -25,13 +25,13 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from models import CheckpointError
+from models import CheckpointError, load_checkpoint_bytes
 
 from . import label_output as out
 from . import storage
 from .datasets import list_images
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
-from .inference import InferenceSettings, Predictor, Prepared, from_shippable, load_checkpoint_bytes, preprocess, shippable
+from .inference import InferenceSettings, Predictor, Prepared, from_shippable, preprocess, shippable
 
 log = logging.getLogger(__name__)
 

@@ -121,8 +121,7 @@ def test_predict_image_takes_a_bare_model(ck):
 
 
 def test_checkpoint_from_bytes_equals_models_loader(tiny_checkpoint, tmp_path):
-    from models import CheckpointError
-    from pipeline.inference import load_checkpoint_bytes
+    from models import CheckpointError, load_checkpoint_bytes
 
     path, model_id = tiny_checkpoint
     data = open(path, "rb").read()

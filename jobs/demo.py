@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(workdir, exist_ok=True)
     base = _start_s3() if args.s3 else workdir
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Workers' progress bars would bury the demo's own lines; the jobs themselves keep theirs.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
     import ray
 
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     run_date = label.get("run_date") or time.strftime("%Y-%m-%d", time.gmtime())
     coverage = _query(example_query("class_coverage", out), out, {"run_date": run_date})
     errors = _query(f"SELECT image_uri, stage, error FROM read_parquet('{out}/errors/**/*.parquet', "
-                    "hive_partitioning = true)", out)
+                    "hive_partitioning = true) WHERE run_id = $run_id", out, {"run_id": label["run_id"]})
     # Overlays sit under previews/run_date=.../<run_id>/; show the newest run's (a rerun labels nothing new).
     previews_root = storage.join(out, "previews")
     pngs = storage.list_files(previews_root, (".png",)) if storage.exists(previews_root) else []
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    {'class':<12}{'images':>8}{'pixels':>10}{'coverage':>10}", flush=True)
     for class_id, name, n_images, pixels, share in coverage:
         print(f"    {name:<12}{n_images:>8}{pixels:>10}{share:>10.3f}", flush=True)
-    print("[demo] error rows:", flush=True)
+    print("[demo] error rows of this run:", flush=True)
     for uri, stage, error in errors:
         print(f"    {uri} [{stage}] {error}", flush=True)
     print(f"[demo] dataset: {data}\n[demo] checkpoints: {storage.join(base, 'runs', 'demo')}\n"

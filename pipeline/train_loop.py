@@ -151,7 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = _poly_lr(cfg, step, total_steps)
             valid = (y != 255).sum().to(torch.float64)
-            if dist.is_initialized():
+            if world > 1:
                 dist.all_reduce(valid)
             with autocast_for(device, cfg.amp):
                 logits = model(x)

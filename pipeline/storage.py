@@ -85,7 +85,7 @@ def _describe(uri: str, e: BaseException) -> str:
 
 def storage_error(uri: str, e: BaseException) -> StorageError:
     """A StorageError with one redacted line describing what went wrong with `uri`."""
-    return StorageError(redact(_describe(uri, e)).splitlines()[0] if str(e) else redact(_describe(uri, e)))
+    return StorageError(redact(_describe(uri, e)).splitlines()[0])
 
 
 def _bucket_of(uri: str) -> str | None:

@@ -1,5 +1,4 @@
 """Checkpoint format: round trips (local and S3), the input convention, and every bad-file error."""
-import io
 import json
 import os
 

@@ -131,7 +131,6 @@ def test_mixed_bucket_rows_schema_and_exact_labels(ray_session, tiny_checkpoint,
 
 def _check_queries(output, labels, stats, errors, run_date):
     con = duckdb_connection(output)
-    total = sum(r["width"] * r["height"] for r in labels)
     pixels: dict[int, int] = {}
     images: dict[int, int] = {}
     for r in labels:

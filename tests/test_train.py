@@ -3,7 +3,6 @@
 Reduced-width FCN-8s on small synthetic images; every run uses the session's local Ray (2 CPUs): workers
 take half a CPU each so Ray Data keeps a CPU for decoding.
 """
-import json
 import os
 
 import numpy as np

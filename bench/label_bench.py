@@ -253,9 +253,10 @@ def main() -> None:
     import ray
 
     from pipeline.labeling import LabelConfig, label_images
+    from pipeline.ray_setup import init_ray
 
     t = time.perf_counter()
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    init_ray("local", num_cpus=cpus, log_to_driver=False)  # the jobs' own local-Ray setup
     result["ray_init_seconds"] = round(time.perf_counter() - t, 2)
     # A nightly job runs on a cluster that has run jobs before: one small job first warms Ray's worker
     # processes (imports); every measured job still starts its own actors and loads the model.

@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.train_run import run_training
 
     cores = os.cpu_count() or 2
-    if not ray.is_initialized():
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=True)
+    init_ray(num_cpus=cores)
 
     data = storage.join(base, "data")
     w, h = (int(v) for v in args.size.lower().split("x"))

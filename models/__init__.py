@@ -1,16 +1,32 @@
-"""The FCN family (Long, Shelhamer & Darrell) in pure PyTorch: models, weight surgery, checkpoints."""
-from .build import ARCHITECTURES, ModelConfig, build_model
-from .checkpoint import (Checkpoint, CheckpointError, build_from_state, checkpoint_bytes, init_from_checkpoint,
-                         load_checkpoint, load_checkpoint_bytes, read_checkpoint_payload, save_checkpoint)
-from .convention import CAFFE, TORCHVISION, InputConvention
-from .surgery import BackboneError, init_backbone, init_from_stage, vgg16_to_fcn
-from .voc import VOC_CLASSES, VOID_LABEL, flat_palette, voc_palette
+"""The FCN family (Long, Shelhamer & Darrell) in pure PyTorch: models, weight surgery, checkpoints.
 
-__all__ = [
-    "ARCHITECTURES", "ModelConfig", "build_model",
-    "Checkpoint", "CheckpointError", "build_from_state", "checkpoint_bytes", "init_from_checkpoint", "load_checkpoint",
-    "load_checkpoint_bytes", "read_checkpoint_payload", "save_checkpoint",
-    "CAFFE", "TORCHVISION", "InputConvention",
-    "BackboneError", "init_backbone", "init_from_stage", "vgg16_to_fcn",
-    "VOC_CLASSES", "VOID_LABEL", "flat_palette", "voc_palette",
-]
+Names are imported lazily (PEP 562): `from models import VOID_LABEL` in a Ray Data decode task must not pay
+torch's ~1.5 s import in every fresh worker process; torch loads on first use of a model-side name.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "build": ["ARCHITECTURES", "ModelConfig", "build_model"],
+    "checkpoint": ["Checkpoint", "CheckpointError", "build_from_state", "checkpoint_bytes", "init_from_checkpoint",
+                   "load_checkpoint", "load_checkpoint_bytes", "read_checkpoint_payload", "save_checkpoint"],
+    "convention": ["CAFFE", "TORCHVISION", "InputConvention"],
+    "surgery": ["BackboneError", "init_backbone", "init_from_stage", "vgg16_to_fcn"],
+    "voc": ["VOC_CLASSES", "VOID_LABEL", "flat_palette", "voc_palette"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

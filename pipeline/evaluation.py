@@ -94,13 +94,12 @@ def evaluate_checkpoint(data: str, checkpoint_uri: str, *, split: str = "val", a
     from .data import BadSampleLog, segmentation_dataset
     from .datasets import list_samples
     from .decode import DEFAULT_MAX_PIXELS
+    from .ray_setup import init_ray
 
     ck = load_checkpoint(checkpoint_uri)  # fails fast, before any cluster work, on a bad file
     num_classes = ck.config.num_classes
     samples = list_samples(data, split)
-    if not ray.is_initialized():
-        import os
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    init_ray()
     bad_log = BadSampleLog.remote()
     ds = segmentation_dataset(samples, num_classes=num_classes, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                               bad_log=bad_log)

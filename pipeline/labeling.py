@@ -503,10 +503,10 @@ def _write_previews(writer: FilesetWriter, config: LabelConfig) -> int:
 def _init_ray(config: LabelConfig):
     import ray
 
-    if not ray.is_initialized():
-        address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        kwargs = {"include_dashboard": False} if address == "local" else {}
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **kwargs)
+    from .ray_setup import init_ray
+
+    init_ray(config.ray_address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False,
+             logging_level=logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     progress = sys.stderr.isatty() if config.progress is None else config.progress
     ctx.enable_progress_bars = progress

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import tempfile
+import threading
 import time
 
 import ray
@@ -29,6 +30,39 @@ from .run_state import (META_FILE, MODEL_FILE, STATE_FILE, epoch_dir_name, ledge
 from .storage import join, read_bytes, write_bytes
 from .train_config import TrainConfig
 
+
+
+class EpochInput:
+    """One epoch of the training shard's batches, started ahead of time.
+
+    Each epoch of a Ray Data shard is a new execution: new decode tasks, and often fresh worker processes
+    (Ray reaps idle workers after ~1 s), which costs seconds before the first batch. Starting the next epoch
+    on a background thread just before validation and the checkpoint report hides that start-up behind them.
+    The thread only pulls the first batch; the training loop then consumes the same iterator.
+    """
+
+    def __init__(self, shard, **iter_kwargs) -> None:
+        self._it = iter(shard.iter_torch_batches(**iter_kwargs))
+        self._first = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fetch_first, name="epoch-input", daemon=True)
+        self._thread.start()
+
+    def _fetch_first(self) -> None:
+        try:
+            self._first = [next(self._it)]
+        except StopIteration:
+            self._first = []
+        except BaseException as e:  # re-raised on the training thread
+            self._error = e
+
+    def __iter__(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        first, self._first = self._first, None
+        yield from first
+        yield from self._it
 
 
 def _poly_lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -137,15 +171,16 @@ def train_loop_per_worker(config: dict) -> None:
     # then equals one process on the whole batch, even when workers hold different numbers of void pixels.
     criterion = nn.CrossEntropyLoss(ignore_index=255, reduction="sum")
     has_val = rank < config["val_shards"]
+    shard = ray.train.get_dataset_shard("train")
+    batches_for = dict(batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.batch_size * 8)
+    next_input = EpochInput(shard, **batches_for) if start_epoch <= cfg.epochs else None
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros(3, dtype=torch.float64)  # summed loss, batches, images
-        shard = ray.train.get_dataset_shard("train")
         # streaming_split(equal=True) gives every worker the same number of rows, hence of steps.
-        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size,
-                                               local_shuffle_buffer_size=cfg.batch_size * 8):
+        for batch in next_input:
             x = to_input(batch["image"], convention, device, channels_last=use_cuda)
             y = batch["mask"].to(device, non_blocking=True).long()
             for group in optimizer.param_groups:
@@ -168,6 +203,8 @@ def train_loop_per_worker(config: dict) -> None:
             # Logged loss: this worker's share of the global mean, summed back over workers below.
             loss_sum += torch.tensor([float(loss.detach()) / world, 1.0 / world, float(len(x))], dtype=torch.float64)
         train_seconds = time.perf_counter() - t0
+        # Start the next epoch's input now, so its start-up overlaps validation and the checkpoint.
+        next_input = EpochInput(shard, **batches_for) if epoch < cfg.epochs else None
 
         cm = ConfusionMatrix(cfg.num_classes)
         n_val = 0

@@ -18,6 +18,7 @@ from .data import BadSampleLog, segmentation_dataset
 from .datasets import list_samples, read_class_names
 from .run_state import ledger, run_uri, scan_checkpoints
 from .storage import check_exists, check_writable, normalize
+from .ray_setup import init_ray
 from .train_config import TrainConfig
 from .train_loop import train_loop_per_worker
 from .transforms import TrainTransform
@@ -134,8 +135,7 @@ def run_training(cfg: TrainConfig) -> dict:
     train, val, class_names, convention = preflight(cfg)
     run = run_uri(cfg.storage, cfg.name)
     done_before = {r["epoch"] for r in ledger(run)}
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    init_ray()
     bad_log = BadSampleLog.remote()
     trainer = build_trainer(cfg, train, val, class_names, convention, bad_log)
     latest = scan_checkpoints(run)

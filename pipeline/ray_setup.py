@@ -1,0 +1,28 @@
+"""One way for every job to get a Ray instance: the cluster it was submitted to, or a local one started here."""
+from __future__ import annotations
+
+import os
+
+import ray
+
+# Ray reaps an idle worker process after ~1 s when more workers are idle than CPUs are free (ray#36766). A training
+# worker holds its CPU(s) for the whole run, so on a small machine the Ray Data decode workers are killed between
+# every two epochs and each epoch starts fresh processes (~1.5 s each: interpreter, ray.data import). Allowing a
+# few idle workers keeps them warm. Only a Ray started by this process reads the variable; a cluster keeps its own
+# setting (on GPU nodes with many CPUs the default already allows enough idle workers).
+IDLE_WORKERS_ENV = "RAY_num_workers_soft_limit"
+MIN_IDLE_WORKERS = 4
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True,
+             **kwargs) -> None:
+    """Connect to `address` (default: $RAY_ADDRESS, else a running local cluster, else start one); no-op if
+    Ray is already initialised in this process."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault(IDLE_WORKERS_ENV, str(max(MIN_IDLE_WORKERS, num_cpus or os.cpu_count() or 1)))
+    if address in (None, "local"):
+        kwargs.setdefault("include_dashboard", False)
+        kwargs["num_cpus"] = num_cpus
+    ray.init(address=address, log_to_driver=log_to_driver, **kwargs)

@@ -83,12 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     # Workers' progress bars would bury the demo's own lines; the jobs themselves keep theirs.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-    import ray
-
     from pipeline import storage
     from pipeline.datasets import read_class_names
     from pipeline.label_output import example_query
     from pipeline.labeling import LabelConfig, label_images
+    from pipeline.ray_setup import init_ray
     from pipeline.synthetic import synthesize_voc
     from pipeline.train_config import TrainConfig
     from pipeline.train_run import run_training

@@ -41,6 +41,8 @@ def bilinear_kernel(channels: int, kernel_size: int) -> torch.Tensor:
 def upsampler(channels: int, factor: int) -> nn.ConvTranspose2d:
     """Bias-free transposed conv (kernel 2*factor, stride factor) initialised to bilinear."""
     layer = nn.ConvTranspose2d(channels, channels, 2 * factor, stride=factor, bias=False)
+    if layer.weight.is_meta:  # built to receive loaded weights (see init_trunk_weights)
+        return layer
     with torch.no_grad():
         layer.weight.copy_(bilinear_kernel(channels, 2 * factor))
     return layer
@@ -120,6 +122,10 @@ def init_trunk_weights(module: nn.Module) -> None:
     """Default init for a trunk trained from scratch: Kaiming-normal convs, zero biases."""
     for name, m in module.named_children():
         if isinstance(m, nn.Conv2d) and (name.startswith("conv") or name.startswith("fc")):
+            # Built on the meta device to receive loaded weights: nothing to initialise, and normal_/arange
+            # on meta would import torch._dynamo (~1 s in every fresh process).
+            if m.weight.is_meta:
+                continue
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(m.bias)
 

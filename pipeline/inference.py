@@ -20,15 +20,15 @@ On CUDA: bf16 autocast, channels-last, pinned host memory and non-blocking copie
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from models import Checkpoint, InputConvention, build_from_state
+
+from .canvas import Prepared, canvas_size, preprocess, target_size  # noqa: F401 - part of this module's API
 
 # Elements (classes x rows x width) of one band of upsampled logits: bounds memory for large images.
 BAND_ELEMENTS = 8_000_000
@@ -63,43 +63,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def target_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
-    """(h, w) the model sees: the long side at most `max_side`, aspect ratio kept."""
-    if max_side is None or max(height, width) <= max_side:
-        return height, width
-    scale = max_side / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def canvas_size(height: int, width: int, multiple: int) -> tuple[int, int]:
-    return math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple
-
-
-@dataclass
-class Prepared:
-    """A preprocessed image: uint8 canvas (Hc, Wc, 3) holding the (h, w) resized image at the top left."""
-
-    canvas: np.ndarray
-    h: int
-    w: int
-    height: int  # original size: label maps come back at this resolution
-    width: int
-
-
-def preprocess(rgb: np.ndarray, max_side: int | None, canvas_multiple: int) -> Prepared:
-    """RGB uint8 (H, W, 3) -> canvas, as a function of the image alone (see the module docstring)."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected an RGB uint8 (H, W, 3) array, got {rgb.dtype} {rgb.shape}")
-    height, width = rgb.shape[:2]
-    h, w = target_size(height, width, max_side)
-    if (h, w) != (height, width):
-        rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
-    ch, cw = canvas_size(h, w, canvas_multiple)
-    if (ch, cw) != (h, w):
-        rgb = np.pad(rgb, ((0, ch - h), (0, cw - w), (0, 0)), mode="edge")
-    return Prepared(np.ascontiguousarray(rgb), h, w, height, width)
 
 
 @dataclass

@@ -18,7 +18,6 @@ import signal
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -30,13 +29,12 @@ from models import CheckpointError, load_checkpoint_bytes
 from . import label_output as out
 from . import storage
 from .datasets import list_images
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
-from .inference import InferenceSettings, Predictor, Prepared, from_shippable, preprocess, shippable
+from .decode import DEFAULT_MAX_PIXELS, decode_image
+from .inference import InferenceSettings, Predictor, Prepared, from_shippable, shippable
+from .label_stages import TASK_CPUS, Postprocessor, list_column, decode_stage, postprocess_stage, read_stage
 
 log = logging.getLogger(__name__)
 
-TASK_CPUS = 0.25          # Ray CPU request of a read/decode/postprocess task: they never starve the actors
-READ_THREADS = 8          # concurrent object reads inside one read task (I/O bound)
 ENCODINGS = ("raw", "png")
 # Test-only: seconds to pause at every step of the commit protocol (widens the windows a kill can hit).
 COMMIT_DELAY_ENV = "FCN_LABEL_TEST_COMMIT_DELAY_S"
@@ -149,83 +147,6 @@ def plan_resources(config: LabelConfig, cluster: dict) -> ResourcePlan:
 # ------------------------------------------------------------------------------------- pipeline stages
 
 
-def _error_columns(n: int) -> dict:
-    return {"stage": pa.array([None] * n, pa.string()), "error": pa.array([None] * n, pa.string())}
-
-
-def read_stage(batch: pa.Table, *, max_bytes: int) -> pa.Table:
-    """image_uri, image_version, image_size -> + data (bytes), stage, error. One failure costs one row."""
-    uris = batch["image_uri"].to_pylist()
-    sizes = batch["image_size"].to_pylist()
-
-    def read(i: int):
-        uri, size = uris[i], sizes[i]
-        if size is not None and size > max_bytes:
-            return None, f"file is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit"
-        try:
-            return storage.read_bytes(uri), None
-        except FileNotFoundError:
-            return None, "file not found (deleted since it was listed?)"
-        except IsADirectoryError:
-            return None, "is a directory"
-        except Exception as e:  # noqa: BLE001 - StorageError and anything else: this row only
-            return None, storage.redact(f"{type(e).__name__}: {e}").splitlines()[0]
-
-    with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(uris)))) as pool:
-        results = list(pool.map(read, range(len(uris))))
-    return pa.table({
-        "image_uri": batch["image_uri"], "image_version": batch["image_version"],
-        "data": pa.array([d for d, _ in results], pa.binary()),
-        "stage": pa.array(["read" if e else None for _, e in results], pa.string()),
-        "error": pa.array([e for _, e in results], pa.string()),
-    })
-
-
-def decode_stage(batch: pa.Table, *, max_pixels: int, max_side: int | None, canvas_multiple: int) -> pa.Table:
-    """Bytes -> RGB -> canvas (resize to max_side, edge-pad to the canvas), per row."""
-    cols: dict[str, list] = {k: [] for k in ("width", "height", "h", "w", "canvas_h", "canvas_w", "canvas", "stage", "error")}
-    for data, stage, error in zip(batch["data"].to_pylist(), batch["stage"].to_pylist(), batch["error"].to_pylist()):
-        prepared = None
-        if error is None:
-            try:
-                prepared = preprocess(decode_image(data, max_pixels=max_pixels), max_side, canvas_multiple)
-            except DecodeError as e:
-                stage, error = "decode", str(e)
-            except Exception as e:  # noqa: BLE001 - an unexpected decoder failure costs this row only
-                stage, error = "decode", f"{type(e).__name__}: {e}".splitlines()[0]
-        if prepared is None:
-            for k in ("width", "height", "h", "w", "canvas_h", "canvas_w"):
-                cols[k].append(0)
-            cols["canvas"].append(None)
-        else:
-            cols["width"].append(prepared.width)
-            cols["height"].append(prepared.height)
-            cols["h"].append(prepared.h)
-            cols["w"].append(prepared.w)
-            cols["canvas_h"].append(prepared.canvas.shape[0])
-            cols["canvas_w"].append(prepared.canvas.shape[1])
-            cols["canvas"].append(prepared.canvas.tobytes())
-        cols["stage"].append(stage)
-        cols["error"].append(error)
-    table = {"image_uri": batch["image_uri"], "image_version": batch["image_version"]}
-    for k in ("width", "height", "h", "w", "canvas_h", "canvas_w"):
-        table[k] = pa.array(cols[k], pa.int32())
-    table["canvas"] = pa.array(cols["canvas"], pa.binary())
-    table["stage"] = pa.array(cols["stage"], pa.string())
-    table["error"] = pa.array(cols["error"], pa.string())
-    return pa.table(table)
-
-
-def _lists(arrays: list[np.ndarray], type_: pa.DataType) -> pa.Array:
-    """A list column from per-row numpy arrays, without going through Python objects."""
-    value_type = type_.value_type
-    lengths = np.array([len(a) for a in arrays], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    values = np.concatenate(arrays) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
-                                    pa.array(values.astype(value_type.to_pandas_dtype()), value_type))
-
-
 class InferenceActor:
     """One model replica: loads the checkpoint from the object store, labels canvases (see inference.py)."""
 
@@ -289,68 +210,17 @@ class InferenceActor:
         result = pa.table({
             "image_uri": batch["image_uri"], "image_version": batch["image_version"],
             "width": batch["width"], "height": batch["height"], "label_raw": pa.array(labels, pa.binary()),
-            "stat_class_id": _lists(per_class["class_id"], i32),
-            "stat_pixel_count": _lists(counts, pa.list_(pa.int64())),
-            "stat_confidence_sum": _lists(conf, pa.list_(pa.float64())),
-            "stat_x_min": _lists(per_class["x_min"], i32), "stat_y_min": _lists(per_class["y_min"], i32),
-            "stat_x_max": _lists(per_class["x_max"], i32), "stat_y_max": _lists(per_class["y_max"], i32),
+            "stat_class_id": list_column(per_class["class_id"], i32),
+            "stat_pixel_count": list_column(counts, pa.list_(pa.int64())),
+            "stat_confidence_sum": list_column(conf, pa.list_(pa.float64())),
+            "stat_x_min": list_column(per_class["x_min"], i32), "stat_y_min": list_column(per_class["y_min"], i32),
+            "stat_x_max": list_column(per_class["x_max"], i32), "stat_y_max": list_column(per_class["y_max"], i32),
             "stage": pa.array(stages, pa.string()), "error": pa.array(errors, pa.string()),
             "actor": pa.array([self.info] * n, pa.string()),
         })
         if self.postprocess_encoding is not None:  # fused: see build_dataset
             return postprocess_stage(result, encoding=self.postprocess_encoding)
         return result
-
-
-class Postprocessor:
-    """The postprocess stage as a small long-lived actor: no worker process (and torch import) per task."""
-
-    def __init__(self, encoding: str):
-        self.encoding = encoding
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return postprocess_stage(batch, encoding=self.encoding)
-
-
-def postprocess_stage(batch: pa.Table, *, encoding: str) -> pa.Table:
-    """Label maps encoded, per-class fractions and mean confidences; rows in RESULT_SCHEMA."""
-    n = batch.num_rows
-    errors = batch["error"].to_pylist()
-    stages = batch["stage"].to_pylist()
-    widths, heights = batch["width"].to_pylist(), batch["height"].to_pylist()
-    raw = batch["label_raw"].to_pylist()
-    counts = batch["stat_pixel_count"].to_pylist()
-    conf = batch["stat_confidence_sum"].to_pylist()
-    label_maps: list[bytes | None] = [None] * n
-    fractions, means = [], []
-    for i in range(n):
-        c = np.asarray(counts[i] or [], np.float64)
-        total = max(1, widths[i] * heights[i])
-        fractions.append(c / total)
-        means.append(np.asarray(conf[i] or [], np.float64) / np.maximum(c, 1))
-        if errors[i] is not None:
-            continue
-        try:
-            label = np.frombuffer(raw[i], np.uint8).reshape(heights[i], widths[i])
-            label_maps[i] = out.encode_label_map(label, encoding)
-        except Exception as e:  # noqa: BLE001
-            stages[i], errors[i] = "postprocess", f"{type(e).__name__}: {e}".splitlines()[0]
-    now = datetime.now(timezone.utc)
-    f64 = pa.list_(pa.float64())
-    return pa.table({
-        "image_uri": batch["image_uri"], "image_version": batch["image_version"],
-        "width": batch["width"], "height": batch["height"],
-        "label_map": pa.array(label_maps, pa.binary()),
-        "label_encoding": pa.array([encoding] * n, pa.string()),
-        "classes_present": batch["stat_class_id"],
-        "stat_class_id": batch["stat_class_id"], "stat_pixel_count": batch["stat_pixel_count"],
-        "stat_pixel_fraction": _lists(fractions, f64), "stat_mean_confidence": _lists(means, f64),
-        "stat_x_min": batch["stat_x_min"], "stat_y_min": batch["stat_y_min"],
-        "stat_x_max": batch["stat_x_max"], "stat_y_max": batch["stat_y_max"],
-        "at": pa.array([now] * n, out.UTC_TS),
-        "stage": pa.array(stages, pa.string()), "error": pa.array(errors, pa.string()),
-        "actor": batch["actor"],
-    }, schema=out.RESULT_SCHEMA)
 
 
 def build_dataset(files: list[storage.FileInfo], *, checkpoint_ref, plan: ResourcePlan, config: LabelConfig):

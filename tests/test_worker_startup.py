@@ -1,0 +1,42 @@
+"""What keeps Ray worker processes cheap to start and the next epoch's input ready (see bench/RESULTS.md)."""
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.train_loop import EpochInput
+
+REPO = __file__.rsplit("/tests/", 1)[0]
+
+
+@pytest.mark.parametrize("module", ["pipeline.data", "pipeline.label_stages", "pipeline.canvas", "pipeline.transforms",
+                                    "pipeline.label_output", "models"])
+def test_cpu_stage_modules_do_not_import_torch(module):
+    # A Ray Data task on a fresh worker imports its function's module; torch would add ~1.5 s of CPU there.
+    code = f"import sys, {module}; from models import VOID_LABEL, flat_palette; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", f"importing {module} pulled in torch"
+
+
+def test_models_names_resolve_lazily():
+    import models
+
+    assert models.build_model.__module__ == "models.build"
+    assert "load_checkpoint" in dir(models)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        models.nope  # noqa: B018
+
+
+def test_epoch_input_yields_every_batch_in_order(ray_session):
+    ds = ray_session.data.range(10, override_num_blocks=3)
+    batches = list(EpochInput(ds.iterator(), batch_size=4))
+    assert [b["id"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert list(EpochInput(ds.limit(0).iterator(), batch_size=4)) == []
+
+
+def test_epoch_input_raises_the_pipeline_error_on_the_training_thread(ray_session):
+    def boom(row):
+        raise ValueError("decode failed for row 3")
+
+    with pytest.raises(Exception, match="decode failed for row 3"):
+        list(EpochInput(ray_session.data.range(4).map(boom).iterator(), batch_size=2))

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -101,20 +102,31 @@ def parse_checkpoint(data: bytes, uri: str) -> tuple[dict, str]:
         raise CheckpointError(f"checkpoint {uri} is empty (0 bytes)")
     if not data.startswith(b"PK"):  # torch.save writes a zip archive
         raise CheckpointError(f"checkpoint {uri} is not a torch file (no zip archive header)")
+    # SHA-256 of a full-width model (~540 MB) takes as long as unpickling it; hashlib releases the GIL.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        model_id = pool.submit(model_id_of, data)
+        payload = _unpickle(data, uri)
+    _check_payload(payload, uri)
+    return payload, model_id.result()
+
+
+def _unpickle(data: bytes, uri: str):
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(f"checkpoint {uri} holds Python objects other than tensors and plain types; "
                               "refusing to unpickle it (not a checkpoint written by this project)") from None
     except Exception as e:  # torch reports damaged archives as RuntimeError, EOFError, BadZipFile, ...
         raise CheckpointError(f"checkpoint {uri} is truncated or corrupt ({type(e).__name__})") from None
+
+
+def _check_payload(payload, uri: str) -> None:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         keys = sorted(payload)[:5] if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"checkpoint {uri} is not an FCN checkpoint of this project (found {keys}); "
                               "use models.save_checkpoint, or init_backbone for VGG16 weights")
     if payload.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {uri} has format version {payload.get('version')}, this code reads {VERSION}")
-    return payload, model_id_of(data)
 
 
 def load_checkpoint(uri: str, *, map_location: str | torch.device = "cpu", num_classes: int | None = None) -> Checkpoint:

@@ -84,7 +84,8 @@ def make_checkpoint(path: str, width_mult: float = 1.0) -> str:
 
 def bench_model(ck_path: str, files: list[str], *, max_side: int, batch_size: int, threads: int) -> dict:
     from pipeline.decode import decode_image
-    from pipeline.inference import InferenceSettings, Predictor, preprocess
+    from pipeline.canvas import preprocess
+    from pipeline.inference import InferenceSettings, Predictor
 
     torch.set_num_threads(threads)
     ck = load_checkpoint(ck_path)

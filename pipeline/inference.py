@@ -28,7 +28,7 @@ from torch import nn
 
 from models import Checkpoint, InputConvention, build_from_state
 
-from .canvas import Prepared, canvas_size, preprocess, target_size  # noqa: F401 - part of this module's API
+from .canvas import Prepared, preprocess
 
 # Elements (classes x rows x width) of one band of upsampled logits: bounds memory for large images.
 BAND_ELEMENTS = 8_000_000

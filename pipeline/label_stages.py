@@ -22,10 +22,6 @@ TASK_CPUS = 0.25          # Ray CPU request of a read/decode/postprocess task: t
 READ_THREADS = 8          # concurrent object reads inside one read task (I/O bound)
 
 
-def _error_columns(n: int) -> dict:
-    return {"stage": pa.array([None] * n, pa.string()), "error": pa.array([None] * n, pa.string())}
-
-
 def read_stage(batch: pa.Table, *, max_bytes: int) -> pa.Table:
     """image_uri, image_version, image_size -> + data (bytes), stage, error. One failure costs one row."""
     uris = batch["image_uri"].to_pylist()
@@ -100,7 +96,7 @@ def list_column(arrays: list[np.ndarray], type_: pa.DataType) -> pa.Array:
 
 
 class Postprocessor:
-    """The postprocess stage as a small long-lived actor: no worker process (and torch import) per task."""
+    """The postprocess stage as a small long-lived actor: no new worker process per task on small nodes."""
 
     def __init__(self, encoding: str):
         self.encoding = encoding

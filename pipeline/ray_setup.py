@@ -21,8 +21,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault(IDLE_WORKERS_ENV, str(max(MIN_IDLE_WORKERS, num_cpus or os.cpu_count() or 1)))
-    if address in (None, "local"):
+    if address in (None, "local"):  # may start a local Ray, whose raylet inherits this environment
+        os.environ.setdefault(IDLE_WORKERS_ENV, str(max(MIN_IDLE_WORKERS, num_cpus or os.cpu_count() or 1)))
         kwargs.setdefault("include_dashboard", False)
         kwargs["num_cpus"] = num_cpus
     ray.init(address=address, log_to_driver=log_to_driver, **kwargs)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from models import TORCHVISION, load_checkpoint
 from pipeline import inference
-from pipeline.inference import InferenceSettings, Predictor, canvas_size, predict_image, preprocess, target_size
+from pipeline.canvas import canvas_size, preprocess, target_size
+from pipeline.inference import InferenceSettings, Predictor, predict_image
 from tests.images import gradient_rgb
 from tests.label_fixtures import tiny_checkpoint  # noqa: F401
 

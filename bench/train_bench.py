@@ -27,11 +27,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models import TORCHVISION, build_model  # noqa: E402
-from pipeline.data import load_pair  # noqa: E402
-from pipeline.datasets import list_samples  # noqa: E402
-from pipeline.evaluation import to_input  # noqa: E402
+from pipeline.dataset_formats import list_samples  # noqa: E402
 from pipeline.synthetic import synthesize_voc  # noqa: E402
-from pipeline.transforms import TrainTransform  # noqa: E402
+from pipeline.train.evaluation import to_input  # noqa: E402
+from pipeline.train.inputs import load_pair  # noqa: E402
+from pipeline.train.transforms import TrainTransform  # noqa: E402
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -74,9 +74,9 @@ def ray_job(data, args) -> tuple[list[float], float]:
     import ray
 
     from pipeline.ray_setup import init_ray
-    from pipeline.run_state import scan_checkpoints
-    from pipeline.train_config import TrainConfig
-    from pipeline.train_run import run_training
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.run import run_training
+    from pipeline.train.run_state import run_location, scan_checkpoints
 
     init_ray("local", num_cpus=2, log_to_driver=False)  # the jobs' own local-Ray setup
     storage = tempfile.mkdtemp(prefix="trainbench")
@@ -87,7 +87,7 @@ def ray_job(data, args) -> tuple[list[float], float]:
     run_training(cfg)
     wall = time.perf_counter() - t0
     ray.shutdown()
-    return [c["metrics"]["images_per_second"] for c in scan_checkpoints(os.path.join(storage, "bench"))], wall
+    return [c["metrics"]["images_per_second"] for c in scan_checkpoints(run_location(storage, "bench"))], wall
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 
 Local filesystem by default; `--s3` runs the same flow against an S3-protocol server: the one named by
 AWS_ENDPOINT_URL_S3, or else moto's server started here on loopback. Re-runnable: the dataset and the trained
-run are reused, and labeling a second time skips what is already labelled.
+run are reused, and labeling a second time skips what is already labeled.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
-from pipeline.cli import JobArgumentParser, print_summary, run_job  # noqa: E402
+from pipeline.cli import JobArgumentParser, parse_size, print_summary, run_job  # noqa: E402
 
 DEMO_BUCKET = "fcn-demo"
 
@@ -29,23 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo-out", help="local folder for everything the demo writes (and previews)")
     p.add_argument("--s3", action="store_true", help="keep data, runs and labels on an S3-protocol server")
     p.add_argument("--count", type=int, default=600, help="synthetic images (80%% train)")
-    p.add_argument("--size", default="64x48", help="synthetic image size WxH")
+    p.add_argument("--size", type=parse_size, default="64x48", help="synthetic image size WxH")
     p.add_argument("--epochs", type=int, default=8, help="training epochs")
     p.add_argument("--previews", type=int, default=6, help="preview overlays to write")
     return p
 
 
-def _start_s3() -> str:
+def s3_base() -> str:
     """Use AWS_ENDPOINT_URL_S3 if set; otherwise start moto's S3 server on a free loopback port."""
     if not os.environ.get("AWS_ENDPOINT_URL_S3"):
-        from moto.server import ThreadedMotoServer
+        from pipeline.testbed import loopback_s3_env, start_loopback_s3
 
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        os.environ["AWS_ENDPOINT_URL_S3"] = f"http://{host}:{port}"
-        for key, value in {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo-secret",
-                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        _, endpoint = start_loopback_s3()  # a daemon thread: it ends with this process
+        for key, value in loopback_s3_env(endpoint).items():
             os.environ.setdefault(key, value)
     import s3fs
 
@@ -55,67 +51,40 @@ def _start_s3() -> str:
     return f"s3://{DEMO_BUCKET}/demo"
 
 
-def _photos() -> list[str]:
-    import skimage
-
-    folder = os.path.join(os.path.dirname(skimage.__file__), "data")
-    return [os.path.join(folder, n) for n in ("astronaut.png", "coffee.png", "chelsea.png")
-            if os.path.exists(os.path.join(folder, n))]
-
-
-def _query(sql: str, uri: str, params: dict | None = None) -> list[tuple]:
-    import duckdb
-
-    con = duckdb.connect()
-    if uri.startswith("s3://"):
-        import s3fs
-        con.register_filesystem(s3fs.S3FileSystem())
-    return con.execute(sql, params or {}).fetchall()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    started = time.perf_counter()
-    workdir = os.path.abspath(args.workdir)
-    os.makedirs(workdir, exist_ok=True)
-    base = _start_s3() if args.s3 else workdir
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Workers' progress bars would bury the demo's own lines; the jobs themselves keep theirs.
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-
-    from pipeline import storage
-    from pipeline.datasets import read_class_names
-    from pipeline.label_output import example_query
-    from pipeline.labeling import LabelConfig, label_images
-    from pipeline.ray_setup import init_ray
+def synthesize(data: str, count: int, size: tuple[int, int]) -> list[str]:
+    """The synthetic dataset (written once); returns its class names."""
+    from pipeline.dataset_formats import read_class_names
     from pipeline.synthetic import synthesize_voc
-    from pipeline.train_config import TrainConfig
-    from pipeline.train_run import run_training
 
-    cores = os.cpu_count() or 2
-    init_ray(num_cpus=cores)
-
-    data = storage.join(base, "data")
-    w, h = (int(v) for v in args.size.lower().split("x"))
     if read_class_names(data) is None:
-        print(f"[demo] writing {args.count} synthetic images to {data}", flush=True)
-        synthesize_voc(data, args.count, size=(w, h), seed=0)
+        print(f"[demo] writing {count} synthetic images to {data}", flush=True)
+        synthesize_voc(data, count, size=size, seed=0)
     else:
         print(f"[demo] reusing the synthetic dataset at {data}", flush=True)
-    classes = read_class_names(data)
+    return read_class_names(data)
+
+
+def train(data: str, runs: str, classes: list[str], size: tuple[int, int], epochs: int, cores: int) -> dict:
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.run import run_training
 
     print(f"[demo] training a reduced-width FCN-8s on {cores} cores (2 Ray Train workers)", flush=True)
-    cfg = TrainConfig(data=data, storage=storage.join(base, "runs"), name="demo", num_classes=len(classes),
-                      width_mult=0.0625, padding="same", epochs=args.epochs, batch_size=4, crop_size=min(w, h),
-                      min_scale=0.75, max_scale=1.5, optimizer="adam", lr=0.005, amp="off", num_workers=2,
+    cfg = TrainConfig(data=data, storage=runs, name="demo", num_classes=len(classes), width_mult=0.0625,
+                      padding="same", epochs=epochs, batch_size=4, crop_size=min(size), min_scale=0.75,
+                      max_scale=1.5, optimizer="adam", lr=0.005, amp="off", num_workers=2,
                       cpus_per_worker=max(0.5, min(4.0, (cores - 1) / 2)), max_failures=1)
-    train = run_training(cfg)
+    return run_training(cfg)
 
-    # The folder to label; files are written once, so a rerun sees the same versions and skips them.
-    images = storage.join(base, "images")
+
+def stage_images(data: str, images: str) -> None:
+    """The folder to label: 16 validation images, the sample photos and one truncated JPEG. Files are written
+    once, so a rerun sees the same versions and skips them."""
+    from pipeline import storage
+    from pipeline.testbed import sample_photo_paths
+
     val_ids = storage.read_text(storage.join(data, "ImageSets", "Segmentation", "val.txt")).split()[:16]
     wanted = {storage.join(images, "synthetic", f"{i}.jpg"): storage.join(data, "JPEGImages", f"{i}.jpg") for i in val_ids}
-    wanted.update({storage.join(images, "photos", os.path.basename(p)): p for p in _photos()})
+    wanted.update({storage.join(images, "photos", os.path.basename(p)): p for p in sample_photo_paths()})
     for dst, src in wanted.items():
         if not storage.exists(dst):
             storage.write_bytes(dst, storage.read_bytes(src))
@@ -124,39 +93,90 @@ def main(argv: list[str] | None = None) -> int:
         jpeg = storage.read_bytes(wanted[storage.join(images, "synthetic", f"{val_ids[0]}.jpg")])
         storage.write_bytes(broken, jpeg[: len(jpeg) // 3])
 
-    out = storage.join(base, "labels")
-    print(f"[demo] labeling {images} with {train['best_checkpoint']}", flush=True)
-    label = label_images(LabelConfig(images=images, checkpoint=train["best_checkpoint"], output=out,
-                                     previews=args.previews, max_side=512, progress=False))
 
-    run_date = label.get("run_date") or time.strftime("%Y-%m-%d", time.gmtime())
-    coverage = _query(example_query("class_coverage", out), out, {"run_date": run_date})
-    errors = _query(f"SELECT image_uri, stage, error FROM read_parquet('{out}/errors/**/*.parquet', "
-                    "hive_partitioning = true) WHERE run_id = $run_id", out, {"run_id": label["run_id"]})
-    # Overlays sit under previews/run_date=.../<run_id>/; show the newest run's (a rerun labels nothing new).
-    previews_root = storage.join(out, "previews")
-    pngs = storage.list_files(previews_root, (".png",)) if storage.exists(previews_root) else []
-    previews_dir = max((storage.dirname(f.uri) for f in pngs), default=previews_root)
-    if args.s3 and pngs:  # bring the pictures home so a person can open them
-        local = os.path.join(workdir, "previews", os.path.basename(previews_dir))
-        fs, path = storage.filesystem(previews_dir)
+def label(images: str, checkpoint: str, out: str, previews: int) -> dict:
+    from pipeline.label.config import LabelConfig
+    from pipeline.label.job import label_images
+
+    print(f"[demo] labeling {images} with {checkpoint}", flush=True)
+    return label_images(LabelConfig(images=images, checkpoint=checkpoint, output=out, previews=previews,
+                                    max_side=512, progress=False))
+
+
+def query(out: str, run_date: str, run_id: str) -> tuple[list[tuple], list[tuple]]:
+    """(class coverage tonight, this run's error rows), through DuckDB."""
+    import duckdb
+
+    from pipeline.label.queries import example_query
+
+    con = duckdb.connect()
+    if out.startswith("s3://"):
+        import s3fs
+        con.register_filesystem(s3fs.S3FileSystem())
+    coverage = con.execute(example_query("class_coverage", out), {"run_date": run_date}).fetchall()
+    errors = con.execute(f"SELECT image_uri, stage, error FROM read_parquet('{out}/errors/**/*.parquet', "
+                         "hive_partitioning = true) WHERE run_id = $run_id", {"run_id": run_id}).fetchall()
+    return coverage, errors
+
+
+def newest_previews(out: str, workdir: str) -> str:
+    """The newest run's overlay folder (a rerun labels nothing new); from S3 it is brought home to `workdir`."""
+    from pipeline import storage
+
+    root = storage.join(out, "previews")
+    pngs = storage.list_files(root, (".png",)) if storage.exists(root) else []
+    folder = max((storage.dirname(f.uri) for f in pngs), default=root)
+    if storage.is_remote(out) and pngs:  # bring the pictures home so a person can open them
+        local = os.path.join(workdir, "previews", os.path.basename(folder))
+        fs, path = storage.filesystem(folder)
         fs.get(path.rstrip("/") + "/", local + "/", recursive=True)
-        previews_dir = local
+        folder = local
+    return folder
 
-    print("\n[demo] training summary:", json.dumps({k: train[k] for k in (
+
+def report(train_summary: dict, coverage: list[tuple], errors: list[tuple], where: dict[str, str]) -> None:
+    print("\n[demo] training summary:", json.dumps({k: train_summary[k] for k in (
         "best_mean_iou", "best_epoch", "best_checkpoint", "epochs", "images_per_second")}), flush=True)
     print("[demo] class coverage tonight (DuckDB over labels/ and class_stats/):", flush=True)
     print(f"    {'class':<12}{'images':>8}{'pixels':>10}{'coverage':>10}", flush=True)
-    for class_id, name, n_images, pixels, share in coverage:
+    for _, name, n_images, pixels, share in coverage:
         print(f"    {name:<12}{n_images:>8}{pixels:>10}{share:>10.3f}", flush=True)
     print("[demo] error rows of this run:", flush=True)
     for uri, stage, error in errors:
         print(f"    {uri} [{stage}] {error}", flush=True)
-    print(f"[demo] dataset: {data}\n[demo] checkpoints: {storage.join(base, 'runs', 'demo')}\n"
-          f"[demo] labels (Parquet): {out}\n[demo] previews: {previews_dir}", flush=True)
-    print_summary({"demo": "s3" if args.s3 else "local", "base": base, "train": {k: train[k] for k in (
-        "best_mean_iou", "best_checkpoint", "epochs")}, "label": label, "coverage_rows": len(coverage),
-        "error_rows": len(errors), "previews": previews_dir, "seconds": round(time.perf_counter() - started, 1)})
+    for what, uri in where.items():
+        print(f"[demo] {what}: {uri}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    workdir = os.path.abspath(args.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    base = s3_base() if args.s3 else workdir
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Workers' progress bars would bury the demo's own lines; the jobs themselves keep theirs.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+    from pipeline import storage
+    from pipeline.ray_setup import init_ray
+
+    cores = os.cpu_count() or 2
+    init_ray(num_cpus=cores)
+    data, runs = storage.join(base, "data"), storage.join(base, "runs")
+    images, out = storage.join(base, "images"), storage.join(base, "labels")
+
+    classes = synthesize(data, args.count, args.size)
+    trained = train(data, runs, classes, args.size, args.epochs, cores)
+    stage_images(data, images)
+    labeled = label(images, trained["best_checkpoint"], out, args.previews)
+    coverage, errors = query(out, labeled["run_date"], labeled["run_id"])
+    previews = newest_previews(out, workdir)
+    report(trained, coverage, errors, {"dataset": data, "checkpoints": storage.join(runs, "demo"),
+                                       "labels (Parquet)": out, "previews": previews})
+    print_summary({"demo": "s3" if args.s3 else "local", "base": base, "train": {k: trained[k] for k in (
+        "best_mean_iou", "best_checkpoint", "epochs")}, "label": labeled, "coverage_rows": len(coverage),
+        "error_rows": len(errors), "previews": previews, "seconds": round(time.perf_counter() - started, 1)})
     return 0
 
 

@@ -13,7 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 
-from pipeline.cli import JobArgumentParser, JobError, print_summary, run_job  # noqa: E402
+from pipeline.amp import AMP_CHOICES  # noqa: E402
+from pipeline.cli import JobArgumentParser, print_summary, run_job  # noqa: E402
+from pipeline.errors import JobError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=1, help="inference actors (one per GPU with --use-gpu)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per inference actor")
     p.add_argument("--use-gpu", action="store_true", help="run inference on GPUs")
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="mixed precision on GPU")
+    p.add_argument("--amp", default="bf16", choices=AMP_CHOICES, help="mixed precision on GPU (CPU: always fp32)")
     return p
 
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.actors < 1:
         raise JobError(f"--actors must be >= 1, got {args.actors}")
-    from pipeline.evaluation import evaluate_checkpoint
+    from pipeline.train.evaluation import evaluate_checkpoint
 
     summary = evaluate_checkpoint(args.data, args.checkpoint, split=args.split, actors=args.actors,
                                   cpus_per_actor=args.cpus_per_actor, use_gpu=args.use_gpu,

@@ -4,9 +4,9 @@
         --output s3://bucket/labels-out [--num-gpus 8] [--label-encoding png] [--previews 20]
 
 Output (hive-partitioned by run_date=YYYY-MM-DD): labels/, class_stats/, errors/, runs/<run_id>.json,
-previews/. Images already labelled by the same checkpoint (same URI and version) are skipped; a rerun after
+previews/. Images already labeled by the same checkpoint (same URI and version) are skipped; a rerun after
 a crash finishes the interrupted commits and labels what is left, each image exactly once. The last stdout
-line is one JSON summary (run_id, listed, skipped, labelled, errors, images_per_second, ...).
+line is one JSON summary (run_id, listed, skipped, labeled, errors, images_per_second, ...).
 """
 from __future__ import annotations
 
@@ -17,21 +17,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 
-from pipeline.cli import JobArgumentParser, print_summary, run_job  # noqa: E402
-from pipeline.decode import DEFAULT_MAX_PIXELS  # noqa: E402
-from pipeline.labeling import ENCODINGS, LabelConfig, label_images  # noqa: E402
+from pipeline.amp import AMP_CHOICES  # noqa: E402
+from pipeline.cli import JobArgumentParser, optional_int, print_summary, run_job  # noqa: E402
+from pipeline.label.codec import ENCODINGS  # noqa: E402
+from pipeline.label.config import DEVICES, LabelConfig  # noqa: E402
 
-
-def _optional_int(text: str) -> int | None:
-    return None if text in ("auto", "") else int(text)
+DEFAULTS = LabelConfig(images="", checkpoint="", output="")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
     p = JobArgumentParser(
         prog="label.py",
         description="Label every image under --images with an FCN checkpoint on Ray Data and write label maps, "
                     "per-class statistics and errors as zstd Parquet under --output, partitioned by "
-                    "run_date=YYYY-MM-DD. Images already labelled by the same checkpoint are skipped.",
+                    "run_date=YYYY-MM-DD. Images already labeled by the same checkpoint are skipped.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
@@ -42,63 +42,59 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint written by models.save_checkpoint, local or s3:// (required)")
     g.add_argument("--output", required=True, default=argparse.SUPPRESS,
                    help="output root, local or s3:// (labels/, class_stats/, errors/, runs/, previews/) (required)")
-    g.add_argument("--label-encoding", choices=ENCODINGS, default="raw",
+    g.add_argument("--label-encoding", choices=ENCODINGS, default=d.label_encoding,
                    help="label_map bytes: raw uint8 row-major (zstd-compressed by Parquet) or palette PNG")
-    g.add_argument("--force", action="store_true", help="relabel images already labelled by this checkpoint")
-    g.add_argument("--previews", type=int, default=0,
+    g.add_argument("--force", action="store_true", help="relabel images already labeled by this checkpoint")
+    g.add_argument("--previews", type=int, default=d.previews,
                    help="also write this many colour overlays with a legend as PNG under previews/")
-    g.add_argument("--run-date", default=None, help="partition value YYYY-MM-DD (default: today, UTC)")
-    g.add_argument("--run-id", default=None, help="run id (default: UTC timestamp plus random suffix)")
-    g.add_argument("--rows-per-file", type=int, default=1000,
+    g.add_argument("--run-date", default=d.run_date, help="partition value YYYY-MM-DD (default: today, UTC)")
+    g.add_argument("--run-id", default=d.run_id, help="run id (default: UTC timestamp plus random suffix)")
+    g.add_argument("--rows-per-file", type=int, default=d.rows_per_file,
                    help="images per committed file set (one Parquet file per table); also the most work a "
                         "crash can lose")
 
     g = p.add_argument_group("inference")
-    g.add_argument("--max-side", type=int, default=1024,
+    g.add_argument("--max-side", type=int, default=d.max_side,
                    help="shrink images so the long side is at most this before inference (0: never); label "
                         "maps are returned at the original resolution")
-    g.add_argument("--canvas-multiple", type=int, default=32,
+    g.add_argument("--canvas-multiple", type=int, default=d.canvas_multiple,
                    help="images are edge-padded to a canvas whose sides are multiples of this; equal canvases "
                         "are batched together")
-    g.add_argument("--batch-size", type=_optional_int, default=None,
-                   help="images per forward pass (default: 8 with GPUs, 4 on CPU); every pass has exactly this many slots "
-                        "(unused ones are zero), so an image's labels never depend on its neighbours")
-    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    g.add_argument("--batch-size", type=optional_int, default=d.batch_size,
+                   help="images per forward pass (default: 8 with GPUs, 4 on CPU); every pass has exactly this many "
+                        "slots (unused ones are zero), so an image's labels never depend on its neighbours")
+    g.add_argument("--max-pixels", type=int, default=d.max_pixels,
                    help="images over this many pixels are rejected from their header (an errors/ row)")
-    g.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on GPUs")
+    g.add_argument("--amp", choices=AMP_CHOICES, default=d.amp, help="mixed precision on GPUs (CPU: always fp32)")
+    g.add_argument("--no-amp", dest="amp", action="store_const", const="off", help=argparse.SUPPRESS)  # = --amp off
 
     g = p.add_argument_group("resources")
-    g.add_argument("--num-gpus", type=_optional_int, default=None,
+    g.add_argument("--num-gpus", type=optional_int, default=d.num_gpus,
                    help="inference actors, one per GPU (default: every GPU of the Ray cluster; 0: CPU inference)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    g.add_argument("--device", choices=DEVICES, default=d.device,
                    help="device of the inference actors (cpu with --num-gpus > 0 tests GPU scheduling on CPU)")
-    g.add_argument("--actors", type=_optional_int, default=None,
+    g.add_argument("--actors", type=optional_int, default=d.actors,
                    help="CPU inference: number of actors (default: cores // threads-per-actor)")
-    g.add_argument("--threads-per-actor", type=_optional_int, default=None,
+    g.add_argument("--threads-per-actor", type=optional_int, default=d.threads_per_actor,
                    help="torch threads per actor (default: min(8, cores) on CPU, 2 with GPUs)")
-    g.add_argument("--cpus-per-actor", type=float, default=None,
+    g.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor,
                    help="Ray CPU request per actor (default: threads - 0.5 on CPU; with GPUs min(1, CPUs / "
                         "(2 x GPUs)))")
-    g.add_argument("--ray-address", default=None,
+    g.add_argument("--ray-address", default=d.ray_address,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray on this machine)")
-    g.add_argument("--progress", dest="progress", action="store_true", default=None,
+    g.add_argument("--progress", dest="progress", action="store_true", default=d.progress,
                    help="show Ray Data's progress bars (default: when stderr is a terminal)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = LabelConfig(
-        images=args.images, checkpoint=args.checkpoint, output=args.output, num_gpus=args.num_gpus,
-        device=args.device, actors=args.actors, threads_per_actor=args.threads_per_actor,
-        cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
-        max_side=None if args.max_side == 0 else args.max_side, canvas_multiple=args.canvas_multiple,
-        max_pixels=args.max_pixels, label_encoding=args.label_encoding, force=args.force, previews=args.previews,
-        rows_per_file=args.rows_per_file, run_date=args.run_date, run_id=args.run_id,
-        ray_address=args.ray_address, progress=args.progress, amp=args.amp,
-    )
-    print_summary(label_images(config))
+    args = vars(build_parser().parse_args(argv))
+    if args["max_side"] == 0:
+        args["max_side"] = None  # the flag's "never shrink"
+    from pipeline.label.job import label_images
+
+    print_summary(label_images(LabelConfig(**args)))
     return 0
 
 

@@ -12,19 +12,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
-import re  # noqa: E402
 
-from pipeline.cli import JobArgumentParser, print_summary, run_job  # noqa: E402
+from pipeline.cli import JobArgumentParser, parse_size, print_summary, run_job  # noqa: E402
 from pipeline.storage import check_writable  # noqa: E402
 from pipeline.synthetic import SYNTHETIC_CLASSES, synthesize_voc  # noqa: E402
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' (e.g. 160x120) -> (width, height)."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise ValueError(f"--size must be WIDTHxHEIGHT with positive integers, e.g. 160x120; got {text!r}")
-    return int(m.group(1)), int(m.group(2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="destination directory or s3:// prefix (required)")
     p.add_argument("--count", required=True, type=int, default=argparse.SUPPRESS,
                    help="number of images to write (required)")
-    p.add_argument("--size", default="160x120", help="image size as WIDTHxHEIGHT")
+    p.add_argument("--size", type=parse_size, default="160x120", help="image size as WIDTHxHEIGHT")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical files")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of images listed in val.txt")
     return p
@@ -47,7 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    size = parse_size(args.size)
     if args.count < 1:
         raise ValueError(f"--count must be >= 1, got {args.count}")
     if not (0.0 <= args.val_fraction < 1.0):
@@ -55,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     check_writable(args.output)
-    summary = synthesize_voc(args.output, args.count, size=size, seed=args.seed, val_fraction=args.val_fraction)
+    summary = synthesize_voc(args.output, args.count, size=args.size, seed=args.seed, val_fraction=args.val_fraction)
     print_summary(summary)
     return 0
 

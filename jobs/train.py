@@ -12,9 +12,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 
-from models import ARCHITECTURES  # noqa: E402
+from models import ARCHITECTURES, PADDINGS  # noqa: E402
+from pipeline.amp import AMP_CHOICES  # noqa: E402
 from pipeline.cli import JobArgumentParser, print_summary, run_job  # noqa: E402
-from pipeline.train_config import TrainConfig  # noqa: E402
+from pipeline.train.config import OPTIMIZERS, TrainConfig  # noqa: E402
 
 DEFAULTS = TrainConfig(data="", storage="", name="")
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, choices=list(ARCHITECTURES), help="architecture")
     g.add_argument("--num-classes", type=int, default=d.num_classes, help="classes including background")
-    g.add_argument("--padding", default=d.padding, choices=["reference", "same"],
+    g.add_argument("--padding", default=d.padding, choices=PADDINGS,
                    help="'reference' = the paper's conv1_1 padding 100; 'same' = 0.6x the FLOPs")
     g.add_argument("--width-mult", type=float, default=d.width_mult, help="channel width multiplier (<1 for CPU runs)")
     g.add_argument("--backbone-weights", default=d.backbone_weights,
@@ -50,12 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-scale", type=float, default=d.min_scale, help="smallest random scale")
     g.add_argument("--max-scale", type=float, default=d.max_scale, help="largest random scale")
     g.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
-    g.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam"], help="optimiser")
+    g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimiser")
     g.add_argument("--lr", type=float, default=d.lr, help="base learning rate (poly schedule to 0)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
     g.add_argument("--poly-power", type=float, default=d.poly_power, help="poly learning-rate schedule power")
-    g.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "off"], help="mixed precision on GPU")
+    g.add_argument("--amp", default=d.amp, choices=AMP_CHOICES, help="mixed precision on GPU (CPU: always fp32)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed of the initialisation")
     g = p.add_argument_group("cluster")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="data-parallel workers")
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**args)
     if cfg.amp != "off" and not cfg.use_gpu:
         cfg.amp = "off"  # CPU workers train in fp32
-    from pipeline.train_run import run_training
+    from pipeline.train.run import run_training
 
     print_summary(run_training(cfg))
     return 0

@@ -4,7 +4,6 @@ Layer names follow the reference FCN port (conv1_1 ... fc7) so reference checkpo
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

@@ -1,6 +1,7 @@
 """Byte-level reads and writes for model files, local or any fsspec URI (s3://...).
 
-Kept here, free of Ray, so `models` stays importable on its own; `pipeline.storage` builds on fsspec too.
+Kept here, free of Ray, so `models` stays importable on its own; `pipeline.storage` builds on the
+filesystem-level functions (`read_all`, `write_atomic`) with its own resolved locations.
 """
 from __future__ import annotations
 
@@ -10,34 +11,46 @@ import tempfile
 import fsspec
 
 
-def read_bytes(uri: str) -> bytes:
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def read_all(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     """Whole file as bytes. Raises FileNotFoundError for a missing file, whatever the backend."""
-    fs, path = fsspec.core.url_to_fs(uri)
     with fs.open(path, "rb") as f:
         return f.read()
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a file so that readers see either the old file or the complete new one.
 
     Locally: temporary file in the same directory, then rename. On object stores a single PUT is atomic.
     """
-    fs, path = fsspec.core.url_to_fs(uri)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols:
-        directory = os.path.dirname(os.path.abspath(path)) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-    else:
+    if not is_local(fs):
         with fs.open(path, "wb") as f:
             f.write(data)
+        return
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_bytes(uri: str) -> bytes:
+    """Whole file at a URI as bytes (FileNotFoundError for a missing one)."""
+    return read_all(*fsspec.core.url_to_fs(uri))
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """`write_atomic` at a URI."""
+    write_atomic(*fsspec.core.url_to_fs(uri), data)

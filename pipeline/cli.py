@@ -1,22 +1,20 @@
-"""What every job in jobs/ shares: import path setup, clear one-line errors, the JSON summary line."""
+"""What every job in jobs/ shares: clear one-line errors, the JSON summary line, argument types."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import sys
 from typing import Any, Callable
 
 from models import BackboneError, CheckpointError
 
+from .errors import JobError
 from .storage import StorageError, redact
 
 # Errors a user can fix from the message alone: printed as one line, exit code 2, no traceback.
-USER_ERRORS = (StorageError, CheckpointError, BackboneError, ValueError, FileNotFoundError)
-
-
-class JobError(RuntimeError):
-    """A job cannot proceed for a reason the message states (bad argument, empty dataset, ...)."""
+USER_ERRORS = (JobError, StorageError, CheckpointError, BackboneError, ValueError, FileNotFoundError)
 
 
 class JobArgumentParser(argparse.ArgumentParser):
@@ -24,6 +22,19 @@ class JobArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # argparse API
         raise JobError(f"{message} (see --help)")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' (e.g. 160x120) -> (width, height); an argparse `type`."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise argparse.ArgumentTypeError(f"must be WIDTHxHEIGHT with positive integers, e.g. 160x120; got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def optional_int(text: str) -> int | None:
+    """An int, or None for 'auto' (the flag's documented automatic choice); an argparse `type`."""
+    return None if text in ("auto", "") else int(text)
 
 
 def _clean(value: Any) -> Any:
@@ -46,7 +57,7 @@ def run_job(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     """Run a job's main; user errors become `error: ...` on stderr and exit status 2."""
     try:
         code = main(argv)
-    except (JobError, *USER_ERRORS) as e:
+    except USER_ERRORS as e:
         print(f"error: {redact(str(e))}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:

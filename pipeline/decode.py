@@ -66,29 +66,6 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return (np.clip(arr, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, reading only the header."""
-    img = _open_header(data)
-    w, h = img.size
-    try:
-        if img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
-            return h, w
-    except Exception:
-        pass
-    return w, h
-
-
-def _open_header(data: bytes) -> Image.Image:
-    if not data:
-        raise DecodeError("empty file (0 bytes)")
-    try:
-        return Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise DecodeError("not a recognised image format") from None
-    except Exception as e:
-        raise DecodeError(f"truncated or corrupt image header ({type(e).__name__}: {e})") from None
-
-
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Encoded image bytes -> RGB uint8 array (H, W, 3), EXIF orientation applied."""
     img = _orient(_open(data, max_pixels))

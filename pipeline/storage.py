@@ -1,5 +1,10 @@
 """Storage: local paths, file:// and s3:// URIs through fsspec, with one-line errors that name the URI.
 
+A `Location` is a root resolved once (its filesystem and the path inside it): a job resolves its inputs and
+outputs when it starts and passes the locations down; children share the parent's filesystem, and every
+listed file is opened through the filesystem that listed it. The module-level functions (`read_bytes(uri)`,
+...) are the same operations for one-off URIs.
+
 S3 credentials and endpoint come from the standard AWS configuration (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID,
 AWS_PROFILE, ~/.aws/config, ...), so MinIO and other S3-compatible stores need no code changes. Messages never
 contain credentials: every error text goes through `redact`.
@@ -10,12 +15,11 @@ import os
 import posixpath
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 
-from models.storage_io import read_bytes as _read_bytes
-from models.storage_io import write_bytes_atomic
+from models.storage_io import is_local, read_all, write_atomic
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 # Fail fast on an unreachable endpoint instead of botocore's long default retry ladder.
@@ -36,7 +40,7 @@ def redact(text: str) -> str:
 
 
 def normalize(uri: str) -> str:
-    """Local paths become absolute, `file://` is stripped, remote URIs are kept."""
+    """Local paths become absolute, `file://` is stripped, remote URIs are kept (without a trailing '/')."""
     uri = str(uri)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
@@ -59,16 +63,6 @@ def dirname(uri: str) -> str:
     return posixpath.dirname(uri) if is_remote(uri) else os.path.dirname(uri)
 
 
-def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a URI. S3 filesystems get fast-failing connection settings."""
-    uri = normalize(uri)
-    if uri.startswith(("s3://", "s3a://")):
-        fs, path = fsspec.core.url_to_fs(uri, config_kwargs=S3_CONFIG)
-    else:
-        fs, path = fsspec.core.url_to_fs(uri)
-    return fs, path
-
-
 def _describe(uri: str, e: BaseException) -> str:
     name = type(e).__name__
     text = str(e)
@@ -88,98 +82,151 @@ def storage_error(uri: str, e: BaseException) -> StorageError:
     return StorageError(redact(_describe(uri, e)).splitlines()[0])
 
 
-def _bucket_of(uri: str) -> str | None:
-    if not is_remote(uri):
-        return None
-    return uri.split("://", 1)[1].split("/", 1)[0]
+@dataclass(frozen=True)
+class FileInfo:
+    """One listed object: its URI, its path inside the listing's filesystem, size in bytes and a version
+    (ETag on S3, mtime_ns-size locally)."""
 
-
-def _check_bucket(fs: fsspec.AbstractFileSystem, uri: str) -> None:
-    """HEAD the bucket: tells an unreachable endpoint from a missing bucket (fs.exists hides both)."""
-    bucket = _bucket_of(uri)
-    if bucket is None or not hasattr(fs, "call_s3"):
-        return
-    try:
-        fs.call_s3("head_bucket", Bucket=bucket)
-    except FileNotFoundError:
-        raise StorageError(f"bucket does not exist: s3://{bucket} (from {uri})") from None
-
-
-def check_exists(uri: str, what: str = "path") -> None:
-    """Raise StorageError unless `uri` (a file or a prefix/directory) exists and can be reached."""
-    uri = normalize(uri)
-    try:
-        fs, path = filesystem(uri)
-        fs.invalidate_cache()
-        _check_bucket(fs, uri)
-        if not fs.exists(path):
-            raise StorageError(f"{what} not found: {uri}")
-    except StorageError:
-        raise
-    except Exception as e:
-        raise storage_error(uri, e) from None
-
-
-def exists(uri: str) -> bool:
-    """True when a file or directory/prefix exists (False also when the store cannot be reached)."""
-    try:
-        fs, path = filesystem(uri)
-        return bool(fs.exists(path))
-    except Exception:
-        return False
-
-
-def read_bytes(uri: str) -> bytes:
-    """A whole object. FileNotFoundError for a missing one; StorageError for an unreachable store."""
-    try:
-        return _read_bytes(normalize(uri))
-    except (FileNotFoundError, IsADirectoryError):
-        raise
-    except Exception as e:
-        raise storage_error(uri, e) from None
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write an object so readers see the old or the complete new content, never a partial file."""
-    try:
-        write_bytes_atomic(normalize(uri), data)
-    except Exception as e:
-        raise storage_error(uri, e) from None
-
-
-def read_text(uri: str) -> str:
-    return read_bytes(uri).decode("utf-8")
-
-
-def write_text(uri: str, text: str) -> None:
-    write_bytes(uri, text.encode("utf-8"))
-
-
-def check_writable(uri: str) -> None:
-    """Prove that objects can be created under `uri` (a directory/prefix) by writing and deleting a marker."""
-    uri = normalize(uri)
-    marker = join(uri, f".write-check-{uuid.uuid4().hex}")
-    try:
-        fs, path = filesystem(marker)
-        _check_bucket(fs, uri)
-        if not is_remote(uri):
-            os.makedirs(uri, exist_ok=True)
-        with fs.open(path, "wb") as f:
-            f.write(b"ok")
-        fs.rm(path)
-    except StorageError:
-        raise
-    except Exception as e:
-        raise StorageError(redact(f"cannot write to {uri}: {_describe(uri, e).split(': ', 1)[-1]}")) from None
+    uri: str
+    path: str
+    size: int
+    version: str
 
 
 @dataclass(frozen=True)
-class FileInfo:
-    """One listed object: its URI, size in bytes and a version (ETag on S3, mtime_ns-size locally)."""
+class Location:
+    """A storage root resolved once: `uri` (normalised, as users and output rows see it), the fsspec
+    filesystem `fs` and `path` inside it. Picklable: Ray tasks receive it and open files through `fs`."""
 
     uri: str
-    size: int
-    version: str
+    fs: fsspec.AbstractFileSystem = field(repr=False, compare=False)
+    path: str
+
+    @classmethod
+    def of(cls, where: str | Location) -> Location:
+        """Resolve a local path, file:// or s3:// URI (a Location is returned as it is)."""
+        if isinstance(where, Location):
+            return where
+        uri = normalize(where)
+        kwargs = {"config_kwargs": S3_CONFIG} if uri.startswith(("s3://", "s3a://")) else {}
+        try:
+            fs, path = fsspec.core.url_to_fs(uri, **kwargs)
+        except Exception as e:  # an unknown protocol, a missing fsspec backend
+            raise storage_error(uri, e) from None
+        return cls(uri, fs, path)
+
+    def child(self, *parts: str) -> Location:
+        """A location under this one, on the same filesystem (nothing is resolved again)."""
+        return Location(join(self.uri, *parts), self.fs, posixpath.join(self.path, *parts))
+
+    @property
+    def is_local(self) -> bool:
+        return is_local(self.fs)
+
+    @property
+    def _protocol(self) -> str:
+        return "" if self.is_local else self.uri.split("://", 1)[0] + "://"
+
+    def uri_of(self, path: str) -> str:
+        """The URI of a path of this location's filesystem (as `fs.find` returns them)."""
+        return self._protocol + path.lstrip("/") if self._protocol else path
+
+    def path_of(self, uri: str) -> str:
+        """The inverse of `uri_of` for a URI this location produced."""
+        return uri[len(self._protocol):] if self._protocol else uri
+
+    # ----------------------------------------------------------------------------------------- files
+
+    def read_bytes(self) -> bytes:
+        """The whole object. FileNotFoundError for a missing one; StorageError for an unreachable store."""
+        try:
+            return read_all(self.fs, self.path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise
+        except Exception as e:
+            raise storage_error(self.uri, e) from None
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write an object so readers see the old or the complete new content, never a partial file."""
+        try:
+            write_atomic(self.fs, self.path, data)
+        except Exception as e:
+            raise storage_error(self.uri, e) from None
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    def exists(self) -> bool:
+        """True when a file or directory/prefix exists (False also when the store cannot be reached)."""
+        try:
+            return bool(self.fs.exists(self.path))
+        except Exception:
+            return False
+
+    # ------------------------------------------------------------------------------------- checks
+
+    def _check_bucket(self) -> None:
+        """HEAD the bucket: tells an unreachable endpoint from a missing bucket (fs.exists hides both)."""
+        if self.is_local or not hasattr(self.fs, "call_s3"):
+            return
+        bucket = self.uri.split("://", 1)[1].split("/", 1)[0]
+        try:
+            self.fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise StorageError(f"bucket does not exist: s3://{bucket} (from {self.uri})") from None
+
+    def check_exists(self, what: str = "path") -> None:
+        """Raise StorageError unless this file or prefix/directory exists and can be reached."""
+        try:
+            self.fs.invalidate_cache()
+            self._check_bucket()
+            if not self.fs.exists(self.path):
+                raise StorageError(f"{what} not found: {self.uri}")
+        except StorageError:
+            raise
+        except Exception as e:
+            raise storage_error(self.uri, e) from None
+
+    def check_writable(self) -> None:
+        """Prove that objects can be created under this directory/prefix by writing and deleting a marker."""
+        marker = self.child(f".write-check-{uuid.uuid4().hex}")
+        try:
+            self._check_bucket()
+            if self.is_local:
+                os.makedirs(self.path, exist_ok=True)
+            with self.fs.open(marker.path, "wb") as f:
+                f.write(b"ok")
+            self.fs.rm(marker.path)
+        except StorageError:
+            raise
+        except Exception as e:
+            raise StorageError(redact(f"cannot write to {self.uri}: {_describe(self.uri, e).split(': ', 1)[-1]}")) from None
+
+    # ------------------------------------------------------------------------------------- listing
+
+    def list_files(self, extensions: tuple[str, ...] | None = None) -> list[FileInfo]:
+        """Every file under this prefix or directory, recursively, sorted by URI.
+
+        `extensions` (lower-case, with dot) filters by suffix, case-insensitively. Directory markers that
+        some S3 writers leave (zero-byte keys ending in '/') are not files and are skipped.
+        """
+        self.check_exists("directory" if self.is_local else "prefix")
+        try:
+            found = self.fs.find(self.path, detail=True)
+        except Exception as e:
+            raise storage_error(self.uri, e) from None
+        out = []
+        for key, info in found.items():
+            if info.get("type") == "directory" or key.endswith("/"):
+                continue
+            if extensions is not None and not key.lower().endswith(extensions):
+                continue
+            out.append(FileInfo(self.uri_of(key), key, int(info.get("size") or 0), _version(info)))
+        out.sort(key=lambda f: f.uri)
+        return out
 
 
 def _version(info: dict) -> str:
@@ -191,26 +238,45 @@ def _version(info: dict) -> str:
     return f"{int(mtime * 1e9)}-{int(info.get('size') or 0)}"
 
 
-def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> list[FileInfo]:
-    """Every file under a prefix or directory, recursively, sorted by URI.
+# --------------------------------------------------------------------------------- one-off URIs
 
-    `extensions` (lower-case, with dot) filters by suffix, case-insensitively. Directory markers that
-    some S3 writers leave (zero-byte keys ending in '/') are not files and are skipped.
-    """
-    uri = normalize(uri)
-    check_exists(uri, "prefix" if is_remote(uri) else "directory")
-    fs, path = filesystem(uri)
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a URI. S3 filesystems get fast-failing connection settings."""
+    loc = Location.of(uri)
+    return loc.fs, loc.path
+
+
+def check_exists(uri: str, what: str = "path") -> None:
+    Location.of(uri).check_exists(what)
+
+
+def check_writable(uri: str) -> None:
+    Location.of(uri).check_writable()
+
+
+def exists(uri: str) -> bool:
     try:
-        found = fs.find(path, detail=True)
-    except Exception as e:
-        raise storage_error(uri, e) from None
-    protocol = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
-    out = []
-    for key, info in found.items():
-        if info.get("type") == "directory" or key.endswith("/"):
-            continue
-        if extensions is not None and not key.lower().endswith(extensions):
-            continue
-        out.append(FileInfo(protocol + key.lstrip("/") if protocol else key, int(info.get("size") or 0), _version(info)))
-    out.sort(key=lambda f: f.uri)
-    return out
+        return Location.of(uri).exists()
+    except Exception:
+        return False
+
+
+def read_bytes(uri: str) -> bytes:
+    return Location.of(uri).read_bytes()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    Location.of(uri).write_bytes(data)
+
+
+def read_text(uri: str) -> str:
+    return Location.of(uri).read_text()
+
+
+def write_text(uri: str, text: str) -> None:
+    Location.of(uri).write_text(text)
+
+
+def list_files(where: str | Location, extensions: tuple[str, ...] | None = None) -> list[FileInfo]:
+    return Location.of(where).list_files(extensions)

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from models.voc import VOID_LABEL, flat_palette
 
-from .storage import join, normalize, write_bytes, write_text
+from .storage import Location
 
 SYNTHETIC_CLASSES: tuple[str, ...] = ("background", "disc", "square", "triangle", "ring", "bar")
 
@@ -248,14 +248,14 @@ def synthesize_voc(output: str, count: int, *, size: tuple[int, int] = (160, 120
     Returns a summary: output URI, counts, size, seed, classes, per-class pixel counts (void separately).
     """
     count, (w, h), seed, val_fraction = _validate(count, size, seed, val_fraction)
-    out = normalize(output)
+    out = Location.of(output)
     started = time.perf_counter()
     ids = [ID_FORMAT.format(i) for i in range(count)]
 
     def one(i: int) -> np.ndarray:
         image, mask = render_sample(seed, i, (w, h))
-        write_bytes(join(out, "JPEGImages", f"{ids[i]}.jpg"), encode_jpeg(image))
-        write_bytes(join(out, "SegmentationClass", f"{ids[i]}.png"), encode_mask(mask))
+        out.child("JPEGImages", f"{ids[i]}.jpg").write_bytes(encode_jpeg(image))
+        out.child("SegmentationClass", f"{ids[i]}.png").write_bytes(encode_mask(mask))
         return np.bincount(mask.ravel(), minlength=256).astype(np.int64)
 
     totals = np.zeros(256, dtype=np.int64)
@@ -264,11 +264,11 @@ def synthesize_voc(output: str, count: int, *, size: tuple[int, int] = (160, 120
             totals += hist
 
     train, val = split_ids(ids, seed, val_fraction)
-    write_text(join(out, "ImageSets", "Segmentation", "train.txt"), _lines(train))
-    write_text(join(out, "ImageSets", "Segmentation", "val.txt"), _lines(val))
-    write_text(join(out, "classes.txt"), _lines(list(SYNTHETIC_CLASSES)))
+    out.child("ImageSets", "Segmentation", "train.txt").write_text(_lines(train))
+    out.child("ImageSets", "Segmentation", "val.txt").write_text(_lines(val))
+    out.child("classes.txt").write_text(_lines(list(SYNTHETIC_CLASSES)))
     return {
-        "output": out,
+        "output": out.uri,
         "count": count,
         "train": len(train),
         "val": len(val),

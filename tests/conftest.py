@@ -1,4 +1,7 @@
-"""Shared test infrastructure: a real S3-protocol server (moto) on loopback and one local Ray per session."""
+"""Shared test infrastructure: a real S3-protocol server (moto) on loopback and one local Ray per session.
+
+Fixtures of the labeling tests (a tiny checkpoint) come from tests/label_fixtures.py through pytest_plugins.
+"""
 from __future__ import annotations
 
 import os
@@ -6,28 +9,22 @@ import urllib.request
 
 import pytest
 
-# Credentials for the loopback S3 server only; set before anything (Ray workers included) starts so
-# every process sees the same standard AWS configuration a user would set.
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing-key-id",
-    "AWS_SECRET_ACCESS_KEY": "testing-secret-do-not-log",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
+from pipeline.testbed import loopback_s3_env, start_loopback_s3
+
+pytest_plugins = ["tests.label_fixtures"]
 
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 server on a free loopback port; AWS_ENDPOINT_URL_S3 points at it for the session."""
-    from moto.server import ThreadedMotoServer
+    """moto's S3 server on a free loopback port; AWS_ENDPOINT_URL_S3 points at it for the session.
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"]}
-    os.environ.update(S3_ENV)
-    os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+    Set before anything (Ray workers included) starts, so every process sees the same standard AWS
+    configuration a user would set.
+    """
+    server, endpoint = start_loopback_s3()
+    env = loopback_s3_env(endpoint)
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE"]}
+    os.environ.update(env)
     os.environ.pop("AWS_PROFILE", None)
     yield endpoint
     server.stop()

@@ -1,46 +1,35 @@
-"""Shared helpers of the labeling tests: a tiny checkpoint, a mixed image bucket, output readers."""
+"""Shared helpers of the labeling tests: a tiny checkpoint (a fixture, loaded through conftest's
+pytest_plugins), a mixed image bucket, output readers."""
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from PIL import Image
 
-from models import TORCHVISION, build_model, save_checkpoint
-from pipeline import label_output as out
 from pipeline import storage
+from pipeline.label.codec import decode_label_map
+from pipeline.label.readers import read_table
+from pipeline.label.tables import TABLES
 from pipeline.synthetic import SYNTHETIC_CLASSES
+from pipeline.testbed import random_checkpoint, sample_photo_paths
 from tests.images import broken_files, encode, exif_rotated_jpeg, gradient_rgb, png16_rgb
 
 CLASS_NAMES = list(SYNTHETIC_CLASSES)
 
 
-def make_checkpoint(uri: str, seed: int = 0) -> str:
-    """A narrow FCN-8s (width 1/16) whose score layers are random, so label maps vary across the image."""
-    torch.manual_seed(seed)
-    model = build_model("fcn8s", len(CLASS_NAMES), width_mult=1 / 16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith("score"):
-                p.normal_(0, 0.5)
-    return save_checkpoint(uri, model, class_names=CLASS_NAMES, convention=TORCHVISION)
-
-
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> tuple[str, str]:
-    """(path, model_id) of the tiny checkpoint."""
+    """(path, model_id) of a narrow FCN-8s (width 1/16) whose score layers are random."""
     path = str(tmp_path_factory.mktemp("ck") / "fcn8s-tiny.pt")
-    return path, make_checkpoint(path)
+    return path, random_checkpoint(path, CLASS_NAMES)
 
 
 def real_photo(name: str = "coffee.png") -> bytes:
-    import skimage
-
-    with open(os.path.join(os.path.dirname(skimage.__file__), "data", name), "rb") as f:
+    (path,) = sample_photo_paths((name,))
+    with open(path, "rb") as f:
         return f.read()
 
 
@@ -94,7 +83,8 @@ def good_image(seed: int, h: int, w: int) -> bytes:
 
 
 def tables(root: str) -> dict[str, pa.Table]:
-    return {name: out.read_table(root, name) for name in out.TABLES}
+    output = storage.Location.of(root)
+    return {name: read_table(output, name) for name in TABLES}
 
 
 def duckdb_connection(root: str):
@@ -109,7 +99,7 @@ def duckdb_connection(root: str):
 
 
 def decode_row(row: dict) -> np.ndarray:
-    return out.decode_label_map(row["label_map"], row["label_encoding"], row["height"], row["width"])
+    return decode_label_map(row["label_map"], row["label_encoding"], row["height"], row["width"])
 
 
 def png_ok(data: bytes) -> Image.Image:

@@ -5,8 +5,7 @@ import os
 import pytest
 import torch
 
-from models import (CAFFE, TORCHVISION, CheckpointError, InputConvention, build_model, load_checkpoint,
-                    save_checkpoint)
+from models import CAFFE, TORCHVISION, CheckpointError, InputConvention, build_model, load_checkpoint, save_checkpoint
 from models.checkpoint import model_id_of
 
 TINY = 1 / 16

@@ -15,7 +15,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]

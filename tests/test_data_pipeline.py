@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from pipeline import storage
-from pipeline.data import BadSampleLog, segmentation_dataset, unpack_whole
-from pipeline.datasets import list_samples
-from pipeline.transforms import TrainTransform
+from pipeline.dataset_formats import list_samples
+from pipeline.train.inputs import BadSampleLog, segmentation_dataset, unpack_whole
+from pipeline.train.transforms import TrainTransform
 from tests.images import broken_files, encode, gradient_rgb, palette_mask, write_voc
 
 GOOD = [f"g{i:02d}" for i in range(14)]

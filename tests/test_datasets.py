@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.datasets import DatasetError, list_images, list_samples, read_class_names
+from pipeline.dataset_formats import DatasetError, list_images, list_samples, read_class_names
 from pipeline.storage import StorageError
 from tests.images import encode, gradient_rgb, write_voc
 

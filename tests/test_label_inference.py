@@ -1,4 +1,4 @@
-"""pipeline.inference without Ray: preprocessing is a function of the image alone, batches never change an
+"""pipeline.label.inference without Ray: preprocessing is a function of the image alone, batches never change an
 image's labels, upsampling and statistics are right."""
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from models import TORCHVISION, load_checkpoint
-from pipeline import inference
-from pipeline.canvas import canvas_size, preprocess, target_size
-from pipeline.inference import InferenceSettings, Predictor, predict_image
+from pipeline.label import inference
+from pipeline.label.canvas import canvas_size, preprocess, target_size
+from pipeline.label.inference import InferenceSettings, Predictor, predict_image
 from tests.images import gradient_rgb
-from tests.label_fixtures import tiny_checkpoint  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +27,11 @@ def test_sizes_and_canvas_depend_on_the_image_alone():
     assert canvas_size(33, 64, 32) == (64, 64) and canvas_size(1, 1, 32) == (32, 32)
     rgb = gradient_rgb(45, 40, 1)
     p = preprocess(rgb, None, 32)
-    assert p.canvas.shape == (64, 64, 3) and (p.h, p.w, p.height, p.width) == (45, 40, 45, 40)
+    assert p.canvas.shape == (64, 64, 3) and (p.resized_h, p.resized_w, p.height, p.width) == (45, 40, 45, 40)
     np.testing.assert_array_equal(p.canvas[:45, :40], rgb)
     np.testing.assert_array_equal(p.canvas[45:, :40], np.broadcast_to(rgb[-1], (19, 40, 3)))  # edge padding
     small = preprocess(gradient_rgb(400, 600, 2), 48, 32)
-    assert small.canvas.shape == (32, 64, 3) and (small.h, small.w, small.height, small.width) == (32, 48, 400, 600)
+    assert small.canvas.shape == (32, 64, 3) and (small.resized_h, small.resized_w, small.height, small.width) == (32, 48, 400, 600)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

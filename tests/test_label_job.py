@@ -11,13 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from models import load_checkpoint
-from pipeline import label_output as out
-from pipeline import storage
+from pipeline import faults, storage
 from pipeline.decode import decode_image
-from pipeline.inference import predict_image
-from pipeline.labeling import LabelConfig, label_images
-from tests.label_fixtures import (CLASS_NAMES, decode_row, duckdb_connection, good_image, mixed_images, png_ok,  # noqa: F401
-                                  tables, tiny_checkpoint, write_files)
+from pipeline.label.config import LabelConfig
+from pipeline.label.inference import predict_image
+from pipeline.label.job import label_images
+from pipeline.label.queries import EXAMPLE_QUERIES, example_query
+from pipeline.label.tables import SCHEMAS
+from tests.label_fixtures import CLASS_NAMES, decode_row, duckdb_connection, good_image, mixed_images, png_ok, tables, write_files
 
 MAX_SIDE = 48
 BATCH = 4  # images of equal canvases share forward passes with neighbours
@@ -98,7 +99,7 @@ def test_mixed_bucket_rows_schema_and_exact_labels(ray_session, tiny_checkpoint,
         np.testing.assert_allclose([s["mean_confidence"] for s in rows], expected.mean_confidence, rtol=1e-5)
 
     # Files: plain Arrow types only, zstd, hive partition, a few files (not one per image).
-    for name, schema in out.SCHEMAS.items():
+    for name, schema in SCHEMAS.items():
         paths = _files_under(output, name)
         assert paths and all("/run_date=2026-01-02/" in p for p in paths)
         assert len(paths) <= 4, paths  # 15 images in file sets of 4 rows
@@ -138,21 +139,21 @@ def _check_queries(output, labels, stats, errors, run_date):
         for i, c in zip(ids.tolist(), counts.tolist()):
             pixels[i] = pixels.get(i, 0) + c
             images[i] = images.get(i, 0) + 1
-    rows = con.execute(out.example_query("class_coverage", output), {"run_date": run_date}).fetchall()
+    rows = con.execute(example_query("class_coverage", output), {"run_date": run_date}).fetchall()
     assert {r[0]: (r[1], r[2], r[3]) for r in rows} == {i: (CLASS_NAMES[i], images[i], pixels[i]) for i in pixels}
     assert sum(r[4] for r in rows) == pytest.approx(1.0)
     assert [r[3] for r in rows] == sorted(pixels.values(), reverse=True)
-    assert con.execute(out.example_query("class_coverage", output), {"run_date": "1999-01-01"}).fetchall() == []
+    assert con.execute(example_query("class_coverage", output), {"run_date": "1999-01-01"}).fetchall() == []
 
     top = max(stats, key=lambda s: s["pixel_fraction"])
     threshold = 0.3
-    rows = con.execute(out.example_query("images_with_class", output),
+    rows = con.execute(example_query("images_with_class", output),
                        {"class_name": top["class_name"], "min_fraction": threshold}).fetchall()
     expected = sorted((s["pixel_fraction"], s["image_uri"]) for s in stats
                       if s["class_name"] == top["class_name"] and s["pixel_fraction"] > threshold)
     assert sorted((r[1], r[0]) for r in rows) == expected and rows
 
-    rows = con.execute(out.example_query("error_summary", output)).fetchall()
+    rows = con.execute(example_query("error_summary", output)).fetchall()
     assert sum(r[3] for r in rows) == len(errors)
     reasons = {r[2] for r in rows}
     assert {"empty file", "not a recognised image format", "truncated or corrupt image header"} <= reasons
@@ -163,12 +164,12 @@ def test_readme_shows_the_example_queries():
     """The README documents exactly the queries the test above runs."""
     readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
     squash = lambda s: re.sub(r"\s+", " ", s).strip()  # noqa: E731
-    for name, query in out.EXAMPLE_QUERIES.items():
-        assert squash(query) in squash(readme), f"README.md lacks the {name} query of pipeline.label_output"
+    for name, query in EXAMPLE_QUERIES.items():
+        assert squash(query) in squash(readme), f"README.md lacks the {name} query of pipeline.label.queries"
 
 
 def test_labels_do_not_depend_on_batch_neighbours(ray_session, tiny_checkpoint, tmp_path):
-    """One image labelled alone, and among others of other sizes sharing its canvas: identical bytes."""
+    """One image labeled alone, and among others of other sizes sharing its canvas: identical bytes."""
     ck_path, _ = tiny_checkpoint
     crowd = {f"n{i:02d}.png": good_image(i, 33 + 3 * i, 40 + 2 * (i % 5)) for i in range(7)}
     target = good_image(99, 41, 45)
@@ -196,7 +197,7 @@ def test_incremental_runs_label_only_what_is_new(ray_session, tiny_checkpoint, t
     assert second["inference_actors"] == []  # nothing reached the model
     assert tables(output)["labels"].num_rows == 4
 
-    # Two new images and one rewritten (new version): only those three are labelled.
+    # Two new images and one rewritten (new version): only those three are labeled.
     write_files(images, {"i4.png": good_image(4, 30, 30), "new/i5.png": good_image(5, 21, 22),
                          "i0.png": good_image(50, 26, 27)})
     third = label_images(_config(images, ck_path, output))
@@ -215,13 +216,14 @@ def test_incremental_runs_label_only_what_is_new(ray_session, tiny_checkpoint, t
     assert set(stats["run_id"].to_pylist()) == {first["run_id"], third["run_id"], forced["run_id"]}
 
 
-def test_killed_inference_worker_still_exactly_once(ray_session, tiny_checkpoint, tmp_path):
+def test_killed_inference_worker_still_exactly_once(ray_session, tiny_checkpoint, tmp_path, monkeypatch):
     """The inference actor SIGKILLs itself mid-batch once: Ray restarts it and retries; no loss, no duplicate."""
     ck_path, _ = tiny_checkpoint
     images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
     write_files(images, {f"k{i:02d}.png": good_image(i, 20 + i, 30 - i) for i in range(10)})
     marker = tmp_path / "killed"
-    summary = label_images(_config(images, ck_path, output, fault=f"kill_actor_once:{marker}", rows_per_file=3))
+    monkeypatch.setenv(faults.ENV, f"label.inference=kill_once:{marker}")  # reaches the actor via runtime_env
+    summary = label_images(_config(images, ck_path, output, rows_per_file=3))
     assert marker.exists()  # the fault did fire
     assert summary["labelled"] == 10 and summary["errors"] == 0
     t = tables(output)

@@ -11,9 +11,10 @@ import time
 
 import numpy as np
 
-from pipeline import storage
-from pipeline.labeling import COMMIT_DELAY_ENV, LabelConfig, label_images
-from tests.label_fixtures import decode_row, duckdb_connection, good_image, tables, tiny_checkpoint, write_files  # noqa: F401
+from pipeline import faults, storage
+from pipeline.label.config import LabelConfig
+from pipeline.label.job import label_images
+from tests.label_fixtures import decode_row, duckdb_connection, good_image, tables, write_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_GOOD = 16
@@ -58,7 +59,7 @@ def test_driver_kill_9_mid_run_then_rerun_is_exactly_once(ray_session, tiny_chec
     files.update({"p03x_bad.jpg": b"", "p11x_bad.png": b"not an image"})
     write_files(images, files)
 
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", **{COMMIT_DELAY_ENV: "0.25"})
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", **{faults.ENV: "label.commit:*=sleep:0.25"})
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, os.path.join(REPO, "jobs", "label.py"), "--images", images, "--checkpoint", ck_path,
            "--output", output, "--rows-per-file", "2", "--batch-size", "1", "--threads-per-actor", "1",

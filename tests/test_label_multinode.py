@@ -6,8 +6,9 @@ from collections import Counter
 
 import pytest
 
-from pipeline.labeling import LabelConfig, label_images
-from tests.label_fixtures import good_image, tables, tiny_checkpoint, write_files  # noqa: F401
+from pipeline.label.config import LabelConfig
+from pipeline.label.job import label_images
+from tests.label_fixtures import good_image, tables, write_files
 
 
 @pytest.mark.multinode
@@ -37,7 +38,7 @@ def test_one_inference_actor_per_gpu_across_nodes(multinode_cluster, tiny_checkp
     assert Counter(a.node_id for a in pool) == {two_gpus.node_id: 2, one_gpu.node_id: 1}
     assert all(a.required_resources.get("GPU") == 1.0 for a in pool)
 
-    # The actors that labelled rows: device forced to CPU, each holding its own logical GPU.
+    # The actors that labeled rows: device forced to CPU, each holding its own logical GPU.
     actors = summary["inference_actors"]
     assert 1 <= len(actors) <= 3, actors
     assert all(a["device"] == "cpu" and len(a["gpu_ids"]) == 1 for a in actors)

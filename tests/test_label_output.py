@@ -1,4 +1,5 @@
-"""pipeline.label_output without Ray: schema, encodings, and the commit protocol stopped at every step."""
+"""The labeling output (pipeline.label: tables, codec, commit, readers, queries) without Ray: schema,
+encodings, and the commit protocol stopped at every step."""
 from __future__ import annotations
 
 import os
@@ -9,15 +10,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import label_output as out
-from pipeline import storage
+from pipeline import faults, storage
+from pipeline.label.codec import decode_label_map, encode_label_map
+from pipeline.label.commit import commit_fileset, recover
+from pipeline.label.queries import LABEL_MAP_SNIPPET
+from pipeline.label.readers import labeled_keys, list_table_files, read_table
+from pipeline.label.tables import RESULT_SCHEMA, SCHEMAS, split_results
+from pipeline.storage import Location
 from tests.label_fixtures import duckdb_connection
 
 RUN_DATE = "2026-03-04"
-
-
-class Crash(BaseException):
-    """Stands for the process dying at a protocol step (nothing after it runs, no cleanup)."""
 
 
 def _results(names: list[str], fail: tuple[str, ...] = ()) -> pa.Table:
@@ -37,13 +39,13 @@ def _results(names: list[str], fail: tuple[str, ...] = ()) -> pa.Table:
             "at": datetime.now(timezone.utc), "stage": None if ok else "decode", "error": None if ok else "empty file",
             "actor": "a",
         })
-    return pa.Table.from_pylist(rows, schema=out.RESULT_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
 def _commit(root: str, fileset: str, names: list[str], fail=()) -> None:
-    tables = out.split_results(_results(names, fail), model_id="m1", run_id=fileset.split("-")[0],
-                               class_names=["bg", "a", "b"])
-    out.commit_fileset(root, fileset, RUN_DATE, tables)
+    tables = split_results(_results(names, fail), model_id="m1", run_id=fileset.split("-")[0],
+                           class_names=["bg", "a", "b"])
+    commit_fileset(Location.of(root), fileset, RUN_DATE, tables)
 
 
 def _counts(root: str, table: str) -> dict:
@@ -72,14 +74,11 @@ def test_crash_at_every_commit_step_then_rerun_is_exactly_once(tmp_path, request
     images = [f"img{i}.jpg" for i in range(6)]
     _commit(root, "run1-00001", images[:2])
 
-    def hook(name):
-        if name == step:
-            raise Crash(name)
-
-    monkeypatch.setattr(out, "_crash_hook", hook)
-    with pytest.raises(Crash):
+    # The process "dies" at this step: InjectedFault is a BaseException, so nothing after it runs.
+    monkeypatch.setenv(faults.ENV, f"label.commit:{step}=raise")
+    with pytest.raises(faults.InjectedFault):
         _commit(root, "run1-00002", images[2:4], fail=("img3.jpg",))
-    monkeypatch.setattr(out, "_crash_hook", None)
+    monkeypatch.delenv(faults.ENV)
 
     # What a reader sees right after the crash: complete files only, never staging, never a duplicate.
     labels = _counts(root, "labels")
@@ -87,11 +86,11 @@ def test_crash_at_every_commit_step_then_rerun_is_exactly_once(tmp_path, request
     published_labels = step == "published:labels"
     assert (("s3://photos/img2.jpg",) in labels) == published_labels
 
-    # The next run: recover, read what is labelled, label the rest.
-    rec = out.recover(root)
+    # The next run: recover, read what is labeled, label the rest.
+    rec = recover(Location.of(root))
     committed = step != "staged"
     assert rec == {"rolled_forward": int(committed), "discarded": int(not committed)}
-    done = {u for u, _ in out.labelled_keys(root, "m1")}
+    done = {u for u, _ in labeled_keys(Location.of(root), "m1")}
     todo = [n for n in images if f"s3://photos/{n}" not in done]
     assert todo == (["img3.jpg", *images[4:]] if committed else images[2:])  # errors are retried
     _commit(root, "run2-00001", todo, fail=("img3.jpg",))
@@ -100,13 +99,13 @@ def test_crash_at_every_commit_step_then_rerun_is_exactly_once(tmp_path, request
     good = [n for n in images if n != "img3.jpg"]
     assert labels == {(f"s3://photos/{n}",): 1 for n in good}
     assert stats == {(f"s3://photos/{n}", c): 1 for n in good for c in (0, 2)}
-    errors = out.read_table(root, "errors").to_pylist()
+    errors = read_table(Location.of(root), "errors").to_pylist()
     assert [e["image_uri"] for e in errors].count("s3://photos/img3.jpg") == 1 + int(committed)
     fs, path = storage.filesystem(root)
     fs.invalidate_cache()
     leftovers = [p for p in fs.find(path) if "/_staging/" in p or "/_commits/" in p]
     assert leftovers == []
-    assert out.recover(root) == {"rolled_forward": 0, "discarded": 0}
+    assert recover(Location.of(root)) == {"rolled_forward": 0, "discarded": 0}
 
 
 def test_files_are_plain_zstd_parquet_any_reader_understands(tmp_path):
@@ -114,26 +113,27 @@ def test_files_are_plain_zstd_parquet_any_reader_understands(tmp_path):
 
     root = str(tmp_path / "out")
     _commit(root, "r-00001", ["a.jpg", "b.jpg"], fail=("b.jpg",))
-    for table, schema in out.SCHEMAS.items():
-        (path,) = out.list_table_files(root, table)
+    for table, schema in SCHEMAS.items():
+        (path,) = list_table_files(Location.of(root), table)
         assert f"/{table}/run_date={RUN_DATE}/part-r-00001.parquet" in path
         pf = pq.ParquetFile(path)
         assert pf.schema_arrow.equals(schema, check_metadata=False)
         for field in pf.schema_arrow:
             assert not isinstance(field.type, pa.ExtensionType)
         assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
-    row = out.read_table(root, "labels").to_pylist()[0]
-    assert out.decode_label_map(row["label_map"], "raw", 4, 5)[0].tolist() == [0, 0, 0, 2, 2]
+    row = read_table(Location.of(root), "labels").to_pylist()[0]
+    assert decode_label_map(row["label_map"], "raw", 4, 5)[0].tolist() == [0, 0, 0, 2, 2]
 
 
 @pytest.mark.parametrize("encoding", ["raw", "png"])
 def test_label_map_encodings_round_trip(encoding):
     label = np.random.default_rng(0).integers(0, 21, (37, 53), dtype=np.uint8)
-    data = out.encode_label_map(label, encoding)
-    np.testing.assert_array_equal(out.decode_label_map(data, encoding, 37, 53), label)
+    data = encode_label_map(label, encoding)
+    np.testing.assert_array_equal(decode_label_map(data, encoding, 37, 53), label)
     if encoding == "png":
-        from PIL import Image
         import io
+
+        from PIL import Image
 
         img = Image.open(io.BytesIO(data))
         assert img.format == "PNG" and img.mode == "P"  # palette PNG: viewable, values = class ids
@@ -144,12 +144,12 @@ def test_readme_snippet_turns_a_label_map_into_an_array(tmp_path, monkeypatch):
     _commit(root, "r-00001", ["a.jpg"])
     monkeypatch.chdir(tmp_path)  # the snippet reads 'out/labels/...'
     scope: dict = {}
-    exec(out.LABEL_MAP_SNIPPET, scope)
+    exec(LABEL_MAP_SNIPPET, scope)
     assert scope["labels"].shape == (4, 5) and scope["labels"][:, 3:].min() == 2
-    assert len(out.LABEL_MAP_SNIPPET.strip().splitlines()) == 3
+    assert len(LABEL_MAP_SNIPPET.strip().splitlines()) == 3
 
 
 def test_readme_shows_the_snippet():
     readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
     squash = lambda s: re.sub(r"\s+", " ", s).strip()  # noqa: E731
-    assert squash(out.LABEL_MAP_SNIPPET) in squash(readme), "README.md lacks pipeline.label_output.LABEL_MAP_SNIPPET"
+    assert squash(LABEL_MAP_SNIPPET) in squash(readme), "README.md lacks pipeline.label.queries.LABEL_MAP_SNIPPET"

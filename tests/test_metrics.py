@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import ConfusionMatrix
+from pipeline.train.metrics import ConfusionMatrix
 
 
 def _naive(pred, gt, n):

@@ -3,9 +3,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from models import (TORCHVISION, BackboneError, CheckpointError, build_model, init_backbone, init_from_checkpoint,
-                    save_checkpoint)
-from models.surgery import TRUNK_CONVS, TORCHVISION_FEATURE_INDEX
+from models import TORCHVISION, BackboneError, CheckpointError, build_model, init_backbone, init_from_checkpoint, save_checkpoint
+from models.surgery import TORCHVISION_FEATURE_INDEX, TRUNK_CONVS
 
 TINY = 1 / 16
 

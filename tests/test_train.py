@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from models import load_checkpoint
-from pipeline import storage
-from pipeline.run_state import ledger
+from pipeline import faults, storage
+from pipeline.storage import Location
 from pipeline.synthetic import synthesize_voc
-from pipeline.train_run import KILL_AFTER_REPORT_ENV
+from pipeline.train.run_state import ledger
 from tests.images import encode, palette_mask
 from tests.jobs_util import run_in_process, run_subprocess
 
@@ -94,14 +94,15 @@ def test_ddp_two_workers_equal_one_worker_double_batch(ray_session, tmp_path, ca
 
 
 def test_worker_killed_after_report_trains_every_epoch_once(ray_session, small_synthetic, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(KILL_AFTER_REPORT_ENV, "2")  # SIGKILL rank 0 right after reporting epoch 2
     runs = str(tmp_path / "runs")
+    run = storage.join(runs, "killed")
+    # SIGKILL rank 0 right after reporting epoch 2, once (the workers get the variable via runtime_env).
+    monkeypatch.setenv(faults.ENV, f"train.reported:epoch2=kill_once:{storage.join(run, '_fault_injected')}")
     summary = _train(capsys, small_synthetic, runs, "killed", "--epochs", "3", "--batch-size", "4", "--crop-size", "32",
                      "--max-failures", "1")
-    run = storage.join(runs, "killed")
     assert os.path.exists(storage.join(run, "_fault_injected"))  # the worker really died
     assert summary["epochs"] == 3
-    assert [r["epoch"] for r in ledger(run)] == [1, 2, 3]  # every epoch committed exactly once
+    assert [r["epoch"] for r in ledger(Location.of(run))] == [1, 2, 3]  # every epoch committed exactly once
     assert summary["epochs_trained_now"] == [1, 2, 3]
     ck = load_checkpoint(summary["latest_checkpoint"])
     assert ck.metadata["epoch"] == 3 and ck.config.num_classes == 6
@@ -114,7 +115,7 @@ def test_stop_and_resume_continues_at_next_epoch(ray_session, small_synthetic, t
     assert first["epochs_trained_now"] == [1]
     second = _train(capsys, small_synthetic, runs, "resume", "--epochs", "2", *args)
     assert second["epochs_trained_now"] == [2] and second["epochs"] == 2
-    assert [r["epoch"] for r in ledger(storage.join(runs, "resume"))] == [1, 2]
+    assert [r["epoch"] for r in ledger(Location.of(storage.join(runs, "resume")))] == [1, 2]
     state = torch.load(storage.join(runs, "resume", "epoch_0002", "train_state.pt"), weights_only=True)
     assert [h["epoch"] for h in state["history"]] == [1, 2]  # history carried over from epoch 1
     again = _train(capsys, small_synthetic, runs, "resume", "--epochs", "2", *args)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.transforms import TrainTransform
+from pipeline.train.transforms import TrainTransform
 
 
 def _scene(h=90, w=120):

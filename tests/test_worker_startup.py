@@ -4,13 +4,15 @@ import sys
 
 import pytest
 
-from pipeline.train_loop import EpochInput
+from pipeline.train.loop import EpochInput
 
 REPO = __file__.rsplit("/tests/", 1)[0]
 
 
-@pytest.mark.parametrize("module", ["pipeline.data", "pipeline.label_stages", "pipeline.canvas", "pipeline.transforms",
-                                    "pipeline.label_output", "models"])
+@pytest.mark.parametrize("module", ["pipeline.train.inputs", "pipeline.train.transforms", "pipeline.label",
+                                    "pipeline.label.stages", "pipeline.label.canvas", "pipeline.label.tables",
+                                    "pipeline.label.codec", "pipeline.label.commit", "pipeline.label.config",
+                                    "models"])
 def test_cpu_stage_modules_do_not_import_torch(module):
     # A Ray Data task on a fresh worker imports its function's module; torch would add ~1.5 s of CPU there.
     code = f"import sys, {module}; from models import VOID_LABEL, flat_palette; print('torch' in sys.modules)"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import tempfile
 import threading
 import time
@@ -20,16 +19,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models import InputConvention, build_model, init_backbone, init_from_checkpoint, load_checkpoint
-from models.checkpoint import checkpoint_bytes
+from models import InputConvention, build_model, checkpoint_bytes, init_backbone, init_from_checkpoint, load_checkpoint
 
-from .evaluation import autocast_for, evaluate_rows, to_input
+from .. import faults
+from ..amp import autocast
+from ..storage import Location
+from .config import TrainConfig
+from .evaluation import evaluate_rows, to_input
 from .metrics import ConfusionMatrix
-from .run_state import (META_FILE, MODEL_FILE, STATE_FILE, epoch_dir_name, ledger, new_attempt_id, run_uri,
-                        scan_checkpoints, write_ledger)
-from .storage import join, read_bytes, write_bytes
-from .train_config import TrainConfig
-
+from .run_state import (
+    META_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    epoch_dir_name,
+    ledger,
+    new_attempt_id,
+    run_location,
+    scan_checkpoints,
+    write_ledger,
+)
 
 
 class EpochInput:
@@ -76,7 +84,7 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def _resume_point(run: str, rank: int) -> dict | None:
+def _resume_point(run: Location, rank: int) -> dict | None:
     """Rank 0 decides where to resume (Ray's checkpoint, or a later complete one the race hid); all agree."""
     decision = [None]
     if rank == 0:
@@ -111,20 +119,6 @@ def _save_checkpoint_dir(directory: str, model: nn.Module, cfg: TrainConfig, cla
         json.dump(meta, f)
 
 
-def _maybe_inject_fault(run: str, epoch: int, rank: int, kill_after_report: int | None) -> None:
-    """Test hook (see train_run.KILL_AFTER_REPORT_ENV): SIGKILL rank 0 right after reporting `epoch`, once."""
-    if rank != 0 or kill_after_report != epoch:
-        return
-    marker = join(run, "_fault_injected")
-    try:
-        read_bytes(marker)
-        return  # already killed once in this run
-    except FileNotFoundError:
-        write_bytes(marker, b"1")
-    print(f"[train] test hook: SIGKILL of rank 0 (pid {os.getpid()}) after reporting epoch {epoch}", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def train_loop_per_worker(config: dict) -> None:
     cfg = TrainConfig(**config["cfg"])
     class_names: list[str] = config["class_names"]
@@ -134,7 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    run = run_uri(cfg.storage, cfg.name)
+    run = run_location(cfg.storage, cfg.name)
     attempt = new_attempt_id()
     nodes = [ray.get_runtime_context().get_node_id()]
     if dist.is_initialized():
@@ -147,7 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_state = None
     if resume is not None:
         model.load_state_dict(load_checkpoint(resume["model_uri"]).model.state_dict())
-        train_state = torch.load(io.BytesIO(read_bytes(join(resume["uri"], STATE_FILE))), weights_only=True)
+        train_state = torch.load(io.BytesIO(run.child(epoch_dir_name(resume["epoch"]), STATE_FILE).read_bytes()), weights_only=True)
         if rank == 0 and not any(r["epoch"] == resume["epoch"] for r in ledger(run)):
             write_ledger(run, resume["epoch"], "recovered", resume["metrics"])
     elif cfg.init_from:
@@ -188,7 +182,7 @@ def train_loop_per_worker(config: dict) -> None:
             valid = (y != 255).sum().to(torch.float64)
             if world > 1:
                 dist.all_reduce(valid)
-            with autocast_for(device, cfg.amp):
+            with autocast(device, cfg.amp):
                 logits = model(x)
                 loss = criterion(logits.float(), y) * (world / valid.clamp_min(1.0)).float()
             optimizer.zero_grad(set_to_none=True)
@@ -242,6 +236,6 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"[train] epoch {epoch}/{cfg.epochs} loss {metrics['loss']:.4f} mean_iou {metrics['mean_iou']:.4f} "
                   f"pixel_acc {metrics['pixel_accuracy']:.4f} images/s {metrics['images_per_second']:.1f} "
                   f"(train {metrics['train_images']}, val {metrics['val_images']})", flush=True)
-            _maybe_inject_fault(run, epoch, rank, config.get("kill_after_report"))
+            faults.fire(f"train.reported:epoch{epoch}")
         else:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=epoch_dir_name(epoch))

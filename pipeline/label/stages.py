@@ -13,35 +13,39 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from . import label_output as out
-from . import storage
+from ..decode import DecodeError, decode_image
+from ..errors import one_line
+from ..storage import Location, storage_error
 from .canvas import preprocess
-from .decode import DecodeError, decode_image
+from .codec import encode_label_map
+from .tables import RESULT_SCHEMA, UTC_TS
 
 TASK_CPUS = 0.25          # Ray CPU request of a read/decode/postprocess task: they never starve the actors
 READ_THREADS = 8          # concurrent object reads inside one read task (I/O bound)
 
 
-def read_stage(batch: pa.Table, *, max_bytes: int) -> pa.Table:
-    """image_uri, image_version, image_size -> + data (bytes), stage, error. One failure costs one row."""
-    uris = batch["image_uri"].to_pylist()
+def read_stage(batch: pa.Table, *, images: Location, max_bytes: int) -> pa.Table:
+    """image_uri, image_path, image_version, image_size -> image_uri, image_version, data (bytes), stage,
+    error. Each file is opened through the filesystem that listed it (`images`). One failure costs one row."""
+    uris, paths = batch["image_uri"].to_pylist(), batch["image_path"].to_pylist()
     sizes = batch["image_size"].to_pylist()
 
     def read(i: int):
-        uri, size = uris[i], sizes[i]
+        size = sizes[i]
         if size is not None and size > max_bytes:
             return None, f"file is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit"
         try:
-            return storage.read_bytes(uri), None
+            with images.fs.open(paths[i], "rb") as f:
+                return f.read(), None
         except FileNotFoundError:
             return None, "file not found (deleted since it was listed?)"
         except IsADirectoryError:
             return None, "is a directory"
-        except Exception as e:  # noqa: BLE001 - StorageError and anything else: this row only
-            return None, storage.redact(f"{type(e).__name__}: {e}").splitlines()[0]
+        except Exception as e:  # noqa: BLE001 - an unreachable store and anything else: this row only
+            return None, one_line(storage_error(uris[i], e))
 
-    with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(uris)))) as pool:
-        results = list(pool.map(read, range(len(uris))))
+    with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(paths)))) as pool:
+        results = list(pool.map(read, range(len(paths))))
     return pa.table({
         "image_uri": batch["image_uri"], "image_version": batch["image_version"],
         "data": pa.array([d for d, _ in results], pa.binary()),
@@ -52,7 +56,8 @@ def read_stage(batch: pa.Table, *, max_bytes: int) -> pa.Table:
 
 def decode_stage(batch: pa.Table, *, max_pixels: int, max_side: int | None, canvas_multiple: int) -> pa.Table:
     """Bytes -> RGB -> canvas (resize to max_side, edge-pad to the canvas), per row."""
-    cols: dict[str, list] = {k: [] for k in ("width", "height", "h", "w", "canvas_h", "canvas_w", "canvas", "stage", "error")}
+    sizes = ("width", "height", "resized_h", "resized_w", "canvas_h", "canvas_w")
+    cols: dict[str, list] = {k: [] for k in (*sizes, "canvas", "stage", "error")}
     for data, stage, error in zip(batch["data"].to_pylist(), batch["stage"].to_pylist(), batch["error"].to_pylist()):
         prepared = None
         if error is None:
@@ -61,23 +66,23 @@ def decode_stage(batch: pa.Table, *, max_pixels: int, max_side: int | None, canv
             except DecodeError as e:
                 stage, error = "decode", str(e)
             except Exception as e:  # noqa: BLE001 - an unexpected decoder failure costs this row only
-                stage, error = "decode", f"{type(e).__name__}: {e}".splitlines()[0]
+                stage, error = "decode", one_line(e)
         if prepared is None:
-            for k in ("width", "height", "h", "w", "canvas_h", "canvas_w"):
+            for k in sizes:
                 cols[k].append(0)
             cols["canvas"].append(None)
         else:
             cols["width"].append(prepared.width)
             cols["height"].append(prepared.height)
-            cols["h"].append(prepared.h)
-            cols["w"].append(prepared.w)
+            cols["resized_h"].append(prepared.resized_h)
+            cols["resized_w"].append(prepared.resized_w)
             cols["canvas_h"].append(prepared.canvas.shape[0])
             cols["canvas_w"].append(prepared.canvas.shape[1])
             cols["canvas"].append(prepared.canvas.tobytes())
         cols["stage"].append(stage)
         cols["error"].append(error)
     table = {"image_uri": batch["image_uri"], "image_version": batch["image_version"]}
-    for k in ("width", "height", "h", "w", "canvas_h", "canvas_w"):
+    for k in sizes:
         table[k] = pa.array(cols[k], pa.int32())
     table["canvas"] = pa.array(cols["canvas"], pa.binary())
     table["stage"] = pa.array(cols["stage"], pa.string())
@@ -125,9 +130,9 @@ def postprocess_stage(batch: pa.Table, *, encoding: str) -> pa.Table:
             continue
         try:
             label = np.frombuffer(raw[i], np.uint8).reshape(heights[i], widths[i])
-            label_maps[i] = out.encode_label_map(label, encoding)
+            label_maps[i] = encode_label_map(label, encoding)
         except Exception as e:  # noqa: BLE001
-            stages[i], errors[i] = "postprocess", f"{type(e).__name__}: {e}".splitlines()[0]
+            stages[i], errors[i] = "postprocess", one_line(e)
     now = datetime.now(timezone.utc)
     f64 = pa.list_(pa.float64())
     return pa.table({
@@ -140,7 +145,7 @@ def postprocess_stage(batch: pa.Table, *, encoding: str) -> pa.Table:
         "stat_pixel_fraction": list_column(fractions, f64), "stat_mean_confidence": list_column(means, f64),
         "stat_x_min": batch["stat_x_min"], "stat_y_min": batch["stat_y_min"],
         "stat_x_max": batch["stat_x_max"], "stat_y_max": batch["stat_y_max"],
-        "at": pa.array([now] * n, out.UTC_TS),
+        "at": pa.array([now] * n, UTC_TS),
         "stage": pa.array(stages, pa.string()), "error": pa.array(errors, pa.string()),
         "actor": batch["actor"],
-    }, schema=out.RESULT_SCHEMA)
+    }, schema=RESULT_SCHEMA)

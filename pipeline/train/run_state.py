@@ -16,7 +16,7 @@ import json
 import re
 import uuid
 
-from .storage import filesystem, join, normalize, read_bytes, write_bytes
+from ..storage import Location
 
 EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
 MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "state.json"
@@ -26,32 +26,30 @@ def epoch_dir_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}"
 
 
-def run_uri(storage: str, name: str) -> str:
-    return join(normalize(storage), name)
+def run_location(storage: str, name: str) -> Location:
+    """The run directory `<storage>/<name>`, resolved once."""
+    return Location.of(storage).child(name)
 
 
-def _meta(run: str, dirname: str) -> dict | None:
+def _meta(epoch_dir: Location) -> dict | None:
     try:
-        meta = json.loads(read_bytes(join(run, dirname, META_FILE)))
+        meta = json.loads(epoch_dir.child(META_FILE).read_bytes())
     except (FileNotFoundError, ValueError):
         return None
-    fs, _ = filesystem(run)
     for fname, key in ((MODEL_FILE, "model_bytes"), (STATE_FILE, "state_bytes")):
-        _, path = filesystem(join(run, dirname, fname))
         try:
-            if fs.size(path) != meta[key]:
+            if epoch_dir.fs.size(epoch_dir.child(fname).path) != meta[key]:
                 return None
         except (FileNotFoundError, KeyError):
             return None
     return meta
 
 
-def scan_checkpoints(run: str) -> list[dict]:
+def scan_checkpoints(run: Location) -> list[dict]:
     """Complete checkpoints of a run, oldest epoch first: {epoch, uri (dir), model_uri, metrics}."""
-    fs, path = filesystem(run)
     try:
-        fs.invalidate_cache()
-        entries = fs.ls(path, detail=False)
+        run.fs.invalidate_cache()
+        entries = run.fs.ls(run.path, detail=False)
     except FileNotFoundError:
         return []
     found = []
@@ -60,28 +58,29 @@ def scan_checkpoints(run: str) -> list[dict]:
         m = EPOCH_DIR.match(name)
         if not m:
             continue
-        meta = _meta(run, name)
+        epoch_dir = run.child(name)
+        meta = _meta(epoch_dir)
         if meta is None or meta.get("epoch") != int(m.group(1)):
             continue
-        found.append({"epoch": meta["epoch"], "uri": join(run, name), "model_uri": join(run, name, MODEL_FILE),
+        found.append({"epoch": meta["epoch"], "uri": epoch_dir.uri, "model_uri": epoch_dir.child(MODEL_FILE).uri,
                       "metrics": meta.get("metrics", {})})
     return sorted(found, key=lambda c: c["epoch"])
 
 
-def write_ledger(run: str, epoch: int, attempt: str, metrics: dict) -> None:
+def write_ledger(run: Location, epoch: int, attempt: str, metrics: dict) -> None:
     record = {"epoch": epoch, "attempt": attempt, "metrics": metrics}
-    write_bytes(join(run, "ledger", f"{epoch_dir_name(epoch)}-{attempt}.json"), json.dumps(record).encode())
+    run.child("ledger", f"{epoch_dir_name(epoch)}-{attempt}.json").write_bytes(json.dumps(record).encode())
 
 
-def ledger(run: str) -> list[dict]:
+def ledger(run: Location) -> list[dict]:
     """Every committed-epoch record of the run, by epoch (duplicates would mean an epoch ran twice)."""
-    fs, path = filesystem(join(run, "ledger"))
+    folder = run.child("ledger")
     try:
-        fs.invalidate_cache()
-        names = sorted(fs.ls(path, detail=False))
+        folder.fs.invalidate_cache()
+        names = sorted(folder.fs.ls(folder.path, detail=False))
     except FileNotFoundError:
         return []
-    out = [json.loads(read_bytes(join(run, "ledger", n.rsplit("/", 1)[-1]))) for n in names if n.endswith(".json")]
+    out = [json.loads(folder.child(n.rsplit("/", 1)[-1]).read_bytes()) for n in names if n.endswith(".json")]
     return sorted(out, key=lambda r: r["epoch"])
 
 

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import Checkpoint, InputConvention, build_from_state
+from models import Checkpoint, InputConvention, ModelConfig, build_from_state
 
-from .canvas import Prepared, preprocess
+from ..amp import autocast
+from .canvas import Prepared, check_canvas_settings, preprocess
 
 # Elements (classes x rows x width) of one band of upsampled logits: bounds memory for large images.
 BAND_ELEMENTS = 8_000_000
@@ -40,21 +41,18 @@ class InferenceSettings:
 
     max_side: the long side is shrunk to this before inference (None: never); labels still come back at the
     original resolution. canvas_multiple: canvas sides are rounded up to it. batch_size: slots per forward.
-    device: "cpu", "cuda", "cuda:N" or "auto". amp: bf16 autocast on CUDA (ignored on CPU).
+    device: "cpu", "cuda", "cuda:N" or "auto". amp: "bf16", "fp16" or "off" autocast on CUDA (CPU: fp32).
     """
 
     max_side: int | None = 1024
     canvas_multiple: int = 32
     batch_size: int = 1
     device: str = "auto"
-    amp: bool = True
+    amp: str = "bf16"
     channels_last: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_side is not None and self.max_side < 1:
-            raise ValueError(f"max_side must be >= 1 (or None), got {self.max_side}")
-        if self.canvas_multiple < 1:
-            raise ValueError(f"canvas_multiple must be >= 1, got {self.canvas_multiple}")
+        check_canvas_settings(self.max_side, self.canvas_multiple)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -134,8 +132,7 @@ class Predictor:
             x = x.pin_memory().to(self.device, non_blocking=True)
         # NHWC memory seen as NCHW: already channels-last; normalise on the device (uint8 is 4x less to copy).
         x = self.convention.normalize(x.permute(0, 3, 1, 2)).contiguous(memory_format=self.memory_format)
-        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
-                                                    enabled=self.cuda and self.settings.amp):
+        with torch.inference_mode(), autocast(self.device, self.settings.amp):
             logits = self.model(x)
         return logits.float()
 
@@ -209,7 +206,8 @@ class Predictor:
     def predict_chunk(self, items: list[Prepared]) -> list[Prediction]:
         """Images sharing one canvas size (at most batch_size of them): one forward pass."""
         logits = self.forward(np.stack([p.canvas for p in items]))
-        on_device = [self.labels_and_stats(logits[i, :, :p.h, :p.w], p.height, p.width) for i, p in enumerate(items)]
+        on_device = [self.labels_and_stats(logits[i, :, :p.resized_h, :p.resized_w], p.height, p.width)
+                     for i, p in enumerate(items)]
         return [self._to_host(d) for d in on_device]
 
     def predict(self, items: list[Prepared]) -> list[Prediction | Exception]:
@@ -248,7 +246,7 @@ class Predictor:
 
 def predict_image(checkpoint_or_model: Checkpoint | nn.Module, convention: InputConvention | None, rgb: np.ndarray, *,
                   max_side: int | None = None, device: str = "cpu", canvas_multiple: int = 32, batch_size: int = 1,
-                  amp: bool = True, channels_last: bool = True) -> Prediction:
+                  amp: str = "bf16", channels_last: bool = True) -> Prediction:
     """The single-image prediction function: labels of one RGB uint8 image at its original resolution.
 
     With the same settings it gives exactly what the labeling job writes for that image.
@@ -276,8 +274,6 @@ def shippable(ck: Checkpoint) -> dict:
 
 def from_shippable(d: dict, map_location: str = "cpu") -> Checkpoint:
     """The inverse of `shippable` (weights copied out of the read-only shared memory)."""
-    from models.build import ModelConfig
-
     config = ModelConfig(**d["config"])
     state = {k: torch.from_numpy(np.array(v)) for k, v in d["state"].items()}
     model = build_from_state(config, state, d["uri"]).to(map_location).eval()

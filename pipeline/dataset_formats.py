@@ -1,6 +1,7 @@
 """Dataset formats: VOC layout, image/mask manifests (CSV or Parquet), and image collections to label.
 
-Listing happens on the driver and yields URIs only (strings); pixels are read and decoded by Ray Data.
+Listing happens on the driver and yields URIs (training) or FileInfo rows (labeling); pixels are read and
+decoded by Ray Data.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .decode import IMAGE_EXTENSIONS
-from .storage import FileInfo, StorageError, check_exists, dirname, is_remote, join, list_files, normalize, read_bytes
+from .storage import FileInfo, Location, StorageError, check_exists, dirname, join, normalize, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +104,14 @@ def read_class_names(uri: str) -> list[str] | None:
     return names or None
 
 
-def list_images(uri: str) -> list[FileInfo]:
+def list_images(where: str | Location) -> list[FileInfo]:
     """Every image under a prefix or directory, recursively (jpg, jpeg, png, bmp, tif, tiff, webp, any
     case), with size and version (ETag on S3, mtime_ns-size locally) so later runs can tell what changed.
 
-    A single image file is accepted too.
+    A single local image file is accepted too.
     """
-    uri = normalize(uri)
-    if uri.lower().endswith(IMAGE_EXTENSIONS) and not is_remote(uri):
-        if os.path.isfile(uri):
-            st = os.stat(uri)
-            return [FileInfo(uri, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")]
-    return list_files(uri, IMAGE_EXTENSIONS)
+    images = Location.of(where)
+    if images.is_local and images.path.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(images.path):
+        st = os.stat(images.path)
+        return [FileInfo(images.uri, images.path, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")]
+    return images.list_files(IMAGE_EXTENSIONS)

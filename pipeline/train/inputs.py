@@ -12,8 +12,8 @@ import ray
 
 from models import VOID_LABEL
 
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_mask
-from .storage import StorageError, read_bytes
+from ..decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_mask
+from ..storage import StorageError, read_bytes
 from .transforms import TrainTransform
 
 

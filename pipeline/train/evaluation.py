@@ -5,7 +5,6 @@ per-epoch validation and `jobs/evaluate.py` give identical confusion matrices fo
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Iterable
 
 import numpy as np
@@ -14,15 +13,9 @@ from torch import nn
 
 from models import InputConvention
 
-from .data import unpack_whole
+from ..amp import autocast
+from .inputs import unpack_whole
 from .metrics import ConfusionMatrix
-
-
-def autocast_for(device: torch.device, amp: str):
-    """The autocast context for a device and an --amp choice ('bf16', 'fp16', 'off'); CPU always runs fp32."""
-    if device.type != "cuda" or amp == "off":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def to_input(images: torch.Tensor, convention: InputConvention, device: torch.device,
@@ -38,7 +31,7 @@ def predict_label_map(model: nn.Module, convention: InputConvention, image: np.n
                       amp: str = "off") -> torch.Tensor:
     """One RGB uint8 (H, W, 3) image at native size -> (H, W) int64 class ids on `device`."""
     x = to_input(torch.from_numpy(np.ascontiguousarray(image))[None], convention, device)
-    with autocast_for(device, amp):
+    with autocast(device, amp):
         logits = model(x)
     return logits[0].argmax(0)
 
@@ -46,7 +39,7 @@ def predict_label_map(model: nn.Module, convention: InputConvention, image: np.n
 @torch.no_grad()
 def evaluate_rows(model: nn.Module, convention: InputConvention, rows: Iterable[dict], num_classes: int,
                   device: torch.device, amp: str = "off") -> tuple[ConfusionMatrix, int]:
-    """Confusion matrix over validation rows (see pipeline.data.unpack_whole) and the number of images."""
+    """Confusion matrix over validation rows (see pipeline.train.inputs.unpack_whole) and the number of images."""
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes)
@@ -91,10 +84,10 @@ def evaluate_checkpoint(data: str, checkpoint_uri: str, *, split: str = "val", a
 
     from models import load_checkpoint
 
-    from .data import BadSampleLog, segmentation_dataset
-    from .datasets import list_samples
-    from .decode import DEFAULT_MAX_PIXELS
-    from .ray_setup import init_ray
+    from ..dataset_formats import list_samples
+    from ..decode import DEFAULT_MAX_PIXELS
+    from ..ray_setup import init_ray
+    from .inputs import BadSampleLog, segmentation_dataset
 
     ck = load_checkpoint(checkpoint_uri)  # fails fast, before any cluster work, on a bad file
     num_classes = ck.config.num_classes

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..amp import AMP_CHOICES
+
+OPTIMIZERS = ("sgd", "adam")
+
 
 @dataclass
 class TrainConfig:
@@ -29,7 +33,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     poly_power: float = 0.9
-    amp: str = "bf16"                # GPU only; CPU workers always train in fp32
+    amp: str = "bf16"                # one of AMP_CHOICES; GPU only, CPU workers always train in fp32
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -40,6 +44,19 @@ class TrainConfig:
     seed: int = 0
     train_split: str = "train"
     val_split: str = "val"
+
+    def validate(self) -> None:
+        """Option values alone (no I/O); raises ValueError naming the flag."""
+        for name, value in [("epochs", self.epochs), ("batch-size", self.batch_size), ("crop-size", self.crop_size),
+                            ("num-workers", self.num_workers)]:
+            if value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"--name must be a non-empty run name without '/', got {self.name!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,46 +3,30 @@ Ray Data inputs, run Ray Train's TorchTrainer, and summarise from what storage d
 from __future__ import annotations
 
 import math
-import os
 
 import ray
 import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from models import TORCHVISION, VOC_CLASSES, InputConvention, ModelConfig, read_checkpoint_payload
-from models.checkpoint import CheckpointError
+from models import TORCHVISION, VOC_CLASSES, CheckpointError, InputConvention, ModelConfig, read_checkpoint_payload
 
-from .cli import JobError
-from .data import BadSampleLog, segmentation_dataset
-from .datasets import list_samples, read_class_names
-from .run_state import ledger, run_uri, scan_checkpoints
-from .storage import check_exists, check_writable, normalize
-from .ray_setup import init_ray
-from .train_config import TrainConfig
-from .train_loop import train_loop_per_worker
+from .. import faults
+from ..dataset_formats import list_samples, read_class_names
+from ..errors import JobError
+from ..ray_setup import init_ray
+from ..storage import check_exists, normalize
+from .config import TrainConfig
+from .inputs import BadSampleLog, segmentation_dataset
+from .loop import train_loop_per_worker
+from .run_state import ledger, run_location, scan_checkpoints
 from .transforms import TrainTransform
-
-AMP_CHOICES = ("bf16", "fp16", "off")
-# Test hook: when set to an epoch number in the driver's environment, rank 0 is SIGKILLed right after
-# reporting that epoch's checkpoint (once per run), to prove the report/commit race loses and repeats nothing.
-KILL_AFTER_REPORT_ENV = "FCN_TEST_KILL_AFTER_REPORT"
-OPTIMIZERS = ("sgd", "adam")
 
 
 def preflight(cfg: TrainConfig) -> tuple[list, list, list[str], InputConvention]:
     """Validate options, dataset, initialisation source and storage; raise one clear error otherwise."""
     ModelConfig(cfg.model, cfg.num_classes, cfg.width_mult, cfg.padding)  # raises ValueError on bad choices
-    for name, value, low in [("epochs", cfg.epochs, 1), ("batch-size", cfg.batch_size, 1), ("crop-size", cfg.crop_size, 1),
-                             ("num-workers", cfg.num_workers, 1)]:
-        if value < low:
-            raise JobError(f"--{name} must be >= {low}, got {value}")
-    if cfg.amp not in AMP_CHOICES:
-        raise JobError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {cfg.amp!r}")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise JobError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
-    if not cfg.name or "/" in cfg.name:
-        raise JobError(f"--name must be a non-empty run name without '/', got {cfg.name!r}")
+    cfg.validate()
     train = list_samples(cfg.data, cfg.train_split)
     val = list_samples(cfg.data, cfg.val_split)
 
@@ -67,7 +51,7 @@ def preflight(cfg: TrainConfig) -> tuple[list, list, list[str], InputConvention]
         check_exists(cfg.backbone_weights, "VGG16 weights file")
         if cfg.width_mult != 1.0:
             raise JobError("--backbone-weights needs --width-mult 1.0 (pretrained VGG16 has full width)")
-    check_writable(run_uri(cfg.storage, cfg.name))
+    run_location(cfg.storage, cfg.name).check_writable()
     return train, val, class_names, convention
 
 
@@ -87,8 +71,7 @@ def build_trainer(cfg: TrainConfig, train: list, val: list, class_names: list[st
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "class_names": class_names, "convention": convention.to_dict(),
-                           "steps_per_epoch": steps_per_epoch, "val_shards": val_shards,
-                           "kill_after_report": int(os.environ[KILL_AFTER_REPORT_ENV]) if os.environ.get(KILL_AFTER_REPORT_ENV) else None},
+                           "steps_per_epoch": steps_per_epoch, "val_shards": val_shards},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             storage_path=normalize(cfg.storage),
@@ -97,6 +80,7 @@ def build_trainer(cfg: TrainConfig, train: list, val: list, class_names: list[st
                                                checkpoint_score_order="max"),
             # A worker group that cannot be placed is retried forever by default: bound it.
             failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=max(3, cfg.max_failures)),
+            worker_runtime_env=faults.runtime_env(),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -104,16 +88,16 @@ def build_trainer(cfg: TrainConfig, train: list, val: list, class_names: list[st
 
 
 def summarise(cfg: TrainConfig, bad_rows: list[dict], trained_epochs: list[dict]) -> dict:
-    run = run_uri(cfg.storage, cfg.name)
+    run = run_location(cfg.storage, cfg.name)
     found = scan_checkpoints(run)
     if not found:
-        raise JobError(f"training finished without a checkpoint under {run}")
+        raise JobError(f"training finished without a checkpoint under {run.uri}")
     best = max(found, key=lambda c: (c["metrics"].get("mean_iou") or -1.0, c["epoch"]))
     latest = found[-1]
     records = ledger(run)
     ips = [r["metrics"]["images_per_second"] for r in trained_epochs]
     return {
-        "run": run,
+        "run": run.uri,
         "best_mean_iou": best["metrics"].get("mean_iou"),
         "best_epoch": best["epoch"],
         "best_checkpoint": best["model_uri"],
@@ -133,14 +117,14 @@ def summarise(cfg: TrainConfig, bad_rows: list[dict], trained_epochs: list[dict]
 def run_training(cfg: TrainConfig) -> dict:
     """Train (or resume) a run; returns the summary dict printed by jobs/train.py."""
     train, val, class_names, convention = preflight(cfg)
-    run = run_uri(cfg.storage, cfg.name)
+    run = run_location(cfg.storage, cfg.name)
     done_before = {r["epoch"] for r in ledger(run)}
     init_ray()
     bad_log = BadSampleLog.remote()
     trainer = build_trainer(cfg, train, val, class_names, convention, bad_log)
     latest = scan_checkpoints(run)
     if latest and latest[-1]["epoch"] >= cfg.epochs:
-        print(f"[train] {run} already completed epoch {latest[-1]['epoch']} of {cfg.epochs}: nothing to train", flush=True)
+        print(f"[train] {run.uri} already completed epoch {latest[-1]['epoch']} of {cfg.epochs}: nothing to train", flush=True)
     else:
         result = trainer.fit()
         if result.error is not None:

@@ -1,14 +1,24 @@
 """Preview pictures for a person: the image blended with the class palette, with a legend of the classes
-present (colour, id, name, share of the image)."""
+present (colour, id, name, share of the image), written under previews/run_date=.../<run_id>/."""
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
 import math
+import re
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from models import voc_palette
+
+from ..decode import decode_image
+from ..storage import Location
+from .codec import decode_label_map
+
+log = logging.getLogger(__name__)
 
 ALPHA = 0.5
 MIN_SIDE = 256      # small images are enlarged (nearest neighbour) to at least this long side
@@ -61,3 +71,34 @@ def render_overlay(rgb: np.ndarray, label: np.ndarray, class_names: list[str], *
     buf = io.BytesIO()
     out.save(buf, "PNG")
     return buf.getvalue()
+
+
+@dataclass
+class PreviewSource:
+    """A labeled image kept for a preview: its URI and its label_map cell."""
+
+    uri: str
+    label_map: bytes
+    encoding: str
+    height: int
+    width: int
+
+
+def write_previews(sources: list[PreviewSource], *, images: Location, folder: Location, class_names: list[str],
+                   max_pixels: int) -> int:
+    """Render each source (re-read through the images' filesystem) into `folder`; returns how many were written.
+
+    A preview is never worth failing the run: a source that cannot be rendered is logged and skipped.
+    """
+    written = 0
+    for p in sources:
+        try:
+            rgb = decode_image(images.fs.cat_file(images.path_of(p.uri)), max_pixels=max_pixels)
+            png = render_overlay(rgb, decode_label_map(p.label_map, p.encoding, p.height, p.width), class_names)
+        except Exception as e:  # noqa: BLE001
+            log.warning("no preview for %s: %s", p.uri, e)
+            continue
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", p.uri.rsplit("/", 1)[-1].rsplit(".", 1)[0])[:80]
+        folder.child(f"{stem}-{hashlib.sha1(p.uri.encode()).hexdigest()[:8]}.png").write_bytes(png)
+        written += 1
+    return written

@@ -55,9 +55,6 @@ class ConfusionMatrix:
         self._hist += other._hist.to(self._hist.device)
         return self
 
-    def reset(self) -> None:
-        self._hist.zero_()
-
     @property
     def matrix(self) -> np.ndarray:
         """The (C, C) int64 matrix on the host."""

@@ -1,6 +1,6 @@
 """Preprocessing for labeling that depends on the image alone: resize the long side to at most `max_side`
 (aspect kept, Pillow bilinear with antialias), then edge-pad bottom/right to a canvas whose sides are the next
-multiples of `canvas_multiple` (see pipeline.inference for why).
+multiples of `canvas_multiple` (see pipeline.label.inference for why).
 
 numpy and Pillow only: the decode tasks that run this must not pay torch's import in every fresh worker.
 """
@@ -11,6 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+
+def check_canvas_settings(max_side: int | None, canvas_multiple: int) -> None:
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be >= 1 (or None), got {max_side}")
+    if canvas_multiple < 1:
+        raise ValueError(f"canvas_multiple must be >= 1, got {canvas_multiple}")
 
 
 def target_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
@@ -27,12 +34,13 @@ def canvas_size(height: int, width: int, multiple: int) -> tuple[int, int]:
 
 @dataclass
 class Prepared:
-    """A preprocessed image: uint8 canvas (Hc, Wc, 3) holding the (h, w) resized image at the top left."""
+    """A preprocessed image: uint8 canvas (Hc, Wc, 3) holding the image resized to (resized_h, resized_w)
+    at the top left; (height, width) is its original size, at which label maps come back."""
 
     canvas: np.ndarray
-    h: int
-    w: int
-    height: int  # original size: label maps come back at this resolution
+    resized_h: int
+    resized_w: int
+    height: int
     width: int
 
 

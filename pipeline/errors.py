@@ -1,0 +1,11 @@
+"""Errors every part of the pipeline shares, and the one-line form of any exception."""
+from __future__ import annotations
+
+
+class JobError(RuntimeError):
+    """A job cannot proceed for a reason the message states (bad argument, empty dataset, ...)."""
+
+
+def one_line(e: BaseException) -> str:
+    """`Type: message`, first line only: how a failed row or run names its exception."""
+    return f"{type(e).__name__}: {e}".splitlines()[0]

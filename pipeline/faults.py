@@ -1,0 +1,75 @@
+"""Fault injection for tests: one environment variable, read where each fault fires.
+
+    FCN_TEST_FAULTS="POINT=ACTION[;POINT=ACTION...]"
+
+POINT is a glob over the names the code fires (`fire("label.commit:staged")`):
+    label.commit:<step>      each step of the labeling commit protocol (staged, committed, published:<table>)
+    label.inference          every call of an inference actor
+    train.reported:epoch<N>  rank 0, right after reporting epoch N
+ACTION is one of:
+    sleep:SECONDS            pause (widens the windows a kill can hit)
+    raise                    raise InjectedFault, a BaseException that no cleanup code catches
+    kill                     SIGKILL this process
+    kill_once:PATH           SIGKILL this process unless PATH exists; PATH is created first (local file)
+
+Unset in production: `fire` is then one dictionary lookup. Ray workers get the variable through
+`runtime_env()`, which the jobs pass to the actors and training workers they start.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import signal
+import time
+
+ENV = "FCN_TEST_FAULTS"
+
+
+class InjectedFault(BaseException):
+    """Stands for the process dying at a fault point: nothing after it runs, no `except Exception` catches it."""
+
+
+def _rules(spec: str) -> list[tuple[str, str]]:
+    rules = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        point, sep, action = part.partition("=")
+        if not sep or not point or not action:
+            raise ValueError(f"{ENV}: expected POINT=ACTION, got {part!r}")
+        rules.append((point.strip(), action.strip()))
+    return rules
+
+
+def fire(point: str) -> None:
+    """Perform every action whose pattern matches `point` (nothing when the variable is unset)."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    for pattern, action in _rules(spec):
+        if fnmatch.fnmatchcase(point, pattern):
+            _perform(action, point)
+
+
+def _perform(action: str, point: str) -> None:
+    kind, _, arg = action.partition(":")
+    if kind == "sleep":
+        time.sleep(float(arg))
+    elif kind == "raise":
+        raise InjectedFault(point)
+    elif kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "kill_once":
+        try:
+            fd = os.open(arg, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return  # fired once already
+        os.write(fd, f"{os.getpid()} {point}\n".encode())
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+    else:
+        raise ValueError(f"{ENV}: unknown action {action!r} (sleep:S, raise, kill, kill_once:PATH)")
+
+
+def runtime_env() -> dict | None:
+    """A Ray runtime_env that carries the variable to workers, or None when no fault is set."""
+    spec = os.environ.get(ENV)
+    return {"env_vars": {ENV: spec}} if spec else None

@@ -1,0 +1,74 @@
+"""LabelConfig: every option of a labeling run, with the defaults `jobs/label.py --help` shows."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+from ..amp import AMP_CHOICES
+from ..decode import DEFAULT_MAX_PIXELS
+from .canvas import check_canvas_settings
+from .codec import ENCODINGS
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class LabelConfig:
+    """Arguments of the labeling job; see `jobs/label.py --help` for each."""
+
+    images: str
+    checkpoint: str
+    output: str
+    num_gpus: int | None = None          # None: every GPU of the cluster (0 on a CPU cluster)
+    device: str = "auto"                  # one of DEVICES
+    actors: int | None = None            # CPU inference only; None: cores // threads_per_actor
+    threads_per_actor: int | None = None  # None: min(8, cores) on CPU, 2 with GPUs
+    cpus_per_actor: float | None = None   # Ray CPU request of an inference actor; None: see plan_resources
+    batch_size: int | None = None        # images per forward pass; None: 8 on GPU, 4 on CPU
+    max_side: int | None = 1024          # None: never shrink
+    canvas_multiple: int = 32
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    label_encoding: str = "raw"          # one of ENCODINGS
+    force: bool = False
+    previews: int = 0
+    rows_per_file: int = 1000
+    run_date: str | None = None          # YYYY-MM-DD; None: today (UTC)
+    run_id: str | None = None
+    ray_address: str | None = None
+    progress: bool | None = None          # None: when stderr is a terminal
+    amp: str = "bf16"                     # one of AMP_CHOICES; GPU only
+    # Tuning without a flag: file-set size in bytes, and rows per read task / per inference actor call.
+    bytes_per_file: int = 256 * 1024**2
+    rows_per_read_task: int = 8
+    rows_per_actor_call: int | None = None  # None: 4 x batch_size (room to fill equal-canvas batches)
+
+    def validate(self) -> None:
+        """Option values alone (no I/O); raises ValueError naming the flag."""
+        for name, value, choices in (("label-encoding", self.label_encoding, ENCODINGS),
+                                     ("device", self.device, DEVICES), ("amp", self.amp, AMP_CHOICES)):
+            if value not in choices:
+                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+        for name in ("actors", "threads_per_actor", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ValueError(f"--num-gpus must be >= 0, got {self.num_gpus}")
+        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
+            raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        if self.previews < 0 or self.rows_per_file < 1 or self.rows_per_read_task < 1:
+            raise ValueError("--previews must be >= 0 and --rows-per-file >= 1")
+        if self.max_pixels < 1:
+            raise ValueError(f"--max-pixels must be >= 1, got {self.max_pixels}")
+        if self.run_date is not None:
+            try:
+                datetime.strptime(self.run_date, "%Y-%m-%d")
+            except ValueError:
+                raise ValueError(f"--run-date must be YYYY-MM-DD, got {self.run_date!r}") from None
+        if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.run_id):
+            raise ValueError(f"--run-id may hold letters, digits, '_', '.' and '-' only, got {self.run_id!r}")
+        check_canvas_settings(self.max_side, self.canvas_multiple)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,41 @@
+"""The README's example DuckDB queries and snippet, verbatim: the tests run them on real output and check the
+README shows them."""
+from __future__ import annotations
+
+# The example queries of the README, verbatim (the tests run them and check the README shows them).
+# 'out/' is the output root; $name are DuckDB prepared-statement parameters.
+EXAMPLE_QUERIES = {
+    "class_coverage": """\
+SELECT class_id, class_name,
+       count(*)                                       AS images,
+       sum(pixel_count)                               AS pixels,
+       sum(pixel_count) / (SELECT sum(width::BIGINT * height)
+                           FROM read_parquet('out/labels/**/*.parquet', hive_partitioning = true)
+                           WHERE run_date = $run_date) AS coverage
+FROM read_parquet('out/class_stats/**/*.parquet', hive_partitioning = true)
+WHERE run_date = $run_date
+GROUP BY class_id, class_name
+ORDER BY pixels DESC;""",
+    "images_with_class": """\
+SELECT image_uri, pixel_fraction, mean_confidence, bbox_x_min, bbox_y_min, bbox_x_max, bbox_y_max
+FROM read_parquet('out/class_stats/**/*.parquet', hive_partitioning = true)
+WHERE class_name = $class_name AND pixel_fraction > $min_fraction
+ORDER BY pixel_fraction DESC;""",
+    "error_summary": """\
+SELECT run_date, stage, trim(split_part(error, '(', 1)) AS reason,
+       count(*) AS images, min(image_uri) AS example
+FROM read_parquet('out/errors/**/*.parquet', hive_partitioning = true)
+GROUP BY ALL
+ORDER BY run_date DESC, images DESC;""",
+}
+
+
+def example_query(name: str, root: str) -> str:
+    """An EXAMPLE_QUERIES entry pointed at an output root (local path or s3:// URI)."""
+    return EXAMPLE_QUERIES[name].replace("'out/", f"'{root.rstrip('/')}/")
+
+# The README's three lines that turn a `label_map` back into an array (raw encoding), verbatim.
+LABEL_MAP_SNIPPET = """\
+import duckdb, numpy as np
+(data, h, w), = duckdb.sql("SELECT label_map, height, width FROM read_parquet('out/labels/**/*.parquet') LIMIT 1").fetchall()
+labels = np.frombuffer(data, np.uint8).reshape(h, w)  # class ids; for --label-encoding png: np.asarray(PIL.Image.open(io.BytesIO(data)))"""

@@ -1,0 +1,37 @@
+"""Reading the labeling job's published tables back (the skip list, tests, tools); staging is never read."""
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from ..storage import Location
+from .tables import SCHEMAS
+
+
+def list_table_files(output: Location, table: str) -> list[str]:
+    """Paths (inside the output's filesystem) of every published Parquet file of a table, sorted."""
+    output.fs.invalidate_cache()
+    try:
+        found = output.fs.find(output.child(table).path)
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in found if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
+
+
+def read_table(output: Location, table: str, columns: list[str] | None = None, filter=None) -> pa.Table:
+    """One output table (all run dates), optionally only some columns and rows; empty if none written."""
+    files = list_table_files(output, table)
+    schema = SCHEMAS[table]
+    if not files:
+        return schema.empty_table().select(columns) if columns else schema.empty_table()
+    ds = pads.dataset(files, format="parquet", filesystem=output.fs, schema=schema)
+    return ds.to_table(columns=columns, filter=filter)
+
+
+def labeled_keys(output: Location, model_id: str) -> set[tuple[str, str]]:
+    """(image_uri, image_version) of every image already in labels/ for this model."""
+    t = read_table(output, "labels", ["image_uri", "image_version"], filter=pc.field("model_id") == model_id)
+    return set(zip(t["image_uri"].to_pylist(), t["image_version"].to_pylist()))

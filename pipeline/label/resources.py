@@ -1,0 +1,50 @@
+"""How many inference actors the labeling job starts and what each asks Ray for, from the flags and the cluster."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import LabelConfig
+from .stages import TASK_CPUS
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    pool: int              # inference actors
+    actor_gpus: float
+    actor_cpus: float      # Ray CPU request per actor
+    threads: int           # torch threads per actor
+    batch_size: int
+    device: str
+    task_cpus: float = TASK_CPUS
+
+
+def plan_resources(config: LabelConfig, cluster: dict) -> ResourcePlan:
+    """Actor pool size and per-actor requests from the flags and the cluster's resources.
+
+    GPUs: one actor per GPU (num_gpus=1), pool size --num-gpus (default: all). CPU: --actors x
+    --threads-per-actor torch threads, by default one actor per 8 cores; each actor asks Ray for half a CPU
+    less than its threads, which leaves room for the small decode/postprocess tasks that feed it.
+    """
+    cpus = float(cluster.get("CPU", 0))
+    gpus = int(cluster.get("GPU", 0))
+    use_gpus = config.num_gpus if config.num_gpus is not None else gpus
+    if cpus < TASK_CPUS:
+        raise ValueError(f"the Ray cluster has {cpus:g} CPUs; reading and decoding need at least {TASK_CPUS}")
+    if use_gpus > 0:
+        if use_gpus > gpus:
+            raise ValueError(f"--num-gpus {use_gpus} but the Ray cluster has {gpus} GPU(s)")
+        if config.actors is not None and config.actors != use_gpus:
+            raise ValueError("--actors is for CPU inference; with GPUs the pool has one actor per GPU (--num-gpus)")
+        threads = config.threads_per_actor or 2
+        actor_cpus = config.cpus_per_actor or max(0.05, min(1.0, math.floor(20 * cpus / (2 * use_gpus)) / 20))
+        device = "cuda" if config.device == "auto" else config.device
+        return ResourcePlan(use_gpus, 1.0, actor_cpus, threads, config.batch_size or 8, device)
+    threads = config.threads_per_actor or max(1, min(8, int(cpus)))
+    actors = config.actors or max(1, int(cpus) // threads)
+    actor_cpus = config.cpus_per_actor or max(0.5, threads - 0.5)
+    if actors * actor_cpus > cpus - TASK_CPUS + 1e-9:
+        raise ValueError(f"{actors} actor(s) x {actor_cpus:g} CPUs leave no CPU for decoding on a cluster of "
+                         f"{cpus:g} CPUs; lower --actors, --threads-per-actor or --cpus-per-actor")
+    device = "cpu" if config.device == "auto" else config.device
+    return ResourcePlan(actors, 0.0, actor_cpus, threads, config.batch_size or 4, device)

@@ -1,0 +1,83 @@
+"""One labeling run's record: `runs/<run_id>.json` under the output root, and the job's JSON summary line.
+
+Both come from the same fields: the record (arguments, times, status, counts, ...) is written when the run
+starts (`running`) and when it ends (`succeeded` or `failed`; a killed run stays `running`); the summary is
+the flat view of the same numbers that the job prints last.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from ..storage import Location
+
+
+@dataclass
+class RunRecord:
+    location: Location                    # runs/<run_id>.json
+    run_id: str
+    run_date: str
+    model_id: str
+    output: str
+    arguments: dict
+    started_at: datetime
+    listed: int
+    already_labeled: int
+    recovered: dict
+    status: str = "running"
+    labeled: int = 0
+    errors: int = 0
+    error: str | None = None
+    finished_at: datetime | None = None
+    wall_seconds: float | None = None
+    files: dict | None = None
+    previews: int | None = None
+    inference_actors: list = field(default_factory=list)
+    resources: dict | None = None
+    timings_seconds: dict = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float | None:
+        return round(self.labeled / self.wall_seconds, 3) if self.wall_seconds else None
+
+    def finish(self, status: str, *, labeled: int, errors: int, wall_seconds: float, error: str | None = None,
+               **details) -> None:
+        """Set the outcome and write the record."""
+        self.status, self.labeled, self.errors, self.error = status, labeled, errors, error
+        self.wall_seconds = round(wall_seconds, 3)
+        self.finished_at = datetime.now(timezone.utc)
+        for name, value in details.items():
+            setattr(self, name, value)
+        self.save()
+
+    def save(self) -> None:
+        self.location.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
+
+    def to_json(self) -> dict:
+        """The content of runs/<run_id>.json."""
+        record = {
+            "run_id": self.run_id, "run_date": self.run_date, "status": self.status, "model_id": self.model_id,
+            "arguments": self.arguments, "started_at": self.started_at.isoformat(), "recovered": self.recovered,
+            "counts": {"listed": self.listed, "already_labelled": self.already_labeled,
+                       "to_label": self.listed - self.already_labeled, "labelled": self.labeled, "errors": self.errors},
+        }
+        if self.finished_at is not None:
+            record.update(finished_at=self.finished_at.isoformat(), wall_seconds=self.wall_seconds,
+                          images_per_second=self.images_per_second, files=self.files, previews=self.previews,
+                          inference_actors=self.inference_actors, resources=self.resources,
+                          timings_seconds=self.timings_seconds)
+        if self.error is not None:
+            record["error"] = self.error
+        return record
+
+    def summary(self) -> dict:
+        """The job's last stdout line."""
+        return {
+            "run_id": self.run_id, "run_date": self.run_date, "status": self.status, "model_id": self.model_id,
+            "output": self.output, "listed": self.listed, "skipped": self.already_labeled, "labelled": self.labeled,
+            "errors": self.errors, "wall_seconds": self.wall_seconds, "images_per_second": self.images_per_second,
+            "files": self.files, "previews": self.previews, "recovered": self.recovered,
+            "inference_actors": self.inference_actors, "resources": self.resources,
+            "timings_seconds": self.timings_seconds,
+        }

@@ -1,4 +1,4 @@
-# `make test` builds .venv (when missing or older than pyproject.toml) and runs the test suite.
+# `make test` builds .venv (when missing or older than pyproject.toml), lints (ruff) and runs the test suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # on disk; PyPI's CPU-only torch cannot import torchvision there. Elsewhere the resolver picks.
 TORCH_PIN := $(shell test -f /etc/xdg/pip/constraints.txt && echo "torch==2.14.1 torchvision==0.29.1")
 
-.PHONY: test demo demo-s3 venv clean-venv
+.PHONY: test lint demo demo-s3 venv clean-venv
 
 venv: $(VENV)/.installed
 
@@ -17,7 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]' $(TORCH_PIN)
 	touch $@
 
-test: venv
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The whole product on this machine: synthesize -> train -> label -> query (local files, then S3 on loopback).

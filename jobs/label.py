@@ -6,7 +6,7 @@
 Output (hive-partitioned by run_date=YYYY-MM-DD): labels/, class_stats/, errors/, runs/<run_id>.json,
 previews/. Images already labeled by the same checkpoint (same URI and version) are skipped; a rerun after
 a crash finishes the interrupted commits and labels what is left, each image exactly once. The last stdout
-line is one JSON summary (run_id, listed, skipped, labeled, errors, images_per_second, ...).
+line is one JSON summary (run_id, listed, skipped, labelled, errors, images_per_second, ...).
 """
 from __future__ import annotations
 

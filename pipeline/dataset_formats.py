@@ -113,5 +113,5 @@ def list_images(where: str | Location) -> list[FileInfo]:
     images = Location.of(where)
     if images.is_local and images.path.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(images.path):
         st = os.stat(images.path)
-        return [FileInfo(images.uri, images.path, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")]
+        return [FileInfo(images.uri, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")]
     return images.list_files(IMAGE_EXTENSIONS)

@@ -23,7 +23,15 @@ from models.storage_io import is_local, read_all, write_atomic
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 # Fail fast on an unreachable endpoint instead of botocore's long default retry ladder.
-S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
+S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60}
+S3_RETRIES = {"max_attempts": 3, "mode": "standard"}  # unless the operator sets AWS_MAX_ATTEMPTS / AWS_RETRY_MODE
+
+
+def _s3_config() -> dict:
+    """botocore settings of every S3 filesystem; an explicit `retries` would override the operator's own."""
+    if os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE"):
+        return dict(S3_CONFIG)
+    return {**S3_CONFIG, "retries": S3_RETRIES}
 
 
 class StorageError(RuntimeError):
@@ -84,11 +92,10 @@ def storage_error(uri: str, e: BaseException) -> StorageError:
 
 @dataclass(frozen=True)
 class FileInfo:
-    """One listed object: its URI, its path inside the listing's filesystem, size in bytes and a version
-    (ETag on S3, mtime_ns-size locally)."""
+    """One listed object: its URI, size in bytes and a version (ETag on S3, mtime_ns-size locally). The
+    listing's `Location.path_of(uri)` is its path inside the filesystem that listed it."""
 
     uri: str
-    path: str
     size: int
     version: str
 
@@ -108,7 +115,7 @@ class Location:
         if isinstance(where, Location):
             return where
         uri = normalize(where)
-        kwargs = {"config_kwargs": S3_CONFIG} if uri.startswith(("s3://", "s3a://")) else {}
+        kwargs = {"config_kwargs": _s3_config()} if uri.startswith(("s3://", "s3a://")) else {}
         try:
             fs, path = fsspec.core.url_to_fs(uri, **kwargs)
         except Exception as e:  # an unknown protocol, a missing fsspec backend
@@ -224,7 +231,7 @@ class Location:
                 continue
             if extensions is not None and not key.lower().endswith(extensions):
                 continue
-            out.append(FileInfo(self.uri_of(key), key, int(info.get("size") or 0), _version(info)))
+            out.append(FileInfo(self.uri_of(key), int(info.get("size") or 0), _version(info)))
         out.sort(key=lambda f: f.uri)
         return out
 
@@ -252,7 +259,11 @@ def check_exists(uri: str, what: str = "path") -> None:
 
 
 def check_writable(uri: str) -> None:
-    Location.of(uri).check_writable()
+    try:
+        location = Location.of(uri)
+    except StorageError as e:
+        raise StorageError(f"cannot write to {normalize(uri)}: {str(e).split(': ', 1)[-1]}") from None
+    location.check_writable()
 
 
 def exists(uri: str) -> bool:

@@ -18,8 +18,7 @@ from .stages import Postprocessor, decode_stage, read_stage
 def build_dataset(files: list[FileInfo], images: Location, *, checkpoint_ref, plan: ResourcePlan,
                   config: LabelConfig) -> ray.data.Dataset:
     """The streaming Ray Dataset of result rows for `files`, listed under `images`."""
-    items = [{"image_uri": f.uri, "image_path": f.path, "image_version": f.version, "image_size": int(f.size)}
-             for f in files]
+    items = [{"image_uri": f.uri, "image_version": f.version, "image_size": int(f.size)} for f in files]
     blocks = max(1, min(len(items), math.ceil(len(items) / config.rows_per_read_task)))
     settings = InferenceSettings(max_side=config.max_side, canvas_multiple=config.canvas_multiple,
                                  batch_size=plan.batch_size, device=plan.device, amp=config.amp)

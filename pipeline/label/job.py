@@ -74,8 +74,9 @@ def label_images(config: LabelConfig) -> dict:
     t0, t0_epoch = time.monotonic(), time.time()
     timings: dict[str, float] = {}
     config.validate()
-    images, output, checkpoint = (Location.of(u) for u in (config.images, config.output, config.checkpoint))
+    checkpoint = Location.of(config.checkpoint)
     ck = load_checkpoint_at(checkpoint)
+    images, output = Location.of(config.images), Location.of(config.output)
     timings["checkpoint"] = time.monotonic() - t0
     output.check_writable()
     files = list_images(images)

@@ -56,16 +56,19 @@ class RunRecord:
 
     def to_json(self) -> dict:
         """The content of runs/<run_id>.json."""
+        counts = {"listed": self.listed, "already_labelled": self.already_labeled,
+                  "to_label": self.listed - self.already_labeled}
         record = {
             "run_id": self.run_id, "run_date": self.run_date, "status": self.status, "model_id": self.model_id,
             "arguments": self.arguments, "started_at": self.started_at.isoformat(), "recovered": self.recovered,
-            "counts": {"listed": self.listed, "already_labelled": self.already_labeled,
-                       "to_label": self.listed - self.already_labeled, "labelled": self.labeled, "errors": self.errors},
+            "counts": counts,
         }
-        if self.finished_at is not None:
-            record.update(finished_at=self.finished_at.isoformat(), wall_seconds=self.wall_seconds,
-                          images_per_second=self.images_per_second, files=self.files, previews=self.previews,
-                          inference_actors=self.inference_actors, resources=self.resources,
+        if self.finished_at is not None:  # succeeded or failed: what was written
+            counts.update(labelled=self.labeled, errors=self.errors)
+            record["finished_at"] = self.finished_at.isoformat()
+        if self.status == "succeeded":
+            record.update(wall_seconds=self.wall_seconds, images_per_second=self.images_per_second, files=self.files,
+                          previews=self.previews, inference_actors=self.inference_actors, resources=self.resources,
                           timings_seconds=self.timings_seconds)
         if self.error is not None:
             record["error"] = self.error

@@ -25,9 +25,9 @@ READ_THREADS = 8          # concurrent object reads inside one read task (I/O bo
 
 
 def read_stage(batch: pa.Table, *, images: Location, max_bytes: int) -> pa.Table:
-    """image_uri, image_path, image_version, image_size -> image_uri, image_version, data (bytes), stage,
-    error. Each file is opened through the filesystem that listed it (`images`). One failure costs one row."""
-    uris, paths = batch["image_uri"].to_pylist(), batch["image_path"].to_pylist()
+    """image_uri, image_version, image_size -> + data (bytes), stage, error. Each file is opened through the
+    filesystem that listed it (`images`), at the path the listing gave. One failure costs one row."""
+    uris = batch["image_uri"].to_pylist()
     sizes = batch["image_size"].to_pylist()
 
     def read(i: int):
@@ -35,7 +35,7 @@ def read_stage(batch: pa.Table, *, images: Location, max_bytes: int) -> pa.Table
         if size is not None and size > max_bytes:
             return None, f"file is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit"
         try:
-            with images.fs.open(paths[i], "rb") as f:
+            with images.fs.open(images.path_of(uris[i]), "rb") as f:
                 return f.read(), None
         except FileNotFoundError:
             return None, "file not found (deleted since it was listed?)"
@@ -44,8 +44,8 @@ def read_stage(batch: pa.Table, *, images: Location, max_bytes: int) -> pa.Table
         except Exception as e:  # noqa: BLE001 - an unreachable store and anything else: this row only
             return None, one_line(storage_error(uris[i], e))
 
-    with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(paths)))) as pool:
-        results = list(pool.map(read, range(len(paths))))
+    with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(uris)))) as pool:
+        results = list(pool.map(read, range(len(uris))))
     return pa.table({
         "image_uri": batch["image_uri"], "image_version": batch["image_version"],
         "data": pa.array([d for d, _ in results], pa.binary()),

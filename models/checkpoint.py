@@ -150,6 +150,9 @@ def load_checkpoint_bytes(data: bytes, uri: str, *, map_location: str | torch.de
         state = payload["state_dict"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {uri} has a malformed header ({type(e).__name__}: {e})") from None
+    if len(class_names) != config.num_classes:
+        raise CheckpointError(f"checkpoint {uri} names {len(class_names)} classes but its model predicts "
+                              f"{config.num_classes}; the class names do not belong to these weights")
     if num_classes is not None and num_classes != config.num_classes:
         raise CheckpointError(f"checkpoint {uri} predicts {config.num_classes} classes, but {num_classes} were asked for")
     model = build_from_state(config, state, uri)

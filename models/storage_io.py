@@ -11,6 +11,17 @@ import tempfile
 import fsspec
 
 
+def resolve(uri: str, **options) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for one local path or URI, with `options` for the filesystem.
+
+    Not `fsspec.core.url_to_fs`: it reads '::' as a chain of URLs, so a file named 'cat::2.png' would be 'cat'.
+    """
+    uri = str(uri)
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    fs_class = fsspec.get_filesystem_class(protocol)
+    return fs_class(**{**fs_class._get_kwargs_from_urls(uri), **options}), fs_class._strip_protocol(uri)
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
@@ -48,9 +59,9 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 def read_bytes(uri: str) -> bytes:
     """Whole file at a URI as bytes (FileNotFoundError for a missing one)."""
-    return read_all(*fsspec.core.url_to_fs(uri))
+    return read_all(*resolve(uri))
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """`write_atomic` at a URI."""
-    write_atomic(*fsspec.core.url_to_fs(uri), data)
+    write_atomic(*resolve(uri), data)

@@ -48,9 +48,9 @@ def _clean(value: Any) -> Any:
 
 
 def print_summary(summary: dict) -> None:
-    """The job's last stdout line: one JSON object (NaN becomes null)."""
+    """The job's last stdout line: one JSON object (NaN becomes null, credentials in URIs are redacted)."""
     sys.stdout.flush()
-    print(json.dumps(_clean(summary), sort_keys=True), flush=True)
+    print(redact(json.dumps(_clean(summary), sort_keys=True)), flush=True)
 
 
 def run_job(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

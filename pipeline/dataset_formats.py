@@ -14,7 +14,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .decode import IMAGE_EXTENSIONS
-from .storage import FileInfo, Location, StorageError, check_exists, dirname, join, normalize, read_bytes
+from .storage import FileInfo, Location, StorageError, check_exists, dirname, join, local_version, normalize, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,6 @@ def list_images(where: str | Location) -> list[FileInfo]:
     """
     images = Location.of(where)
     if images.is_local and images.path.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(images.path):
-        st = os.stat(images.path)
-        return [FileInfo(images.uri, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")]
+        # The same version as when the file is listed with its folder: labelled once either way.
+        return [FileInfo(images.uri, os.path.getsize(images.path), local_version(images.path))]
     return images.list_files(IMAGE_EXTENSIONS)

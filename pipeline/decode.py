@@ -1,8 +1,10 @@
 """Decoding encoded images and masks into arrays, with one clear reason when a file cannot be used.
 
 Images become RGB uint8 (H, W, 3) whatever the input: EXIF orientation applied; grayscale, palette, RGBA,
-CMYK and 16-bit inputs converted. Masks stay integer class ids (H, W) uint8. Images over a pixel limit are
-rejected from their header, before any pixel is decoded.
+CMYK, 16-bit, 32-bit integer and float inputs converted (scaled to 0..255, or rejected with their value range).
+Masks stay integer class ids (H, W) uint8. Images over a pixel limit are rejected from their header, before any
+pixel is decoded. Only the raster formats below are ever opened: a PostScript or PDF file named `.jpg` is "not a
+recognised image format" and never reaches an external interpreter (Ghostscript).
 """
 from __future__ import annotations
 
@@ -13,12 +15,15 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Pillow plugins tried on any file (JPEG opens multi-picture MPO files too; GIF: palette masks).
+DECODE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
 # 64 MP: a 8000x8000 photo is fine, a decompression bomb is not.
 DEFAULT_MAX_PIXELS = 64_000_000
 _EXIF_ORIENTATION = 0x0112
 
 # We check sizes ourselves (with a clearer message); Pillow's own bomb check must not fire first.
 Image.MAX_IMAGE_PIXELS = None
+Image.init()  # register every plugin now, so that `formats=` names only ones Pillow knows
 
 
 class DecodeError(ValueError):
@@ -29,7 +34,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
     except UnidentifiedImageError:
         raise DecodeError("not a recognised image format") from None
     except Exception as e:  # damaged headers raise all kinds of errors inside Pillow's plugins
@@ -56,14 +61,27 @@ def _orient(img: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """High bit-depth or float single-channel data scaled to 0..255."""
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Single-channel data of a mode other than L scaled to 0..255:
+
+    - "F" (float): 0..1 is scaled by 255, 0..255 is kept; any other range (or NaN) is rejected;
+    - "I;16*" (16-bit): the high byte;
+    - "I" (32-bit integer): 0..255 is kept, 0..65535 (16-bit data) keeps the high byte, anything else is rejected.
+    """
     if arr.dtype == np.uint8:
         return arr
-    if arr.dtype.kind == "f":
-        return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-    # 16-bit integer data ("I;16*", or "I" holding 16-bit values): keep the high byte.
-    return (np.clip(arr, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+    if arr.size == 0:
+        return arr.astype(np.uint8)
+    low, high = arr.min(), arr.max()
+    if mode == "F":
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255:
+            raise DecodeError(f"float image values range {low:g}..{high:g}; expected 0..1 or 0..255")
+        return np.rint(arr * 255.0 if high <= 1.0 else arr).astype(np.uint8)
+    if low < 0 or high > 65535:
+        raise DecodeError(f"{mode} image values range {low}..{high}; expected 0..255 or 0..65535")
+    if mode == "I" and high <= 255:
+        return arr.astype(np.uint8)
+    return (arr.astype(np.uint32) >> 8).astype(np.uint8)
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -73,7 +91,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     if mode == "RGB":
         arr = np.asarray(img)
     elif mode.startswith("I") or mode == "F":
-        gray = _to_uint8(np.asarray(img))
+        gray = _to_uint8(np.asarray(img), mode)
         arr = np.repeat(gray[:, :, None], 3, axis=2)
     else:  # L, 1, P, PA, LA, RGBA, CMYK, YCbCr, LAB, HSV ...
         try:

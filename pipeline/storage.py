@@ -11,15 +11,17 @@ contain credentials: every error text goes through `redact`.
 """
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
+import stat
 import uuid
 from dataclasses import dataclass, field
 
 import fsspec
 
-from models.storage_io import is_local, read_all, write_atomic
+from models.storage_io import is_local, read_all, resolve, write_atomic
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 # Fail fast on an unreachable endpoint instead of botocore's long default retry ladder.
@@ -38,13 +40,23 @@ class StorageError(RuntimeError):
     """A path or bucket cannot be used: unreachable endpoint, missing bucket or prefix, not writable."""
 
 
+class UnreadableFile(OSError):
+    """A listed entry that must not be read: not a regular file, or over the byte limit (the message says)."""
+
+
 def redact(text: str) -> str:
     """Remove credential values (from the environment) and anything shaped like a secret from a message."""
     for name in _SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
+    # Query parameters of presigned URLs (X-Amz-Signature, X-Amz-Security-Token, X-Amz-Credential, ...) too.
     return re.sub(r"(?i)(secret|token|signature|credential)=[^&\s'\"]+", r"\1=***", text)
+
+
+def redact_strings(values: dict) -> dict:
+    """`values` with every string value redacted (a config about to be persisted: its URIs may be presigned)."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in values.items()}
 
 
 def normalize(uri: str) -> str:
@@ -115,9 +127,9 @@ class Location:
         if isinstance(where, Location):
             return where
         uri = normalize(where)
-        kwargs = {"config_kwargs": _s3_config()} if uri.startswith(("s3://", "s3a://")) else {}
+        options = {"config_kwargs": _s3_config()} if uri.startswith(("s3://", "s3a://")) else {}
         try:
-            fs, path = fsspec.core.url_to_fs(uri, **kwargs)
+            fs, path = resolve(uri, **options)  # never parses '::' as a URL chain
         except Exception as e:  # an unknown protocol, a missing fsspec backend
             raise storage_error(uri, e) from None
         return cls(uri, fs, path)
@@ -231,9 +243,52 @@ class Location:
                 continue
             if extensions is not None and not key.lower().endswith(extensions):
                 continue
-            out.append(FileInfo(self.uri_of(key), int(info.get("size") or 0), _version(info)))
+            version = local_version(key) if self.is_local else None
+            out.append(FileInfo(self.uri_of(key), int(info.get("size") or 0), version or _version(info)))
         out.sort(key=lambda f: f.uri)
         return out
+
+    def read_listed(self, path: str, max_bytes: int) -> bytes:
+        """A listed file's bytes, read through this location's filesystem at the path the listing gave.
+
+        Reads at most `max_bytes` + 1 bytes: a larger file (or one that grew since it was listed) raises
+        UnreadableFile. Locally, anything but a regular file (a FIFO, a device, a socket, a symlink to one)
+        raises UnreadableFile before a byte is read; a FIFO never blocks.
+        """
+        if not self.is_local:
+            with self.fs.open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+        else:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO does not wait
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # a socket
+                    raise UnreadableFile("not a regular file (socket)") from None
+                raise
+            with os.fdopen(fd, "rb") as f:
+                mode = os.fstat(fd).st_mode
+                if stat.S_ISDIR(mode):
+                    raise IsADirectoryError(path)
+                if not stat.S_ISREG(mode):
+                    raise UnreadableFile(f"not a regular file ({_FILE_KINDS.get(stat.S_IFMT(mode), 'special file')})")
+                data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise UnreadableFile(f"file is over the {max_bytes / 1e6:g} MB limit (--max-bytes)")
+        return data
+
+
+_FILE_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
+               stat.S_IFSOCK: "socket"}
+
+
+def local_version(path: str) -> str | None:
+    """A local file's version, `mtime-size` (mtime in ns, from the float st_mtime as every listing path computes
+    it; a symlink's target counts); None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{int(st.st_mtime * 1e9)}-{st.st_size}"
 
 
 def _version(info: dict) -> str:

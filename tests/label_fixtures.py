@@ -78,6 +78,17 @@ def write_files(root: str, files: dict[str, bytes]) -> None:
         storage.write_bytes(storage.join(root, name), data)
 
 
+def run_label_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """jobs/label.py's entry point in this process (the session's Ray): (exit code, stdout, stderr)."""
+    import jobs.label as job
+    from pipeline.cli import run_job
+
+    with pytest.raises(SystemExit) as exc:
+        run_job(job.main, argv)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
 def good_image(seed: int, h: int, w: int) -> bytes:
     return _png(gradient_rgb(h, w, seed))
 

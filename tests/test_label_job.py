@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,7 +19,17 @@ from pipeline.label.inference import predict_image
 from pipeline.label.job import label_images
 from pipeline.label.queries import EXAMPLE_QUERIES, example_query
 from pipeline.label.tables import SCHEMAS
-from tests.label_fixtures import CLASS_NAMES, decode_row, duckdb_connection, good_image, mixed_images, png_ok, tables, write_files
+from tests.label_fixtures import (
+    CLASS_NAMES,
+    decode_row,
+    duckdb_connection,
+    good_image,
+    mixed_images,
+    png_ok,
+    run_label_cli,
+    tables,
+    write_files,
+)
 
 MAX_SIDE = 48
 BATCH = 4  # images of equal canvases share forward passes with neighbours
@@ -185,6 +196,84 @@ def test_labels_do_not_depend_on_batch_neighbours(ray_session, tiny_checkpoint, 
     assert len(set(np.frombuffer(alone[0]["label_map"], np.uint8).tolist())) > 1  # a non-trivial label map
 
 
+def _write_first_release_rows(output: str, image_uri: str) -> None:
+    """labels and class_stats files as the first release wrote them (class_stats without labeled_at)."""
+    import pyarrow as pa
+
+    from pipeline.label.tables import CLASS_STATS_SCHEMA, LABELS_SCHEMA
+
+    stats = pa.Table.from_pylist(
+        [{"image_uri": image_uri, "image_version": "v0", "class_id": 0, "class_name": CLASS_NAMES[0], "pixel_count": 12,
+          "pixel_fraction": 1.0, "mean_confidence": 0.9, "bbox_x_min": 0, "bbox_y_min": 0, "bbox_x_max": 3,
+          "bbox_y_max": 2, "model_id": "m0", "run_id": "old"}],
+        schema=pa.schema([f for f in CLASS_STATS_SCHEMA if f.name != "labeled_at"]))
+    labels = pa.Table.from_pylist(
+        [{"image_uri": image_uri, "image_version": "v0", "width": 4, "height": 3, "label_map": bytes(12),
+          "label_encoding": "raw", "classes_present": [0], "model_id": "m0", "run_id": "old",
+          "labeled_at": datetime(2026, 1, 1, tzinfo=timezone.utc)}], schema=LABELS_SCHEMA)
+    for table, data in (("class_stats", stats), ("labels", labels)):
+        path = os.path.join(output, table, "run_date=2026-01-01", "part-old-00001.parquet")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pq.write_table(data, path)
+
+
+def test_readme_queries_count_each_image_once_after_relabels(ray_session, tiny_checkpoint, tmp_path):
+    """Every README query on an output holding a first-release file, a forced relabel, a changed image, an image
+    that failed and was repaired, and one that always fails."""
+    ck_path, _ = tiny_checkpoint
+    images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
+    old_uri = "s3://elsewhere/old.png"
+    _write_first_release_rows(output, old_uri)
+    write_files(images, {"a.png": good_image(1, 20, 24), "b.png": good_image(2, 22, 21), "c.png": good_image(3, 25, 23),
+                         "fixed.png": b"broken", "bad.png": b"never an image"})
+    label_images(_config(images, ck_path, output, run_date="2026-02-01"))
+    write_files(images, {"fixed.png": good_image(4, 21, 21)})
+    forced = label_images(_config(images, ck_path, output, force=True, run_date="2026-02-02"))
+    write_files(images, {"a.png": good_image(50, 26, 27)})  # a new version
+    third = label_images(_config(images, ck_path, output, run_date="2026-02-03"))
+    assert (forced["labelled"], third["labelled"]) == (4, 1)
+
+    t = tables(output)
+    labels, stats = t["labels"].to_pylist(), t["class_stats"].to_pylist()
+    latest = {}
+    for r in sorted(labels, key=lambda r: r["labeled_at"]):
+        latest[r["image_uri"]] = r
+    assert len(labels) > len(latest) == 5
+    latest_stats = [s for s in stats if latest[s["image_uri"]]["run_id"] == s["run_id"]]
+    pixels, counted = {}, {}
+    for s in latest_stats:
+        pixels[s["class_id"]] = pixels.get(s["class_id"], 0) + s["pixel_count"]
+        counted[s["class_id"]] = counted.get(s["class_id"], 0) + 1
+    con = duckdb_connection(output)
+
+    rows = con.execute(example_query("class_coverage_latest", output)).fetchall()
+    assert {r[0]: (r[2], r[3]) for r in rows} == {c: (counted[c], pixels[c]) for c in pixels}
+    assert sum(r[4] for r in rows) == pytest.approx(1.0)
+    top = max(latest_stats, key=lambda s: s["pixel_fraction"])
+    rows = con.execute(example_query("images_with_class_latest", output),
+                       {"class_name": top["class_name"], "min_fraction": 0.2}).fetchall()
+    expected = sorted((s["image_uri"], s["pixel_fraction"]) for s in latest_stats
+                      if s["class_name"] == top["class_name"] and s["pixel_fraction"] > 0.2)
+    assert sorted((r[0], r[1]) for r in rows) == expected and len({r[0] for r in rows}) == len(rows)
+    rows = con.execute(example_query("errors_latest", output)).fetchall()
+    assert rows == [("decode", "not a recognised image format", 1, storage.join(images, "bad.png"))]
+
+    # The per-night forms still read first-release files beside new ones, and count that night's rows.
+    night = [s for s in stats if s["run_id"] == third["run_id"]]
+    rows = con.execute(example_query("class_coverage", output), {"run_date": "2026-02-03"}).fetchall()
+    assert sum(r[3] for r in rows) == sum(s["pixel_count"] for s in night) == 26 * 27
+    rows = con.execute(example_query("class_coverage", output), {"run_date": "2026-01-01"}).fetchall()
+    assert [(r[1], r[2], r[3]) for r in rows] == [(CLASS_NAMES[0], 1, 12)]
+    rows = con.execute(example_query("images_with_class", output),
+                       {"class_name": top["class_name"], "min_fraction": 0.2}).fetchall()
+    assert len(rows) == sum(1 for s in stats if s["class_name"] == top["class_name"] and s["pixel_fraction"] > 0.2)
+    rows = con.execute(example_query("error_summary", output)).fetchall()
+    assert sum(r[3] for r in rows) == len(t["errors"]) == 4  # bad.png three times, fixed.png once
+    new_stats = [s for s in stats if s["run_id"] != "old"]
+    assert all(s["labeled_at"] == next(r["labeled_at"] for r in labels if r["run_id"] == s["run_id"]
+                                       and r["image_uri"] == s["image_uri"]) for s in new_stats)
+
+
 def test_incremental_runs_label_only_what_is_new(ray_session, tiny_checkpoint, tmp_path):
     ck_path, _ = tiny_checkpoint
     images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
@@ -233,20 +322,10 @@ def test_killed_inference_worker_still_exactly_once(ray_session, tiny_checkpoint
     assert len(pairs) == len(set(pairs))
 
 
-def _run_cli(argv, capsys):
-    import jobs.label as job
-    from pipeline.cli import run_job
-
-    with pytest.raises(SystemExit) as exc:
-        run_job(job.main, argv)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
-
-
 def test_cli_summary_line(ray_session, tiny_checkpoint, tmp_path, capsys):
     ck_path, model_id = tiny_checkpoint
     write_files(str(tmp_path / "imgs"), {"a.png": good_image(1, 22, 26), "b.jpg": b""})
-    code, stdout, _ = _run_cli(["--images", str(tmp_path / "imgs"), "--checkpoint", ck_path, "--output",
+    code, stdout, _ = run_label_cli(["--images", str(tmp_path / "imgs"), "--checkpoint", ck_path, "--output",
                                 str(tmp_path / "out"), "--actors", "1", "--threads-per-actor", "1", "--no-progress"], capsys)
     assert code == 0
     summary = json.loads(stdout.strip().splitlines()[-1])
@@ -283,7 +362,7 @@ def test_fail_fast_with_one_line(tiny_checkpoint, tmp_path, capsys, s3, monkeypa
     ]
     for n, (args, message) in enumerate(cases):
         output = tmp_path / f"out{n}"
-        code, stdout, stderr = _run_cli([*args, "--output", str(output)], capsys)
+        code, stdout, stderr = run_label_cli([*args, "--output", str(output)], capsys)
         lines = stderr.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
         assert not (output / "runs").exists() and not (output / "labels").exists()
@@ -292,7 +371,7 @@ def test_fail_fast_with_one_line(tiny_checkpoint, tmp_path, capsys, s3, monkeypa
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    code, _, stderr = _run_cli(["--checkpoint", ck_path, "--images", "s3://test-bucket/photos",
+    code, _, stderr = run_label_cli(["--checkpoint", ck_path, "--images", "s3://test-bucket/photos",
                                 "--output", str(tmp_path / "out9")], capsys)
     s3fs.S3FileSystem.clear_instance_cache()
     lines = stderr.strip().splitlines()

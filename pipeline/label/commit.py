@@ -30,13 +30,14 @@ import io
 import json
 import logging
 import os
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import faults
 from ..storage import Location, StorageError, storage_error
-from .tables import SCHEMAS
+from .tables import SCHEMAS, TABLES
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,11 @@ PUBLISH_ORDER = ("class_stats", "errors", "labels")
 STAGING = "_staging"
 COMMITS = "_commits"
 COMPRESSION = "zstd"
+RUNS, PREVIEWS = "runs", "previews"
+# Everything the job writes under an output root; images stored anywhere else under it are labelled.
+OWN_FOLDERS = (*TABLES, RUNS, PREVIEWS, STAGING, COMMITS)
+# A local atomic write leaves `.tmp-*` beside its target only when killed; a live one lasts milliseconds.
+STALE_TEMPORARY_SECONDS = 600
 
 
 def parquet_bytes(table: pa.Table, row_group_rows: int = 256) -> bytes:
@@ -129,11 +135,28 @@ def recover(output: Location) -> dict[str, int]:
         for path in _ls(output.child(STAGING)):
             fs.rm(path, recursive=True)
             discarded += 1
+        _remove_stale_temporaries(output)
     except StorageError:
         raise
     except Exception as e:
         raise storage_error(output.uri, e) from None
     return {"rolled_forward": rolled, "discarded": discarded}
+
+
+def _remove_stale_temporaries(output: Location) -> None:
+    """Delete the `.tmp-*` files a killed local write left in _commits/ and runs/ (S3 writes leave none)."""
+    if not output.is_local:
+        return
+    now = time.time()
+    for folder in (COMMITS, RUNS):
+        for path in _ls(output.child(folder)):
+            name = os.path.basename(path)
+            try:
+                if name.startswith(".tmp-") and now - os.path.getmtime(path) > STALE_TEMPORARY_SECONDS:
+                    os.unlink(path)
+                    log.warning("removed %s, left by an interrupted write", path)
+            except FileNotFoundError:
+                pass
 
 
 def _ls(folder: Location) -> list[str]:

@@ -11,6 +11,8 @@ from .canvas import check_canvas_settings
 from .codec import ENCODINGS
 
 DEVICES = ("auto", "cpu", "cuda")
+# A run id names files and a folder: no path separators, no leading '.' or '-' ('..' would climb out).
+RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 
 
 @dataclass
@@ -29,6 +31,7 @@ class LabelConfig:
     max_side: int | None = 1024          # None: never shrink
     canvas_multiple: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = 512_000_000          # larger files (and non-regular ones) become errors/ rows, unread
     label_encoding: str = "raw"          # one of ENCODINGS
     force: bool = False
     previews: int = 0
@@ -61,13 +64,18 @@ class LabelConfig:
             raise ValueError("--previews must be >= 0 and --rows-per-file >= 1")
         if self.max_pixels < 1:
             raise ValueError(f"--max-pixels must be >= 1, got {self.max_pixels}")
+        if self.max_bytes < 1:
+            raise ValueError(f"--max-bytes must be >= 1, got {self.max_bytes}")
         if self.run_date is not None:
-            try:
+            try:  # zero-padded only: one partition per day, whatever the spelling
+                if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", self.run_date):
+                    raise ValueError
                 datetime.strptime(self.run_date, "%Y-%m-%d")
             except ValueError:
-                raise ValueError(f"--run-date must be YYYY-MM-DD, got {self.run_date!r}") from None
-        if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.run_id):
-            raise ValueError(f"--run-id may hold letters, digits, '_', '.' and '-' only, got {self.run_id!r}")
+                raise ValueError(f"--run-date must be a date YYYY-MM-DD (zero-padded), got {self.run_date!r}") from None
+        if self.run_id is not None and not re.fullmatch(RUN_ID_PATTERN, self.run_id):
+            raise ValueError("--run-id must start with a letter or digit and hold letters, digits, '_', '.' and '-' "
+                             f"only (at most 128), got {self.run_id!r}")
         check_canvas_settings(self.max_side, self.canvas_multiple)
 
     def to_dict(self) -> dict:

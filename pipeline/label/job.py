@@ -23,7 +23,7 @@ from ..dataset_formats import list_images
 from ..errors import one_line
 from ..ray_setup import init_ray
 from ..storage import Location, redact
-from .commit import recover
+from .commit import OWN_FOLDERS, PREVIEWS, RUNS, recover
 from .config import LabelConfig
 from .dataset import build_dataset
 from .inference import shippable
@@ -85,14 +85,14 @@ def label_images(config: LabelConfig) -> dict:
     run_date = config.run_date or started.strftime("%Y-%m-%d")
 
     recovered = recover(output)
-    prefix = output.uri.rstrip("/") + "/"
-    files = [f for f in files if not f.uri.startswith(prefix)]  # never label our own previews
+    own = tuple(output.child(folder).uri + "/" for folder in OWN_FOLDERS)
+    files = [f for f in files if not f.uri.startswith(own)]  # never label our own previews
     done = set() if config.force else labeled_keys(output, ck.model_id)
     todo = [f for f in files if (f.uri, f.version) not in done]
     timings["list_and_skip"] = time.monotonic() - t0 - timings["checkpoint"]
 
     arguments = {**config.to_dict(), "images": images.uri, "output": output.uri, "checkpoint": checkpoint.uri}
-    record = RunRecord(output.child("runs", f"{run_id}.json"), run_id, run_date, ck.model_id, output.uri, arguments,
+    record = RunRecord(output.child(RUNS, f"{run_id}.json"), run_id, run_date, ck.model_id, output.uri, arguments,
                        started, listed=len(files), already_labeled=len(files) - len(todo), recovered=recovered)
     record.save()
 
@@ -116,7 +116,7 @@ def label_images(config: LabelConfig) -> dict:
         writer.flush(final=True)
         t = time.monotonic()
         previews = write_previews(writer.previews, images=images, class_names=writer.class_names,
-                                  folder=output.child("previews", f"run_date={run_date}", run_id),
+                                  folder=output.child(PREVIEWS, f"run_date={run_date}", run_id),
                                   max_pixels=config.max_pixels)
         timings["previews"] = time.monotonic() - t
     except BaseException as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 # The example queries of the README, verbatim (the tests run them and check the README shows them).
 # 'out/' is the output root; $name are DuckDB prepared-statement parameters.
 EXAMPLE_QUERIES = {
+    # Per night: every row written that night.
     "class_coverage": """\
 SELECT class_id, class_name,
        count(*)                                       AS images,
@@ -12,13 +13,13 @@ SELECT class_id, class_name,
        sum(pixel_count) / (SELECT sum(width::BIGINT * height)
                            FROM read_parquet('out/labels/**/*.parquet', hive_partitioning = true)
                            WHERE run_date = $run_date) AS coverage
-FROM read_parquet('out/class_stats/**/*.parquet', hive_partitioning = true)
+FROM read_parquet('out/class_stats/**/*.parquet', hive_partitioning = true, union_by_name = true)
 WHERE run_date = $run_date
 GROUP BY class_id, class_name
 ORDER BY pixels DESC;""",
     "images_with_class": """\
 SELECT image_uri, pixel_fraction, mean_confidence, bbox_x_min, bbox_y_min, bbox_x_max, bbox_y_max
-FROM read_parquet('out/class_stats/**/*.parquet', hive_partitioning = true)
+FROM read_parquet('out/class_stats/**/*.parquet', hive_partitioning = true, union_by_name = true)
 WHERE class_name = $class_name AND pixel_fraction > $min_fraction
 ORDER BY pixel_fraction DESC;""",
     "error_summary": """\
@@ -27,6 +28,46 @@ SELECT run_date, stage, trim(split_part(error, '(', 1)) AS reason,
 FROM read_parquet('out/errors/**/*.parquet', hive_partitioning = true)
 GROUP BY ALL
 ORDER BY run_date DESC, images DESC;""",
+    # Latest per image: an image relabelled (--force, a changed file, a new checkpoint) counts once, with the
+    # rows of the run that labelled it last (class_stats rows belong to the labels row of the same run).
+    "class_coverage_latest": """\
+WITH latest AS (
+    SELECT image_uri, arg_max(run_id, labeled_at) AS run_id, arg_max(width::BIGINT * height, labeled_at) AS pixels
+    FROM read_parquet('out/labels/**/*.parquet', hive_partitioning = true)
+    GROUP BY image_uri)
+SELECT class_id, class_name,
+       count(*)                                       AS images,
+       sum(pixel_count)                               AS pixels,
+       sum(pixel_count) / (SELECT sum(pixels) FROM latest) AS coverage
+FROM read_parquet('out/class_stats/**/*.parquet', hive_partitioning = true, union_by_name = true)
+JOIN latest USING (image_uri, run_id)
+GROUP BY class_id, class_name
+ORDER BY pixels DESC;""",
+    "images_with_class_latest": """\
+WITH latest AS (
+    SELECT image_uri, arg_max(run_id, labeled_at) AS run_id
+    FROM read_parquet('out/labels/**/*.parquet', hive_partitioning = true)
+    GROUP BY image_uri)
+SELECT image_uri, pixel_fraction, mean_confidence, bbox_x_min, bbox_y_min, bbox_x_max, bbox_y_max
+FROM read_parquet('out/class_stats/**/*.parquet', hive_partitioning = true, union_by_name = true)
+JOIN latest USING (image_uri, run_id)
+WHERE class_name = $class_name AND pixel_fraction > $min_fraction
+ORDER BY pixel_fraction DESC;""",
+    # Images whose latest attempt failed (an image labelled since, or fixed and labelled, drops out).
+    "errors_latest": """\
+WITH attempts AS (
+    SELECT image_uri, failed_at AS attempted_at, stage, error
+    FROM read_parquet('out/errors/**/*.parquet', hive_partitioning = true)
+    UNION ALL
+    SELECT image_uri, labeled_at, NULL, NULL
+    FROM read_parquet('out/labels/**/*.parquet', hive_partitioning = true)),
+last AS (
+    SELECT * FROM attempts QUALIFY row_number() OVER (PARTITION BY image_uri ORDER BY attempted_at DESC) = 1)
+SELECT stage, trim(split_part(error, '(', 1)) AS reason, count(*) AS images, min(image_uri) AS example
+FROM last
+WHERE error IS NOT NULL
+GROUP BY ALL
+ORDER BY images DESC;""",
 }
 
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from ..storage import Location
+from ..storage import Location, redact
 
 
 @dataclass
@@ -52,7 +52,8 @@ class RunRecord:
         self.save()
 
     def save(self) -> None:
-        self.location.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
+        # Arguments may be presigned URLs: their signatures and tokens are never persisted.
+        self.location.write_text(redact(json.dumps(self.to_json(), indent=1, sort_keys=True)))
 
     def to_json(self) -> dict:
         """The content of runs/<run_id>.json."""

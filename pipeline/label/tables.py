@@ -39,6 +39,8 @@ CLASS_STATS_SCHEMA = pa.schema([
     pa.field("bbox_y_max", pa.int32(), nullable=False),
     pa.field("model_id", pa.string(), nullable=False),
     pa.field("run_id", pa.string(), nullable=False),
+    # Added after the first release (files written before lack it): the labels row's labeled_at.
+    pa.field("labeled_at", UTC_TS, nullable=True),
 ])
 
 ERRORS_SCHEMA = pa.schema([
@@ -91,6 +93,7 @@ def split_results(block: pa.Table, *, model_id: str, run_id: str, class_names: l
         "bbox_x_min": pc.list_flatten(ok["stat_x_min"]), "bbox_y_min": pc.list_flatten(ok["stat_y_min"]),
         "bbox_x_max": pc.list_flatten(ok["stat_x_max"]), "bbox_y_max": pc.list_flatten(ok["stat_y_max"]),
         "model_id": pa.array([model_id] * n_stats, pa.string()), "run_id": pa.array([run_id] * n_stats, pa.string()),
+        "labeled_at": ok["at"].take(parents),
     }, schema=CLASS_STATS_SCHEMA)
     errors = pa.table({
         "image_uri": bad["image_uri"], "image_version": bad["image_version"],

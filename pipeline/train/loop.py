@@ -23,7 +23,7 @@ from models import InputConvention, build_model, checkpoint_bytes, init_backbone
 
 from .. import faults
 from ..amp import autocast
-from ..storage import Location
+from ..storage import Location, redact_strings
 from .config import TrainConfig
 from .evaluation import evaluate_rows, to_input
 from .metrics import ConfusionMatrix
@@ -106,7 +106,8 @@ def _save_checkpoint_dir(directory: str, model: nn.Module, cfg: TrainConfig, cla
                          convention: InputConvention, optimizer, step: int, epoch: int, history: list,
                          metrics: dict) -> None:
     model_data = checkpoint_bytes(model, class_names=class_names, convention=convention,
-                                  metadata={"epoch": epoch, "metrics": metrics, "run": cfg.name, "train_config": cfg.to_dict()})
+                                  metadata={"epoch": epoch, "metrics": metrics, "run": cfg.name,
+                                            "train_config": redact_strings(cfg.to_dict())})
     buf = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "history": history}, buf)
     state_data = buf.getvalue()

@@ -26,3 +26,15 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
         kwargs.setdefault("include_dashboard", False)
         kwargs["num_cpus"] = num_cpus
     ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
+
+
+def cluster_capacity() -> dict[str, float]:
+    """Resources of the connected cluster: what it has now, or the most its autoscaler may start, if larger."""
+    now = ray.cluster_resources()
+    try:  # Ray Data reads the autoscaler's limits the same way (ray.data._internal.cluster_autoscaler)
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - no autoscaler, or an older GCS: the present cluster is the limit
+        limits = {}
+    return {k: float(max(now.get(k, 0), limits.get(k, 0))) for k in set(now) | set(limits)}

@@ -3,6 +3,8 @@
 Reduced-width FCN-8s on small synthetic images; every run uses the session's local Ray (2 CPUs): workers
 take half a CPU each so Ray Data keeps a CPU for decoding.
 """
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -11,9 +13,10 @@ import torch
 
 from models import load_checkpoint
 from pipeline import faults, storage
+from pipeline.lease import Lease
 from pipeline.storage import Location
 from pipeline.synthetic import synthesize_voc
-from pipeline.train.run_state import ledger
+from pipeline.train.run_state import ledger, run_location
 from tests.images import encode, palette_mask
 from tests.jobs_util import run_in_process, run_subprocess
 
@@ -108,18 +111,54 @@ def test_worker_killed_after_report_trains_every_epoch_once(ray_session, small_s
     assert ck.metadata["epoch"] == 3 and ck.config.num_classes == 6
 
 
+def _as_if_saved_on_a_gpu(epoch_dir: str) -> None:
+    """Rewrite train_state.pt with CUDA location tags, as a GPU worker saves it, and record it in state.json."""
+    from torch import serialization
+
+    state = torch.load(os.path.join(epoch_dir, "train_state.pt"), weights_only=True)
+    tag_cuda = (0, lambda obj: "cuda:0", lambda obj, location: None)
+    serialization._package_registry.append(tag_cuda)
+    serialization._package_registry.sort(key=lambda entry: entry[0])
+    try:
+        torch.save(state, os.path.join(epoch_dir, "train_state.pt"))
+    finally:
+        serialization._package_registry.remove(tag_cuda)
+    data = open(os.path.join(epoch_dir, "train_state.pt"), "rb").read()
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a load without map_location does on this machine
+        torch.load(os.path.join(epoch_dir, "train_state.pt"), weights_only=True)
+    meta = json.load(open(os.path.join(epoch_dir, "state.json")))
+    meta.update(state_bytes=len(data), state_sha256=hashlib.sha256(data).hexdigest())
+    json.dump(meta, open(os.path.join(epoch_dir, "state.json"), "w"))
+
+
 def test_stop_and_resume_continues_at_next_epoch(ray_session, small_synthetic, tmp_path, capsys):
     runs = str(tmp_path / "runs")
     args = ["--batch-size", "4", "--crop-size", "32"]
     first = _train(capsys, small_synthetic, runs, "resume", "--epochs", "1", *args)
     assert first["epochs_trained_now"] == [1]
-    second = _train(capsys, small_synthetic, runs, "resume", "--epochs", "2", *args)
+    # A rerun must keep the architecture and the optimiser: refused before any cluster work, naming the fields.
+    base = ["--data", small_synthetic, "--storage", runs, "--name", "resume", "--epochs", "2", *TINY, *args]
+    _fails_fast([*base, "--width-mult", "0.125"], "--width-mult 0.0625 (this run: 0.125)")
+    _fails_fast([*base, "--optimizer", "sgd", "--padding", "reference"], "--padding same (this run: reference); --optimizer adam")
+    _as_if_saved_on_a_gpu(storage.join(runs, "resume", "epoch_0001"))  # a CPU-only resume must still load it
+    second = _train(capsys, small_synthetic, runs, "resume", "--epochs", "2", *args, "--weight-decay", "0.001")
     assert second["epochs_trained_now"] == [2] and second["epochs"] == 2
     assert [r["epoch"] for r in ledger(Location.of(storage.join(runs, "resume")))] == [1, 2]
     state = torch.load(storage.join(runs, "resume", "epoch_0002", "train_state.pt"), weights_only=True)
     assert [h["epoch"] for h in state["history"]] == [1, 2]  # history carried over from epoch 1
+    # The saved optimiser state brings its buffers; this run's --weight-decay applies from the resumed epoch on.
+    assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.001}
     again = _train(capsys, small_synthetic, runs, "resume", "--epochs", "2", *args)
     assert again["epochs_trained_now"] == [] and again["epochs"] == 2
+    # epoch_0002/model.pt altered in place (same size, as a second writer would leave it): its hash no longer
+    # matches state.json, so the next resume starts after epoch 1 instead of loading it.
+    model = storage.join(runs, "resume", "epoch_0002", "model.pt")
+    data = bytearray(open(model, "rb").read())
+    data[-100] ^= 0xFF
+    open(model, "wb").write(bytes(data))
+    third = _train(capsys, small_synthetic, runs, "resume", "--epochs", "3", *args)
+    assert third["epochs"] == 3
+    assert [r["epoch"] for r in ledger(Location.of(storage.join(runs, "resume")))] == [1, 2, 2, 3]  # epoch 2 again
 
 
 def _fails_fast(argv, expect):
@@ -128,6 +167,49 @@ def _fails_fast(argv, expect):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout  # failed before any cluster work
+
+
+def test_a_run_folder_in_use_is_refused_with_its_holder(small_synthetic, tmp_path):
+    runs = str(tmp_path / "runs")
+    argv = ["--data", small_synthetic, "--storage", runs, "--name", "busy", *TINY]
+    with Lease.acquire(run_location(runs, "busy"), holder="the nightly run 7", what="run"):
+        _fails_fast(argv, "is in use by the nightly run 7")
+    assert not os.path.exists(storage.join(runs, "busy", "_lease.json"))  # released: the next run may start
+
+
+def test_workers_leaving_no_cpu_for_the_input_pipeline_fail_at_start(small_synthetic, tmp_path):
+    """A 2-worker run whose workers take every CPU: before, Ray Data waited for a CPU forever, without a word."""
+    cpus = str(os.cpu_count())
+    proc = run_subprocess("train", ["--data", small_synthetic, "--storage", str(tmp_path / "runs"), "--name", "x",
+                                    "--num-classes", "6", "--width-mult", "0.0625", "--num-workers", "2",
+                                    "--cpus-per-worker", cpus], timeout=180)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert f"need {2 * int(cpus) + 1} CPUs" in errors[0] and "--data-cpus" in errors[0], errors
+
+
+def test_a_stalled_input_pipeline_ends_the_run_with_one_line(ray_session, small_synthetic, tmp_path, capsys):
+    """The cluster has the CPUs on paper, but another job holds one: the decode tasks never run."""
+    import jobs.train as job
+    from pipeline.cli import run_job
+
+    @ray_session.remote(num_cpus=1)
+    class Hog:
+        def ready(self):
+            return True
+
+    hog = Hog.remote()
+    ray_session.get(hog.ready.remote())
+    try:
+        with pytest.raises(SystemExit) as exc:
+            run_job(job.main, ["--data", small_synthetic, "--storage", str(tmp_path / "runs"), "--name", "stall", *TINY,
+                               "--epochs", "1", "--batch-size", "4", "--crop-size", "32", "--stall-timeout", "5",
+                               "--max-failures", "0"])
+    finally:
+        ray_session.kill(hog)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(lines) == 1 and "no training batch for 5 s" in lines[0], err[-3000:]
 
 
 def test_clear_errors_before_cluster_work(small_synthetic, tmp_path):

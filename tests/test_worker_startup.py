@@ -36,6 +36,19 @@ def test_epoch_input_yields_every_batch_in_order(ray_session):
     assert list(EpochInput(ds.limit(0).iterator(), batch_size=4)) == []
 
 
+def test_epoch_input_raises_when_no_batch_comes(ray_session):
+    import time
+
+    from pipeline.train.loop import InputStalled
+
+    def slow(row):
+        time.sleep(4)
+        return row
+
+    with pytest.raises(InputStalled, match="no training batch for 1 s"):
+        list(EpochInput(ray_session.data.range(2).map(slow).iterator(), batch_size=1, stall_timeout=1))
+
+
 def test_epoch_input_raises_the_pipeline_error_on_the_training_thread(ray_session):
     def boom(row):
         raise ValueError("decode failed for row 3")

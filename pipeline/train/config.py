@@ -41,6 +41,7 @@ class TrainConfig:
     keep_best: int = 3               # best K checkpoints by mean IU are kept, plus the latest
     max_failures: int = 3
     max_pixels: int = 64_000_000
+    stall_timeout: float = 900.0      # seconds without a training batch before the run fails with a clear error
     seed: int = 0
     train_split: str = "train"
     val_split: str = "val"
@@ -55,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.stall_timeout <= 0:
+            raise ValueError(f"--stall-timeout must be > 0 seconds, got {self.stall_timeout}")
         if not self.name or "/" in self.name:
             raise ValueError(f"--name must be a non-empty run name without '/', got {self.name!r}")
 

@@ -5,9 +5,11 @@ whole validation split (sharded; confusion matrices summed exactly across worker
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -36,41 +38,55 @@ from .run_state import (
     new_attempt_id,
     run_location,
     scan_checkpoints,
+    verify_checkpoint,
     write_ledger,
 )
 
 
+class InputStalled(RuntimeError):
+    """No training batch arrived for `stall_timeout` seconds: the input pipeline gets no CPU (or hangs)."""
+
+
 class EpochInput:
-    """One epoch of the training shard's batches, started ahead of time.
+    """One epoch of the training shard's batches, started ahead of time, with a stall watchdog.
 
     Each epoch of a Ray Data shard is a new execution: new decode tasks, and often fresh worker processes
     (Ray reaps idle workers after ~1 s), which costs seconds before the first batch. Starting the next epoch
     on a background thread just before validation and the checkpoint report hides that start-up behind them.
-    The thread only pulls the first batch; the training loop then consumes the same iterator.
+    The thread pulls batches one ahead of the training loop; when none comes for `stall_timeout` seconds the
+    loop raises InputStalled instead of waiting forever.
     """
 
-    def __init__(self, shard, **iter_kwargs) -> None:
+    _END = object()
+
+    def __init__(self, shard, *, stall_timeout: float | None = None, **iter_kwargs) -> None:
         self._it = iter(shard.iter_torch_batches(**iter_kwargs))
-        self._first = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._fetch_first, name="epoch-input", daemon=True)
+        self.stall_timeout = stall_timeout
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._pull, name="epoch-input", daemon=True)
         self._thread.start()
 
-    def _fetch_first(self) -> None:
+    def _pull(self) -> None:
         try:
-            self._first = [next(self._it)]
-        except StopIteration:
-            self._first = []
+            for batch in self._it:
+                self._queue.put(batch)
+            self._queue.put(self._END)
         except BaseException as e:  # re-raised on the training thread
-            self._error = e
+            self._queue.put(e)
 
     def __iter__(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        first, self._first = self._first, None
-        yield from first
-        yield from self._it
+        while True:
+            try:
+                item = self._queue.get(timeout=self.stall_timeout)
+            except queue.Empty:
+                raise InputStalled(f"no training batch for {self.stall_timeout:g} s: the input pipeline is stalled "
+                                   "(its decode tasks get no CPU, or a read hangs); give Ray Data CPUs (lower "
+                                   "--cpus-per-worker or --data-cpus, or add nodes) or raise --stall-timeout") from None
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 def _poly_lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -85,10 +101,14 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 def _resume_point(run: Location, rank: int) -> dict | None:
-    """Rank 0 decides where to resume (Ray's checkpoint, or a later complete one the race hid); all agree."""
+    """Rank 0 decides where to resume (Ray's checkpoint, or a later complete one the race hid; the newest whose
+    files hash to what its state.json recorded); all ranks agree."""
     decision = [None]
     if rank == 0:
         found = scan_checkpoints(run)
+        while found and not verify_checkpoint(run, found[-1]):
+            print(f"[train] {found[-1]['uri']} does not match the hashes in its state.json: skipped", flush=True)
+            found.pop()
         latest = found[-1] if found else None
         ray_ck = ray.train.get_checkpoint()
         if latest is not None and ray_ck is not None:
@@ -115,7 +135,9 @@ def _save_checkpoint_dir(directory: str, model: nn.Module, cfg: TrainConfig, cla
         f.write(model_data)
     with open(os.path.join(directory, STATE_FILE), "wb") as f:
         f.write(state_data)
-    meta = {"epoch": epoch, "metrics": metrics, "model_bytes": len(model_data), "state_bytes": len(state_data)}
+    meta = {"epoch": epoch, "metrics": metrics, "model_bytes": len(model_data), "state_bytes": len(state_data),
+            "model_sha256": hashlib.sha256(model_data).hexdigest(), "state_sha256": hashlib.sha256(state_data).hexdigest(),
+            "train_config": redact_strings(cfg.to_dict())}
     with open(os.path.join(directory, META_FILE), "w") as f:
         json.dump(meta, f)
 
@@ -142,7 +164,9 @@ def train_loop_per_worker(config: dict) -> None:
     train_state = None
     if resume is not None:
         model.load_state_dict(load_checkpoint(resume["model_uri"]).model.state_dict())
-        train_state = torch.load(io.BytesIO(run.child(epoch_dir_name(resume["epoch"]), STATE_FILE).read_bytes()), weights_only=True)
+        # Onto the CPU: tensors saved on a GPU must load on any rank's device, and on a CPU-only node.
+        train_state = torch.load(io.BytesIO(run.child(epoch_dir_name(resume["epoch"]), STATE_FILE).read_bytes()),
+                                 weights_only=True, map_location="cpu")
         if rank == 0 and not any(r["epoch"] == resume["epoch"] for r in ledger(run)):
             write_ledger(run, resume["epoch"], "recovered", resume["metrics"])
     elif cfg.init_from:
@@ -160,6 +184,12 @@ def train_loop_per_worker(config: dict) -> None:
     step, start_epoch, history = 0, 1, []
     if train_state is not None:
         optimizer.load_state_dict(train_state["optimizer"])
+        # The saved state brings its buffers (momentum, Adam moments); this run's flags set the hyperparameters
+        # (--lr through the schedule below, --momentum, --weight-decay) from the resumed epoch on.
+        for group in optimizer.param_groups:
+            group["weight_decay"] = cfg.weight_decay
+            if "momentum" in group:
+                group["momentum"] = cfg.momentum
         step, start_epoch, history = train_state["step"], train_state["epoch"] + 1, list(train_state["history"])
     total_steps = cfg.epochs * config["steps_per_epoch"]
     # Sum over pixels divided by the valid pixels of the *global* batch (all workers): DDP's gradient average
@@ -167,7 +197,8 @@ def train_loop_per_worker(config: dict) -> None:
     criterion = nn.CrossEntropyLoss(ignore_index=255, reduction="sum")
     has_val = rank < config["val_shards"]
     shard = ray.train.get_dataset_shard("train")
-    batches_for = dict(batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.batch_size * 8)
+    batches_for = dict(batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.batch_size * 8,
+                       stall_timeout=cfg.stall_timeout)
     next_input = EpochInput(shard, **batches_for) if start_epoch <= cfg.epochs else None
 
     for epoch in range(start_epoch, cfg.epochs + 1):

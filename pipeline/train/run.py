@@ -3,6 +3,7 @@ Ray Data inputs, run Ray Train's TorchTrainer, and summarise from what storage d
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 
 import ray
 import ray.train
@@ -14,13 +15,17 @@ from models import TORCHVISION, VOC_CLASSES, CheckpointError, InputConvention, M
 from .. import faults
 from ..dataset_formats import list_samples, read_class_names
 from ..errors import JobError
-from ..ray_setup import init_ray
+from ..lease import Lease
+from ..ray_setup import cluster_capacity, init_ray
 from ..storage import check_exists, normalize
 from .config import TrainConfig
 from .inputs import BadSampleLog, segmentation_dataset
 from .loop import train_loop_per_worker
-from .run_state import ledger, run_location, scan_checkpoints
+from .run_state import ledger, run_location, scan_checkpoints, stored_config
 from .transforms import TrainTransform
+
+# What a resumed run must share with the run that wrote its checkpoints (the weights and the optimiser state).
+RESUME_FIELDS = ("model", "num_classes", "width_mult", "padding", "optimizer")
 
 
 def preflight(cfg: TrainConfig) -> tuple[list, list, list[str], InputConvention]:
@@ -51,8 +56,37 @@ def preflight(cfg: TrainConfig) -> tuple[list, list, list[str], InputConvention]
         check_exists(cfg.backbone_weights, "VGG16 weights file")
         if cfg.width_mult != 1.0:
             raise JobError("--backbone-weights needs --width-mult 1.0 (pretrained VGG16 has full width)")
-    run_location(cfg.storage, cfg.name).check_writable()
+    run = run_location(cfg.storage, cfg.name)
+    run.check_writable()
+    check_resumable(cfg, scan_checkpoints(run))
     return train, val, class_names, convention
+
+
+def check_resumable(cfg: TrainConfig, checkpoints: list[dict]) -> None:
+    """A rerun of an existing run must keep its architecture and optimiser; name every field that differs."""
+    if not checkpoints:
+        return
+    stored = stored_config(checkpoints[-1]) or {}
+    differ = [f"--{k.replace('_', '-')} {stored[k]} (this run: {getattr(cfg, k)})"
+              for k in RESUME_FIELDS if k in stored and stored[k] != getattr(cfg, k)]
+    if differ:
+        raise JobError(f"run {checkpoints[-1]['uri'].rsplit('/', 1)[0]} was trained with {'; '.join(differ)}: resume "
+                       "it with the same values, or start a new run with another --name")
+
+
+def check_cluster_fits(cfg: TrainConfig) -> None:
+    """The workers and at least one decode task of the input pipeline fit the cluster (as the autoscaler can
+    grow it); otherwise the input pipeline would wait for a CPU forever."""
+    capacity = cluster_capacity()
+    cpus, gpus = capacity.get("CPU", 0.0), capacity.get("GPU", 0.0)
+    need = cfg.num_workers * cfg.cpus_per_worker + cfg.data_cpus
+    if cpus < need:
+        raise JobError(f"{cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU (--cpus-per-worker) + {cfg.data_cpus:g} "
+                       f"CPU for the input pipeline (--data-cpus) need {need:g} CPUs, but the Ray cluster has {cpus:g}: "
+                       "lower --num-workers, --cpus-per-worker or --data-cpus, or add nodes")
+    if cfg.use_gpu and gpus < cfg.num_workers:
+        raise JobError(f"--use-gpu with {cfg.num_workers} worker(s) needs {cfg.num_workers} GPUs, but the Ray cluster "
+                       f"has {gpus:g}: lower --num-workers or add GPU nodes")
 
 
 def build_trainer(cfg: TrainConfig, train: list, val: list, class_names: list[str], convention: InputConvention,
@@ -118,17 +152,30 @@ def run_training(cfg: TrainConfig) -> dict:
     """Train (or resume) a run; returns the summary dict printed by jobs/train.py."""
     train, val, class_names, convention = preflight(cfg)
     run = run_location(cfg.storage, cfg.name)
+    started = datetime.now(timezone.utc)
+    with Lease.acquire(run, holder=f"the training started {started:%Y-%m-%d %H:%M:%S} UTC", what=f"run {run.uri}"):
+        return _train(cfg, run, train, val, class_names, convention)
+
+
+def _train(cfg: TrainConfig, run, train: list, val: list, class_names: list[str], convention: InputConvention) -> dict:
     done_before = {r["epoch"] for r in ledger(run)}
     init_ray()
+    check_cluster_fits(cfg)
     bad_log = BadSampleLog.remote()
     trainer = build_trainer(cfg, train, val, class_names, convention, bad_log)
     latest = scan_checkpoints(run)
     if latest and latest[-1]["epoch"] >= cfg.epochs:
         print(f"[train] {run.uri} already completed epoch {latest[-1]['epoch']} of {cfg.epochs}: nothing to train", flush=True)
     else:
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
+        try:
+            result = trainer.fit()
+            if result.error is not None:
+                raise result.error
+        except Exception as e:
+            stalled = str(e).rpartition("no training batch for ")[2]  # the message, after the traceback
+            if stalled:  # loop.InputStalled, raised in a worker: one line, not a worker's traceback
+                raise JobError("no training batch for " + stalled.splitlines()[0]) from None
+            raise
     bad_rows = ray.get(bad_log.rows.remote())
     for row in bad_rows:
         print(f"[train] skipped bad sample {row['uri']}: {row['reason']}", flush=True)

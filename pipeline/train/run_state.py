@@ -3,15 +3,18 @@
 Layout under `<storage>/<name>/` (Ray Train's run directory):
     epoch_0003/model.pt         the FCN checkpoint (models.load_checkpoint reads it; labeling uses it as is)
     epoch_0003/train_state.pt   optimizer, schedule step, history: what resuming needs
-    epoch_0003/state.json       epoch, metrics and the byte sizes of the two files (completeness check)
+    epoch_0003/state.json       epoch, metrics, the config, the byte sizes and SHA-256 of the two files
     ledger/epoch_0003-<attempt>.json   one file each time an epoch was committed (proof of exactly once)
 
-A checkpoint directory counts only when all three files are there at their recorded sizes. Ray Train can
-lose a checkpoint reported just before a worker died (its upload finished, its registration did not); the
-scan still finds it, so that epoch is neither lost nor trained again.
+A checkpoint directory counts only when all three files are there at their recorded sizes; before resuming
+from one, its files' hashes are checked too (two runs writing one folder would mix files of equal size; the
+run lease prevents that, the hashes catch it). Ray Train can lose a checkpoint reported just before a worker
+died (its upload finished, its registration did not); the scan still finds it, so that epoch is neither lost
+nor trained again.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -46,7 +49,7 @@ def _meta(epoch_dir: Location) -> dict | None:
 
 
 def scan_checkpoints(run: Location) -> list[dict]:
-    """Complete checkpoints of a run, oldest epoch first: {epoch, uri (dir), model_uri, metrics}."""
+    """Complete checkpoints of a run, oldest epoch first: {epoch, uri (dir), model_uri, metrics, meta}."""
     try:
         run.fs.invalidate_cache()
         entries = run.fs.ls(run.path, detail=False)
@@ -63,8 +66,28 @@ def scan_checkpoints(run: Location) -> list[dict]:
         if meta is None or meta.get("epoch") != int(m.group(1)):
             continue
         found.append({"epoch": meta["epoch"], "uri": epoch_dir.uri, "model_uri": epoch_dir.child(MODEL_FILE).uri,
-                      "metrics": meta.get("metrics", {})})
+                      "metrics": meta.get("metrics", {}), "meta": meta})
     return sorted(found, key=lambda c: c["epoch"])
+
+
+def verify_checkpoint(run: Location, checkpoint: dict) -> bool:
+    """The files of a scanned checkpoint hash to what its state.json recorded (true for checkpoints written
+    before hashes were recorded)."""
+    meta, epoch_dir = checkpoint["meta"], run.child(epoch_dir_name(checkpoint["epoch"]))
+    for fname, key in ((MODEL_FILE, "model_sha256"), (STATE_FILE, "state_sha256")):
+        if key in meta and hashlib.sha256(epoch_dir.child(fname).read_bytes()).hexdigest() != meta[key]:
+            return False
+    return True
+
+
+def stored_config(checkpoint: dict) -> dict | None:
+    """The training config a scanned checkpoint was written with (state.json; older runs: model.pt's metadata)."""
+    if "train_config" in checkpoint["meta"]:
+        return checkpoint["meta"]["train_config"]
+    from models import read_checkpoint_payload
+
+    payload, _ = read_checkpoint_payload(checkpoint["model_uri"])
+    return json.loads(payload["metadata"]).get("train_config")
 
 
 def write_ledger(run: Location, epoch: int, attempt: str, metrics: dict) -> None:

@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "slots (unused ones are zero), so an image's labels never depend on its neighbours")
     g.add_argument("--max-pixels", type=int, default=d.max_pixels,
                    help="images over this many pixels are rejected from their header (an errors/ row)")
-    g.add_argument("--max-bytes", type=int, default=d.max_bytes,
+    g.add_argument("--max-bytes", type=optional_int, default=d.max_bytes,
                    help="files over this many bytes are not read (an errors/ row); at most this plus one byte is "
-                        "ever read of a file")
+                        "ever read of a file (default: max(256 MiB, 8 x --max-pixels))")
     g.add_argument("--amp", choices=AMP_CHOICES, default=d.amp, help="mixed precision on GPUs (CPU: always fp32)")
     g.add_argument("--no-amp", dest="amp", action="store_const", const="off", help=argparse.SUPPRESS)  # = --amp off
 

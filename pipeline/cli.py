@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import re
+import signal
 import sys
 from typing import Any, Callable
 
@@ -53,8 +54,16 @@ def print_summary(summary: dict) -> None:
     print(redact(json.dumps(_clean(summary), sort_keys=True)), flush=True)
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_job(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run a job's main; user errors become `error: ...` on stderr and exit status 2."""
+    """Run a job's main; user errors become `error: ...` on stderr and exit status 2.
+
+    SIGTERM (`ray job stop`, a scheduler's kill) unwinds like an exception, so the job's `finally` blocks run:
+    leases are released and run records say `failed`."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         code = main(argv)
     except USER_ERRORS as e:
@@ -63,4 +72,6 @@ def run_job(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.exit(code or 0)

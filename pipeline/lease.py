@@ -1,16 +1,22 @@
 """One writer per folder: a lease file created exclusively, kept alive by a heartbeat, void once it goes stale.
 
-    with Lease.acquire(folder, holder="run 20261126T0100Z-ab12cd", what="training run s3://b/runs/x"):
-        ...  # nobody else holds `folder` meanwhile
+    with Lease.acquire(folder, holder="run 20261126T0100Z-ab12cd", what="run s3://b/runs/x") as lease:
+        ...  # nobody else holds `folder` meanwhile; lease.lost says why if it was lost
 
-The lease is `<folder>/_lease.json`, created with an exclusive create (locally: a hard link of a complete
-temporary file, which fails if the name exists; on S3: a conditional PUT, `If-None-Match: *`). A thread rewrites
-it every `ttl_s / 4` seconds; its modification time (the store's clock) is the heartbeat. A lease whose heartbeat
-is older than `ttl_s` belongs to a holder that died: the next run deletes it and takes its own. Releasing a lease
-that is already gone (or was taken over) is not an error.
+The lease is `<folder>/_lease.json`:
+- created exclusively: locally a hard link of a complete temporary file (`O_EXCL` where the filesystem has no
+  hard links), on S3 a conditional PUT (`If-None-Match: *`);
+- renewed every `ttl_s / 4` seconds by a thread, on S3 with a conditional PUT on its ETag, so a renewal never
+  overwrites a lease another run took meanwhile; its modification time is the heartbeat;
+- taken over when its heartbeat is older than `ttl_s`, or at once when its holder's process is gone from this
+  host: the stale file is renamed away locally (one taker wins) or deleted on its ETag on S3 (`If-Match`);
+- released by its holder only while it is still its own; one already gone is not an error.
+A holder that loses its lease (a stall longer than `ttl_s`) is told: `on_lost` runs, by default interrupting the
+main thread, so a run never goes on writing beside another.
 """
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import os
@@ -19,6 +25,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timezone
+from typing import Callable
 
 from .errors import JobError
 from .storage import Location, storage_error
@@ -39,59 +46,72 @@ def _age(seconds: float) -> str:
 
 
 class Lease:
-    def __init__(self, location: Location, record: dict, ttl_s: float):
+    def __init__(self, location: Location, record: dict, ttl_s: float, etag: str | None,
+                 on_lost: Callable[[], None]):
         self.location, self.record, self.ttl_s = location, record, ttl_s
+        self.lost: str | None = None
+        self._etag, self._on_lost = etag, on_lost
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
 
     # ------------------------------------------------------------------------------------------ acquire
 
     @classmethod
-    def acquire(cls, folder: Location, *, holder: str, what: str, ttl_s: float = DEFAULT_TTL_S) -> Lease:
+    def acquire(cls, folder: Location, *, holder: str, what: str, ttl_s: float = DEFAULT_TTL_S,
+                on_lost: Callable[[], None] = _thread.interrupt_main) -> Lease:
         """Take the lease of `folder` or raise LeaseHeld naming the live holder."""
         location = folder.child(LEASE_FILE)
         record = {"holder": holder, "id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
                   "acquired_at": datetime.now(timezone.utc).isoformat(), "ttl_s": ttl_s}
-        data = json.dumps(record, indent=1).encode()
-        for _ in range(2):  # a stale lease is removed once, then the create is tried again
-            if _create_exclusive(location, data):
-                lease = cls(location, record, ttl_s)
+        data = _encode(record)
+        for _ in range(3):  # a stale lease is removed, then the create is tried again
+            created, etag = _create_exclusive(location, data)
+            if created:
+                lease = cls(location, record, ttl_s, etag, on_lost)
                 lease._thread.start()
                 return lease
-            current, heartbeat_age = _read(location)
+            current = _read(location)
             if current is None:  # released between our create and our read
                 continue
-            if heartbeat_age <= ttl_s:
-                held_for = _held_for(current)
-                raise LeaseHeld(f"{what} is in use by {current.get('holder', 'another run')} (host "
-                                f"{current.get('host', '?')}, pid {current.get('pid', '?')}), which has held it for "
-                                f"{held_for}; a holder that died frees it {_age(ttl_s)} after its last heartbeat "
-                                f"({_age(heartbeat_age)} ago)")
-            log.warning("taking over the lease of %s from %s: no heartbeat for %s", folder.uri,
-                        current.get("holder", "a dead run"), _age(heartbeat_age))
-            _remove(location)
-        raise LeaseHeld(f"{what}: another run took the lease at the same moment")
+            found, heartbeat_age, found_etag = current
+            dead = _holder_died(found)
+            if heartbeat_age <= ttl_s and not dead:
+                raise LeaseHeld(f"{what} is in use by {found.get('holder', 'another run')} (host "
+                                f"{found.get('host', '?')}, pid {found.get('pid', '?')}), which has held it for "
+                                f"{_held_for(found)}; a holder that died frees it {_age(ttl_s)} after its last "
+                                f"heartbeat ({_age(heartbeat_age)} ago)")
+            log.warning("taking over the lease of %s from %s: %s", folder.uri, found.get("holder", "a dead run"),
+                        "its process is gone" if dead else f"no heartbeat for {_age(heartbeat_age)}")
+            _remove_if_unchanged(location, found, found_etag)
+        raise LeaseHeld(f"{what}: other runs are taking its lease at the same moment; try again")
 
     # ------------------------------------------------------------------------------------ hold and release
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
             try:
-                current, _ = _read(self.location)
-                if current is None or current.get("id") != self.record["id"]:
-                    log.error("lost the lease of %s (taken over after a stall)", self.location.uri)
-                    return
-                self.location.write_bytes(json.dumps(self.record, indent=1).encode())
+                current = _read(self.location)
+                if current is None or current[0].get("id") != self.record["id"]:
+                    raise _Lost()
+                self._etag = _renew(self.location, _encode(self.record), self._etag)
+            except _Lost:
+                self.lost = (f"lost the lease of {self.location.uri}: another run took it over after this one "
+                             f"sent no heartbeat for {_age(self.ttl_s)}")
+                log.error("%s", self.lost)
+                self._on_lost()
+                return
             except Exception as e:  # noqa: BLE001 - a missed beat is retried; the lease lives ttl_s
                 log.warning("lease heartbeat of %s failed: %s", self.location.uri, e)
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lease if it is still ours; a lease already gone is fine."""
+        """Stop the heartbeat, then delete the lease if it is still ours; a lease already gone is fine."""
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
         try:
-            current, _ = _read(self.location)
-            if current is not None and current.get("id") == self.record["id"]:
-                _remove(self.location)
+            current = _read(self.location)
+            if current is not None and current[0].get("id") == self.record["id"]:
+                _remove_if_unchanged(self.location, current[0], current[2])
         except Exception as e:  # noqa: BLE001 - ending a run never fails on its lease
             log.warning("could not release the lease %s: %s", self.location.uri, e)
 
@@ -102,6 +122,14 @@ class Lease:
         self.release()
 
 
+class _Lost(Exception):
+    pass
+
+
+def _encode(record: dict) -> bytes:
+    return json.dumps(record, indent=1).encode()
+
+
 def _held_for(record: dict) -> str:
     try:
         return _age(time.time() - datetime.fromisoformat(record["acquired_at"]).timestamp())
@@ -109,46 +137,109 @@ def _held_for(record: dict) -> str:
         return "an unknown time"
 
 
-def _create_exclusive(location: Location, data: bytes) -> bool:
-    """Create the file with `data` unless it exists; True when this call created it."""
-    try:
-        if location.is_local:
-            os.makedirs(os.path.dirname(location.path), exist_ok=True)
-            tmp = f"{location.path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, location.path)  # fails if the name exists; readers never see a partial file
-            finally:
-                os.unlink(tmp)
-        else:
-            location.fs.pipe_file(location.path, data, mode="create")  # S3: If-None-Match: *
-        return True
-    except FileExistsError:
+def _holder_died(record: dict) -> bool:
+    """The holder ran on this host and its process is gone (a kill -9, a crash): no need to wait for the ttl."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
         return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _create_exclusive(location: Location, data: bytes) -> tuple[bool, str | None]:
+    """Create the file with `data` unless it exists: (created, ETag on S3)."""
+    try:
+        if not location.is_local:
+            location.fs.pipe_file(location.path, data, mode="create")  # If-None-Match: *
+            location.fs.invalidate_cache()
+            return True, location.fs.info(location.path).get("ETag")
+        os.makedirs(os.path.dirname(location.path), exist_ok=True)
+        tmp = f"{location.path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, location.path)  # fails if the name exists; readers never see a partial file
+        except OSError as e:
+            if isinstance(e, FileExistsError):
+                raise
+            fd = os.open(location.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # no hard links on this filesystem
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        finally:
+            os.unlink(tmp)
+        return True, None
+    except FileExistsError:
+        return False, None
     except Exception as e:
         raise storage_error(location.uri, e) from None
 
 
-def _read(location: Location) -> tuple[dict | None, float]:
-    """(record, seconds since its last heartbeat), or (None, 0) when there is no lease."""
+def _read(location: Location) -> tuple[dict, float, str | None] | None:
+    """(record, seconds since its last heartbeat, ETag), or None when there is no lease."""
     try:
         location.fs.invalidate_cache()
         info = location.fs.info(location.path)
-        record = json.loads(location.read_bytes())
+        data = location.read_bytes()
     except FileNotFoundError:
-        return None, 0.0
-    except ValueError:  # unreadable content: only its age counts
+        return None
+    try:
+        record = json.loads(data)
+    except ValueError:  # being written (O_EXCL fallback) or damaged: only its age counts
         record = {}
     modified = info.get("mtime") or info.get("LastModified")
     modified = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0)
-    return record, time.time() - modified
+    return record, time.time() - modified, info.get("ETag")
 
 
-def _remove(location: Location) -> None:
+def _renew(location: Location, data: bytes, etag: str | None) -> str | None:
+    """Rewrite the lease (its mtime is the heartbeat); on S3 only if it is still the version this holder wrote."""
+    if location.is_local:
+        location.write_bytes(data)
+        return None
+    bucket, _, key = location.path.partition("/")
     try:
-        location.fs.rm(location.path)
+        kwargs = {"IfMatch": etag} if etag else {}
+        new_etag = location.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **kwargs).get("ETag")
+    except OSError as e:
+        if "pre-condition" in str(e).lower() or "precondition" in str(e).lower():
+            raise _Lost() from None
+        raise
+    location.fs.invalidate_cache()
+    return new_etag
+
+
+def _remove_if_unchanged(location: Location, record: dict, etag: str | None) -> None:
+    """Delete the lease only if it is still `record` (two runs taking over one stale lease: one wins)."""
+    if not location.is_local:
+        bucket, _, key = location.path.partition("/")
+        try:
+            location.fs.call_s3("delete_object", Bucket=bucket, Key=key, **({"IfMatch": etag} if etag else {}))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if "pre-condition" not in str(e).lower() and "precondition" not in str(e).lower():
+                raise
+        location.fs.invalidate_cache()
+        return
+    aside = f"{location.path}.{uuid.uuid4().hex}.stale"
+    try:
+        os.rename(location.path, aside)  # atomic: of two takers, one moves it
     except FileNotFoundError:
-        pass
+        return
+    try:
+        with open(aside, "rb") as f:
+            moved = json.loads(f.read() or b"{}")
+    except ValueError:
+        moved = {}
+    if moved.get("id") != record.get("id"):  # a fresh lease came between our read and our rename: put it back
+        try:
+            os.link(aside, location.path)
+        except FileExistsError:
+            pass
+    os.unlink(aside)

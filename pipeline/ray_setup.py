@@ -28,13 +28,20 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
     ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
 
 
-def cluster_capacity() -> dict[str, float]:
-    """Resources of the connected cluster: what it has now, or the most its autoscaler may start, if larger."""
+def cluster_capacity() -> tuple[dict[str, float], bool]:
+    """(resources, known) of the connected cluster: the most it can have.
+
+    known=True: the autoscaler publishes its limits (autoscaler v2), or this process started the Ray instance
+    (a fixed local cluster). known=False: a joined cluster whose limits are not published (autoscaler v1, as
+    cluster.yaml starts it): the present resources are only a floor.
+    """
     now = ray.cluster_resources()
     try:  # Ray Data reads the autoscaler's limits the same way (ray.data._internal.cluster_autoscaler)
         from ray._private.state import state
 
         limits = state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # noqa: BLE001 - no autoscaler, or an older GCS: the present cluster is the limit
+    except Exception:  # noqa: BLE001 - an older GCS: no published limits
         limits = {}
-    return {k: float(max(now.get(k, 0), limits.get(k, 0))) for k in set(now) | set(limits)}
+    node = ray._private.worker._global_node  # set, with head=True, when this process started the head
+    known = bool(limits) or bool(node is not None and getattr(node, "head", False))
+    return {k: float(max(now.get(k, 0), limits.get(k, 0))) for k in set(now) | set(limits)}, known

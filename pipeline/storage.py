@@ -44,14 +44,21 @@ class UnreadableFile(OSError):
     """A listed entry that must not be read: not a regular file, or over the byte limit (the message says)."""
 
 
+# Query parameters that carry credentials: presigned S3/GCS URLs (X-Amz-Signature, X-Amz-Security-Token,
+# X-Amz-Credential, X-Goog-*), Azure SAS (sig), API keys and passwords.
+_SECRET_PARAMS = re.compile(r"(?i)((?:[\w-]*(?:secret|token|signature|credential|password|passwd|api[_-]?key))|(?<![\w-])sig)"
+                            r"=[^&\s'\"]+")
+_URL_PASSWORD = re.compile(r"(://[^/\s:@'\"]+):[^/\s@'\"]+@")
+
+
 def redact(text: str) -> str:
-    """Remove credential values (from the environment) and anything shaped like a secret from a message."""
+    """Remove credential values (from the environment), URL passwords and credential query parameters."""
     for name in _SECRET_ENV:
         value = os.environ.get(name)
-        if value and len(value) >= 4:
+        if value and len(value) >= 16:  # real keys are long; a short value ("test") would mangle plain words
             text = text.replace(value, "***")
-    # Query parameters of presigned URLs (X-Amz-Signature, X-Amz-Security-Token, X-Amz-Credential, ...) too.
-    return re.sub(r"(?i)(secret|token|signature|credential)=[^&\s'\"]+", r"\1=***", text)
+    text = _URL_PASSWORD.sub(r"\1:***@", text)
+    return _SECRET_PARAMS.sub(r"\1=***", text)
 
 
 def redact_strings(values: dict) -> dict:
@@ -257,28 +264,44 @@ class Location:
         """
         if not self.is_local:
             with self.fs.open(path, "rb") as f:
-                data = f.read(max_bytes + 1)
-        else:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO does not wait
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # a socket
-                    raise UnreadableFile("not a regular file (socket)") from None
-                raise
-            with os.fdopen(fd, "rb") as f:
-                mode = os.fstat(fd).st_mode
-                if stat.S_ISDIR(mode):
-                    raise IsADirectoryError(path)
-                if not stat.S_ISREG(mode):
-                    raise UnreadableFile(f"not a regular file ({_FILE_KINDS.get(stat.S_IFMT(mode), 'special file')})")
-                data = f.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise UnreadableFile(f"file is over the {max_bytes / 1e6:g} MB limit (--max-bytes)")
-        return data
+                return _read_at_most(f, max_bytes)
+        _check_regular(os.stat(path).st_mode)  # refused before it is opened: opening a device can act
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO swapped in never blocks the open
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # a socket
+                raise UnreadableFile("not a regular file (socket)") from None
+            raise
+        try:
+            _check_regular(os.fstat(fd).st_mode)  # what was opened, if the name changed since the stat
+            with os.fdopen(os.dup(fd), "rb") as f:
+                return _read_at_most(f, max_bytes)
+        finally:
+            os.close(fd)
 
 
 _FILE_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
                stat.S_IFSOCK: "socket"}
+_READ_CHUNK = 8 * 1024 * 1024
+
+
+def _check_regular(mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError("is a directory")
+    if not stat.S_ISREG(mode):
+        raise UnreadableFile(f"not a regular file ({_FILE_KINDS.get(stat.S_IFMT(mode), 'special file')})")
+
+
+def _read_at_most(f, max_bytes: int) -> bytes:
+    """The file's bytes, in chunks (no buffer of max_bytes up front); UnreadableFile past max_bytes."""
+    chunks, total = [], 0
+    while total <= max_bytes:
+        chunk = f.read(min(_READ_CHUNK, max_bytes + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+    raise UnreadableFile(f"file is over the {max_bytes / 1e6:g} MB limit (--max-bytes)")
 
 
 def local_version(path: str) -> str | None:

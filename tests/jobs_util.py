@@ -27,6 +27,7 @@ def run_in_process(name: str, argv: list[str], capsys) -> dict:
 
 
 def run_subprocess(name: str, argv: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+    # RAY_ADDRESS=local: a job started here starts its own Ray, never joins the session's (or a test cluster).
+    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local", **(env or {})}
     return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", f"{name}.py"), *argv], capture_output=True,
                           text=True, timeout=timeout, env=full_env, cwd=ROOT)

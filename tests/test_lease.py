@@ -3,6 +3,7 @@ holder's stale lease, and a release that never fails."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -53,3 +54,52 @@ def test_the_heartbeat_keeps_a_live_lease(folder):
         time.sleep(4.0)  # longer than the ttl: only the heartbeat keeps it fresh (S3 times are whole seconds)
         with pytest.raises(LeaseHeld, match="long run"):
             Lease.acquire(folder, holder="impatient run", what="run x", ttl_s=3.0)
+
+
+def _write_lease(folder: Location, record: dict) -> None:
+    folder.child(LEASE_FILE).write_bytes(json.dumps(record).encode())
+
+
+def test_a_holder_whose_process_is_gone_from_this_host_is_taken_over_at_once(folder):
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid now belongs to no process
+    _write_lease(folder, {"holder": "killed run", "id": "x", "host": socket.gethostname(), "pid": gone.pid,
+                          "acquired_at": "2026-11-26T00:00:00+00:00"})
+    with Lease.acquire(folder, holder="next run", what="run x"):  # no 10-minute wait
+        pass
+
+
+def test_two_runs_taking_over_one_stale_lease_one_wins(folder):
+    _write_lease(folder, {"holder": "dead run", "id": "stale", "host": "elsewhere", "pid": 1})
+    time.sleep(1.1)
+    results, barrier = {}, threading.Barrier(2)
+
+    def take(name):
+        barrier.wait()
+        try:
+            results[name] = Lease.acquire(folder, holder=name, what="run x", ttl_s=1.0, on_lost=lambda: None)
+        except LeaseHeld as e:
+            results[name] = e
+
+    threads = [threading.Thread(target=take, args=(n,)) for n in ("B", "C")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [n for n, r in results.items() if isinstance(r, Lease)]
+    assert len(winners) == 1, results
+    assert json.loads(folder.child(LEASE_FILE).read_bytes())["holder"] == winners[0]
+    results[winners[0]].release()
+
+
+def test_a_holder_that_lost_its_lease_is_told(folder):
+    told = threading.Event()
+    lease = Lease.acquire(folder, holder="stalled run", what="run x", ttl_s=0.8, on_lost=told.set)
+    folder.fs.rm(folder.child(LEASE_FILE).path)  # as if it stalled past the ttl and another run took over
+    with Lease.acquire(folder, holder="new run", what="run x", on_lost=lambda: None):
+        assert told.wait(5) and "lost the lease" in lease.lost
+        lease.release()  # leaves the new holder's lease alone
+        assert json.loads(folder.child(LEASE_FILE).read_bytes())["holder"] == "new run"

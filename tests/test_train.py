@@ -177,6 +177,41 @@ def test_a_run_folder_in_use_is_refused_with_its_holder(small_synthetic, tmp_pat
     assert not os.path.exists(storage.join(runs, "busy", "_lease.json"))  # released: the next run may start
 
 
+def test_a_stopped_run_does_not_block_the_next_one(small_synthetic, tmp_path):
+    """`ray job stop` sends SIGTERM, then SIGKILL a few seconds later. Either way the next run must not wait ten
+    minutes for the lease to go stale: SIGTERM releases it when Python gets to run the handler, and a holder
+    whose process is gone from this host (where `ray job submit` runs drivers) is taken over at once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.jobs_util import ROOT
+
+    lease = tmp_path / "runs" / "term" / "_lease.json"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "train.py"), "--data", small_synthetic,
+                             "--storage", str(tmp_path / "runs"), "--name", "term", *TINY],
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"}, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not lease.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never took its lease"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # what ray job stop does next
+            proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    started = time.monotonic()
+    with Lease.acquire(run_location(str(tmp_path / "runs"), "term"), holder="next run", what="run"):
+        pass
+    assert time.monotonic() - started < 5
+
+
 def test_workers_leaving_no_cpu_for_the_input_pipeline_fail_at_start(small_synthetic, tmp_path):
     """A 2-worker run whose workers take every CPU: before, Ray Data waited for a CPU forever, without a word."""
     cpus = str(os.cpu_count())

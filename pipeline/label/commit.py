@@ -157,6 +157,8 @@ def _remove_stale_temporaries(output: Location) -> None:
                     log.warning("removed %s, left by an interrupted write", path)
             except FileNotFoundError:
                 pass
+            except OSError as e:  # another user's file in a shared folder: left, never worth failing the run
+                log.warning("could not remove %s: %s", path, e)
 
 
 def _ls(folder: Location) -> list[str]:

@@ -31,7 +31,7 @@ class LabelConfig:
     max_side: int | None = 1024          # None: never shrink
     canvas_multiple: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS
-    max_bytes: int = 512_000_000          # larger files (and non-regular ones) become errors/ rows, unread
+    max_bytes: int | None = None          # larger files become errors/ rows, unread; None: see read_limit
     label_encoding: str = "raw"          # one of ENCODINGS
     force: bool = False
     previews: int = 0
@@ -64,7 +64,7 @@ class LabelConfig:
             raise ValueError("--previews must be >= 0 and --rows-per-file >= 1")
         if self.max_pixels < 1:
             raise ValueError(f"--max-pixels must be >= 1, got {self.max_pixels}")
-        if self.max_bytes < 1:
+        if self.max_bytes is not None and self.max_bytes < 1:
             raise ValueError(f"--max-bytes must be >= 1, got {self.max_bytes}")
         if self.run_date is not None:
             try:  # zero-padded only: one partition per day, whatever the spelling
@@ -77,6 +77,11 @@ class LabelConfig:
             raise ValueError("--run-id must start with a letter or digit and hold letters, digits, '_', '.' and '-' "
                              f"only (at most 128), got {self.run_id!r}")
         check_canvas_settings(self.max_side, self.canvas_multiple)
+
+    @property
+    def read_limit(self) -> int:
+        """Bytes read of a file at most: --max-bytes, by default max(256 MiB, 8 bytes per allowed pixel)."""
+        return self.max_bytes or max(256 * 1024**2, 8 * self.max_pixels)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,7 +24,7 @@ def build_dataset(files: list[FileInfo], images: Location, *, checkpoint_ref, pl
                                  batch_size=plan.batch_size, device=plan.device, amp=config.amp)
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(read_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
-                        fn_kwargs={"images": images, "max_bytes": config.max_bytes})
+                        fn_kwargs={"images": images, "max_bytes": config.read_limit})
     ds = ds.map_batches(decode_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
                         fn_kwargs={"max_pixels": config.max_pixels, "max_side": config.max_side,
                                    "canvas_multiple": config.canvas_multiple})

@@ -117,7 +117,7 @@ def label_images(config: LabelConfig) -> dict:
         t = time.monotonic()
         previews = write_previews(writer.previews, images=images, class_names=writer.class_names,
                                   folder=output.child(PREVIEWS, f"run_date={run_date}", run_id),
-                                  max_pixels=config.max_pixels)
+                                  max_pixels=config.max_pixels, max_bytes=config.read_limit)
         timings["previews"] = time.monotonic() - t
     except BaseException as e:
         try:

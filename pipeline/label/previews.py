@@ -85,15 +85,16 @@ class PreviewSource:
 
 
 def write_previews(sources: list[PreviewSource], *, images: Location, folder: Location, class_names: list[str],
-                   max_pixels: int) -> int:
-    """Render each source (re-read through the images' filesystem) into `folder`; returns how many were written.
+                   max_pixels: int, max_bytes: int) -> int:
+    """Render each source (re-read through the images' filesystem, with the pipeline's read limits) into
+    `folder`; returns how many were written.
 
     A preview is never worth failing the run: a source that cannot be rendered is logged and skipped.
     """
     written = 0
     for p in sources:
         try:
-            rgb = decode_image(images.fs.cat_file(images.path_of(p.uri)), max_pixels=max_pixels)
+            rgb = decode_image(images.read_listed(images.path_of(p.uri), max_bytes), max_pixels=max_pixels)
             png = render_overlay(rgb, decode_label_map(p.label_map, p.encoding, p.height, p.width), class_names)
         except Exception as e:  # noqa: BLE001
             log.warning("no preview for %s: %s", p.uri, e)

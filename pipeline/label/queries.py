@@ -32,27 +32,30 @@ ORDER BY run_date DESC, images DESC;""",
     # rows of the run that labelled it last (class_stats rows belong to the labels row of the same run).
     "class_coverage_latest": """\
 WITH latest AS (
-    SELECT image_uri, arg_max(run_id, labeled_at) AS run_id, arg_max(width::BIGINT * height, labeled_at) AS pixels
+    SELECT image_uri, arg_max(run_id, labeled_at) AS run_id, max(labeled_at) AS labeled_at,
+           arg_max(width::BIGINT * height, labeled_at) AS pixels
     FROM read_parquet('out/labels/**/*.parquet', hive_partitioning = true)
     GROUP BY image_uri)
-SELECT class_id, class_name,
+SELECT s.class_id, s.class_name,
        count(*)                                       AS images,
-       sum(pixel_count)                               AS pixels,
-       sum(pixel_count) / (SELECT sum(pixels) FROM latest) AS coverage
-FROM read_parquet('out/class_stats/**/*.parquet', hive_partitioning = true, union_by_name = true)
-JOIN latest USING (image_uri, run_id)
-GROUP BY class_id, class_name
+       sum(s.pixel_count)                             AS pixels,
+       sum(s.pixel_count) / (SELECT sum(pixels) FROM latest) AS coverage
+FROM read_parquet('out/class_stats/**/*.parquet', hive_partitioning = true, union_by_name = true) AS s
+JOIN latest ON s.image_uri = latest.image_uri AND s.run_id = latest.run_id
+           AND coalesce(s.labeled_at = latest.labeled_at, true)  -- files from before labeled_at: run_id decides
+GROUP BY s.class_id, s.class_name
 ORDER BY pixels DESC;""",
     "images_with_class_latest": """\
 WITH latest AS (
-    SELECT image_uri, arg_max(run_id, labeled_at) AS run_id
+    SELECT image_uri, arg_max(run_id, labeled_at) AS run_id, max(labeled_at) AS labeled_at
     FROM read_parquet('out/labels/**/*.parquet', hive_partitioning = true)
     GROUP BY image_uri)
-SELECT image_uri, pixel_fraction, mean_confidence, bbox_x_min, bbox_y_min, bbox_x_max, bbox_y_max
-FROM read_parquet('out/class_stats/**/*.parquet', hive_partitioning = true, union_by_name = true)
-JOIN latest USING (image_uri, run_id)
-WHERE class_name = $class_name AND pixel_fraction > $min_fraction
-ORDER BY pixel_fraction DESC;""",
+SELECT s.image_uri, s.pixel_fraction, s.mean_confidence, s.bbox_x_min, s.bbox_y_min, s.bbox_x_max, s.bbox_y_max
+FROM read_parquet('out/class_stats/**/*.parquet', hive_partitioning = true, union_by_name = true) AS s
+JOIN latest ON s.image_uri = latest.image_uri AND s.run_id = latest.run_id
+           AND coalesce(s.labeled_at = latest.labeled_at, true)
+WHERE s.class_name = $class_name AND s.pixel_fraction > $min_fraction
+ORDER BY s.pixel_fraction DESC;""",
     # Images whose latest attempt failed (an image labelled since, or fixed and labelled, drops out).
     "errors_latest": """\
 WITH attempts AS (

@@ -56,8 +56,8 @@ class TrainConfig:
             raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.stall_timeout <= 0:
-            raise ValueError(f"--stall-timeout must be > 0 seconds, got {self.stall_timeout}")
+        if not 0 < self.stall_timeout < 1e9:
+            raise ValueError(f"--stall-timeout must be a positive number of seconds, got {self.stall_timeout}")
         if not self.name or "/" in self.name:
             raise ValueError(f"--name must be a non-empty run name without '/', got {self.name!r}")
 

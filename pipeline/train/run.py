@@ -20,7 +20,7 @@ from ..ray_setup import cluster_capacity, init_ray
 from ..storage import check_exists, normalize
 from .config import TrainConfig
 from .inputs import BadSampleLog, segmentation_dataset
-from .loop import train_loop_per_worker
+from .loop import InputStalled, train_loop_per_worker
 from .run_state import ledger, run_location, scan_checkpoints, stored_config
 from .transforms import TrainTransform
 
@@ -77,16 +77,21 @@ def check_resumable(cfg: TrainConfig, checkpoints: list[dict]) -> None:
 def check_cluster_fits(cfg: TrainConfig) -> None:
     """The workers and at least one decode task of the input pipeline fit the cluster (as the autoscaler can
     grow it); otherwise the input pipeline would wait for a CPU forever."""
-    capacity = cluster_capacity()
+    capacity, known = cluster_capacity()
     cpus, gpus = capacity.get("CPU", 0.0), capacity.get("GPU", 0.0)
     need = cfg.num_workers * cfg.cpus_per_worker + cfg.data_cpus
+    problems = []
     if cpus < need:
-        raise JobError(f"{cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU (--cpus-per-worker) + {cfg.data_cpus:g} "
-                       f"CPU for the input pipeline (--data-cpus) need {need:g} CPUs, but the Ray cluster has {cpus:g}: "
-                       "lower --num-workers, --cpus-per-worker or --data-cpus, or add nodes")
+        problems.append(f"{cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU (--cpus-per-worker) + {cfg.data_cpus:g} "
+                        f"CPU for the input pipeline (--data-cpus) need {need:g} CPUs, but the Ray cluster has {cpus:g}: "
+                        "lower --num-workers, --cpus-per-worker or --data-cpus, or add nodes")
     if cfg.use_gpu and gpus < cfg.num_workers:
-        raise JobError(f"--use-gpu with {cfg.num_workers} worker(s) needs {cfg.num_workers} GPUs, but the Ray cluster "
-                       f"has {gpus:g}: lower --num-workers or add GPU nodes")
+        problems.append(f"--use-gpu with {cfg.num_workers} worker(s) needs {cfg.num_workers} GPUs, but the Ray cluster "
+                        f"has {gpus:g}: lower --num-workers or add GPU nodes")
+    if problems and known:
+        raise JobError(problems[0])
+    for problem in problems:  # an autoscaler may still add nodes; a stall ends the run after --stall-timeout
+        print(f"[train] warning: {problem.replace('the Ray cluster has', 'the Ray cluster has now')}", flush=True)
 
 
 def build_trainer(cfg: TrainConfig, train: list, val: list, class_names: list[str], convention: InputConvention,
@@ -153,8 +158,13 @@ def run_training(cfg: TrainConfig) -> dict:
     train, val, class_names, convention = preflight(cfg)
     run = run_location(cfg.storage, cfg.name)
     started = datetime.now(timezone.utc)
-    with Lease.acquire(run, holder=f"the training started {started:%Y-%m-%d %H:%M:%S} UTC", what=f"run {run.uri}"):
-        return _train(cfg, run, train, val, class_names, convention)
+    with Lease.acquire(run, holder=f"the training started {started:%Y-%m-%d %H:%M:%S} UTC", what=f"run {run.uri}") as lease:
+        try:
+            return _train(cfg, run, train, val, class_names, convention)
+        except KeyboardInterrupt:
+            if lease.lost:  # the heartbeat interrupted us: another run owns the folder now
+                raise JobError(lease.lost) from None
+            raise
 
 
 def _train(cfg: TrainConfig, run, train: list, val: list, class_names: list[str], convention: InputConvention) -> dict:
@@ -172,9 +182,9 @@ def _train(cfg: TrainConfig, run, train: list, val: list, class_names: list[str]
             if result.error is not None:
                 raise result.error
         except Exception as e:
-            stalled = str(e).rpartition("no training batch for ")[2]  # the message, after the traceback
-            if stalled:  # loop.InputStalled, raised in a worker: one line, not a worker's traceback
-                raise JobError("no training batch for " + stalled.splitlines()[0]) from None
+            _, stalled, message = str(e).rpartition(f"{InputStalled.__name__}: ")  # the last one, after tracebacks
+            if stalled:  # raised in a worker: one line, not the workers' tracebacks
+                raise JobError(message.splitlines()[0]) from None
             raise
     bad_rows = ray.get(bad_log.rows.remote())
     for row in bad_rows:

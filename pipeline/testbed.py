@@ -45,7 +45,7 @@ def sample_photo_paths(names: tuple[str, ...] = SAMPLE_PHOTOS) -> list[str]:
 
 
 def random_checkpoint(uri: str, class_names: list[str], *, width_mult: float = 1 / 16, score_std: float = 0.5,
-                      seed: int = 0) -> str:
+                      seed: int = 0, padding: str = "reference") -> str:
     """Save an FCN-8s whose score layers are random (zero-initialised ones would label everything class 0),
     so label maps vary across an image. Returns the model id."""
     import torch
@@ -53,7 +53,7 @@ def random_checkpoint(uri: str, class_names: list[str], *, width_mult: float = 1
     from models import TORCHVISION, build_model, save_checkpoint
 
     torch.manual_seed(seed)
-    model = build_model("fcn8s", len(class_names), width_mult=width_mult)
+    model = build_model("fcn8s", len(class_names), width_mult=width_mult, padding=padding)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith("score"):

@@ -4,7 +4,9 @@ Fixtures of the labeling tests (a tiny checkpoint) come from tests/label_fixture
 """
 from __future__ import annotations
 
+import http.server
 import os
+import threading
 import urllib.request
 
 import pytest
@@ -45,6 +47,25 @@ def s3(s3_server):
     fs = s3fs.S3FileSystem()
     yield fs
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A real HTTP server on loopback serving tmp_path/www (it ignores query strings, as S3 checks them)."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
 
 
 @pytest.fixture

@@ -3,10 +3,8 @@ symlinks, odd names, float TIFFs, PostScript, presigned URLs on a real HTTP serv
 from __future__ import annotations
 
 import glob
-import http.server
 import json
 import os
-import threading
 import time
 
 import numpy as np
@@ -141,25 +139,6 @@ def test_class_names_that_do_not_match_the_model_fail_at_load(tiny_checkpoint, t
     lines = stderr.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "names 5 classes but its model predicts 6" in lines[0], stderr
     assert not (tmp_path / "out" / "runs").exists()
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    """A real HTTP server on loopback serving tmp_path/www (it ignores query strings, as S3 checks them)."""
-    root = tmp_path / "www"
-    root.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
 
 
 def test_presigned_checkpoint_url_leaves_no_signature_anywhere(ray_session, tiny_checkpoint, tmp_path, capsys,

@@ -16,6 +16,7 @@ from pipeline import faults, storage
 from pipeline.lease import Lease
 from pipeline.storage import Location
 from pipeline.synthetic import synthesize_voc
+from pipeline.testbed import random_checkpoint
 from pipeline.train.run_state import ledger, run_location
 from tests.images import encode, palette_mask
 from tests.jobs_util import run_in_process, run_subprocess
@@ -131,11 +132,21 @@ def _as_if_saved_on_a_gpu(epoch_dir: str) -> None:
     json.dump(meta, open(os.path.join(epoch_dir, "state.json"), "w"))
 
 
-def test_stop_and_resume_continues_at_next_epoch(ray_session, small_synthetic, tmp_path, capsys):
+def test_stop_and_resume_continues_at_next_epoch(ray_session, small_synthetic, tmp_path, capsys, http_server):
     runs = str(tmp_path / "runs")
     args = ["--batch-size", "4", "--crop-size", "32"]
-    first = _train(capsys, small_synthetic, runs, "resume", "--epochs", "1", *args)
+    # Initialised from a presigned URL: its signature and token must not reach the checkpoints or the summary.
+    www, base = http_server
+    random_checkpoint(str(www / "stage1.pt"), [f"c{i}" for i in range(6)], padding="same")
+    presigned = f"{base}/stage1.pt?X-Amz-Signature=5ec7e75191a7b0a7&X-Amz-Security-Token=FwoGZXIvYXdzEXAMPLE"
+    first = _train(capsys, small_synthetic, runs, "resume", "--epochs", "1", *args, "--init-from", presigned)
     assert first["epochs_trained_now"] == [1]
+    epoch_1 = storage.join(runs, "resume", "epoch_0001")
+    stored = load_checkpoint(storage.join(epoch_1, "model.pt")).metadata["train_config"]["init_from"]
+    assert stored.startswith(f"{base}/stage1.pt?") and "Signature=***" in stored
+    for name in ("model.pt", "state.json"):
+        data = open(storage.join(epoch_1, name), "rb").read()
+        assert b"5ec7e75191a7b0a7" not in data and b"FwoGZXIvYXdzEXAMPLE" not in data, name
     # A rerun must keep the architecture and the optimiser: refused before any cluster work, naming the fields.
     base = ["--data", small_synthetic, "--storage", runs, "--name", "resume", "--epochs", "2", *TINY, *args]
     _fails_fast([*base, "--width-mult", "0.125"], "--width-mult 0.0625 (this run: 0.125)")

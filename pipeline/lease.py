@@ -207,11 +207,16 @@ def _renew(location: Location, data: bytes, etag: str | None) -> str | None:
         kwargs = {"IfMatch": etag} if etag else {}
         new_etag = location.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **kwargs).get("ETag")
     except OSError as e:
-        if "pre-condition" in str(e).lower() or "precondition" in str(e).lower():
+        if _precondition_failed(e):
             raise _Lost() from None
         raise
     location.fs.invalidate_cache()
     return new_etag
+
+
+def _precondition_failed(e: OSError) -> bool:
+    """s3fs reports HTTP 412 (an If-Match that no longer holds) as an OSError with this text."""
+    return "pre-condition" in str(e).lower() or "precondition" in str(e).lower()
 
 
 def _remove_if_unchanged(location: Location, record: dict, etag: str | None) -> None:
@@ -223,7 +228,7 @@ def _remove_if_unchanged(location: Location, record: dict, etag: str | None) -> 
         except FileNotFoundError:
             pass
         except OSError as e:
-            if "pre-condition" not in str(e).lower() and "precondition" not in str(e).lower():
+            if not _precondition_failed(e):
                 raise
         location.fs.invalidate_cache()
         return

@@ -250,7 +250,8 @@ class Location:
                 continue
             if extensions is not None and not key.lower().endswith(extensions):
                 continue
-            version = local_version(key) if self.is_local else None
+            # The listing stat'ed a symlink itself: its version is its target's (as when the file is listed alone).
+            version = local_version(key) if info.get("islink") else None
             out.append(FileInfo(self.uri_of(key), int(info.get("size") or 0), version or _version(info)))
         out.sort(key=lambda f: f.uri)
         return out

@@ -4,9 +4,10 @@
         --output s3://bucket/labels-out [--num-gpus 8] [--label-encoding png] [--previews 20]
 
 Output (hive-partitioned by run_date=YYYY-MM-DD): labels/, class_stats/, errors/, runs/<run_id>.json,
-previews/. Images already labeled by the same checkpoint (same URI and version) are skipped; a rerun after
-a crash finishes the interrupted commits and labels what is left, each image exactly once. The last stdout
-line is one JSON summary (run_id, listed, skipped, labelled, errors, images_per_second, ...).
+previews/, and index/ (what is labeled: the next run's skip list). Images already labeled by the same
+checkpoint (same URI and version) are skipped; a rerun after a crash finishes the interrupted commits and
+labels what is left, each image exactly once. One run at a time per output (a lease); a second exits with
+status 2. The last stdout line is one JSON summary (run_id, listed, skipped, labelled, errors, ...).
 """
 from __future__ import annotations
 
@@ -37,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--images", required=True, default=argparse.SUPPRESS,
                    help="directory, s3:// prefix or single image to label (jpg, jpeg, png, bmp, tif, tiff, webp; "
-                        "recursive) (required)")
+                        "recursive), or a listing manifest: a .csv/.csv.gz/.parquet file or an S3 Inventory "
+                        "manifest.json (required)")
+    g.add_argument("--manifest", action="store_true",
+                   help="--images is a prefix of listing manifests (CSV or Parquet with uri, or bucket and key, "
+                        "a version column (version or e_tag) and size), not of images")
     g.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
                    help="checkpoint written by models.save_checkpoint, local or s3:// (required)")
     g.add_argument("--output", required=True, default=argparse.SUPPRESS,
@@ -83,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor,
                    help="Ray CPU request per actor (default: threads - 0.5 on CPU; with GPUs min(1, CPUs / "
                         "(2 x GPUs)))")
+    g.add_argument("--wait-for-resources", type=float, default=d.wait_for_resources, metavar="SECONDS",
+                   help="when the cluster is too small for the flags, ask the autoscaler for the resources and wait "
+                        "this long before giving up (default: 600 on a cluster the job joins, 0 on a local Ray)")
     g.add_argument("--ray-address", default=d.ray_address,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray on this machine)")
     g.add_argument("--progress", dest="progress", action="store_true", default=d.progress,

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker-group restarts from the latest checkpoint before giving up")
     g.add_argument("--keep-best", type=int, default=d.keep_best, help="best checkpoints kept by mean IU (plus the latest)")
     g.add_argument("--max-pixels", type=int, default=d.max_pixels, help="reject images larger than this")
+    g.add_argument("--wait-for-resources", type=float, default=d.wait_for_resources, metavar="SECONDS",
+                   help="when the cluster is too small for the workers, ask the autoscaler for them and wait this long "
+                        "before giving up (default: 600 on a cluster the job joins ($RAY_ADDRESS), 0 on a local Ray)")
     g.add_argument("--stall-timeout", type=float, default=d.stall_timeout,
                    help="fail with a clear error when no training batch arrives for this many seconds")
     return p

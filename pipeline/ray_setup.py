@@ -1,9 +1,17 @@
 """One way for every job to get a Ray instance: the cluster it was submitted to, or a local one started here."""
 from __future__ import annotations
 
+import logging
 import os
+import time
+from typing import Callable
 
 import ray
+
+from .errors import JobError
+
+log = logging.getLogger(__name__)
+_requested = False  # whether this process asked the autoscaler for resources (wait_for_resources)
 
 # Ray reaps an idle worker process after ~1 s when more workers are idle than CPUs are free (ray#36766). A training
 # worker holds its CPU(s) for the whole run, so on a small machine the Ray Data decode workers are killed between
@@ -12,6 +20,15 @@ import ray
 # setting (on GPU nodes with many CPUs the default already allows enough idle workers).
 IDLE_WORKERS_ENV = "RAY_num_workers_soft_limit"
 MIN_IDLE_WORKERS = 4
+
+
+def default_wait_s(address: str | None, wait_s: float | None) -> float:
+    """--wait-for-resources by default: 10 min on a cluster the job joins (it may autoscale), 0 on a local Ray
+    the job starts itself (it never grows)."""
+    if wait_s is not None:
+        return wait_s
+    address = address or os.environ.get("RAY_ADDRESS")
+    return 0.0 if address in (None, "local") else 600.0
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True,
@@ -45,3 +62,50 @@ def cluster_capacity() -> tuple[dict[str, float], bool]:
     node = ray._private.worker._global_node  # set, with head=True, when this process started the head
     known = bool(limits) or bool(node is not None and getattr(node, "head", False))
     return {k: float(max(now.get(k, 0), limits.get(k, 0))) for k in set(now) | set(limits)}, known
+
+
+def wait_for_resources(problem: Callable[[dict], str | None], bundles: list[dict], timeout_s: float,
+                       say: Callable[[str], None]) -> dict:
+    """The cluster's resources once `problem(resources)` is None. Until then, for at most `timeout_s`, ask the
+    autoscaler for `bundles` (ray.autoscaler.sdk.request_resources) and poll; JobError naming the last problem
+    when the time is up (at once when timeout_s is 0). The request stays until `release_resource_request`."""
+    have = ray.cluster_resources()
+    found = problem(have)
+    if found is None:
+        return have
+    if timeout_s <= 0:
+        raise JobError(found)
+    from ray.autoscaler.sdk import request_resources
+
+    global _requested
+    say(f"waiting up to {timeout_s:g} s (--wait-for-resources) for the cluster to grow: {found}")
+    request_resources(bundles=bundles)
+    _requested = True
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        have = ray.cluster_resources()
+        found = problem(have)
+        if found is None:
+            say(f"the cluster has grown: {_describe(have)}")
+            return have
+    raise JobError(f"gave up after {timeout_s:g} s (--wait-for-resources): {found}; is the autoscaler running and "
+                   "allowed a node type that has these resources?")
+
+
+def release_resource_request() -> None:
+    """Withdraw `wait_for_resources`'s request, if it made one, so the autoscaler may scale idle nodes down."""
+    global _requested
+    if not _requested:
+        return
+    _requested = False
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[])
+    except Exception as e:  # noqa: BLE001 - never fail the end of a run on it
+        log.warning("could not withdraw the resource request: %s", e)
+
+
+def _describe(resources: dict) -> str:
+    return ", ".join(f"{resources[k]:g} {k}" for k in ("CPU", "GPU") if resources.get(k))

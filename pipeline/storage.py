@@ -233,15 +233,18 @@ class Location:
 
     # ------------------------------------------------------------------------------------- listing
 
-    def list_files(self, extensions: tuple[str, ...] | None = None) -> list[FileInfo]:
-        """Every file under this prefix or directory, recursively, sorted by URI.
+    def list_files(self, extensions: tuple[str, ...] | None = None, recursive: bool = True) -> list[FileInfo]:
+        """Every file under this prefix or directory (recursively, or only its own files), sorted by URI.
 
         `extensions` (lower-case, with dot) filters by suffix, case-insensitively. Directory markers that
         some S3 writers leave (zero-byte keys ending in '/') are not files and are skipped.
         """
         self.check_exists("directory" if self.is_local else "prefix")
         try:
-            found = self.fs.find(self.path, detail=True)
+            if recursive:
+                found = self.fs.find(self.path, detail=True)
+            else:
+                found = {e["name"]: e for e in self.fs.ls(self.path, detail=True) if e.get("type") != "directory"}
         except Exception as e:
             raise storage_error(self.uri, e) from None
         out = []
@@ -366,6 +369,13 @@ def read_text(uri: str) -> str:
 
 def write_text(uri: str, text: str) -> None:
     Location.of(uri).write_text(text)
+
+
+def read_listed_uri(uri: str, max_bytes: int, listed_by: Location | None = None) -> bytes:
+    """A listed file's bytes (see Location.read_listed): through the filesystem of the listing that gave the URI
+    (`listed_by`, the URI is never parsed again), or, for a manifest's rows, through the one the URI names."""
+    location = listed_by or Location.of(uri)
+    return location.read_listed(location.path_of(uri) if listed_by else location.path, max_bytes)
 
 
 def list_files(where: str | Location, extensions: tuple[str, ...] | None = None) -> list[FileInfo]:

@@ -59,3 +59,37 @@ def random_checkpoint(uri: str, class_names: list[str], *, width_mult: float = 1
             if name.startswith("score"):
                 p.normal_(0, score_std)
     return save_checkpoint(uri, model, class_names=list(class_names), convention=TORCHVISION)
+
+
+def autoscaling_cluster(worker_node_types: dict, head_resources: dict | None = None):
+    """Ray's fake multi-node autoscaling cluster on this machine (`ray.cluster_utils.AutoscalingCluster`):
+    nodes of `worker_node_types` start when tasks, actors, placement groups or `request_resources` ask for them.
+    Not started yet: call `.start()` (needs the `ray` command on PATH) and `.shutdown()`.
+
+    The wheel lacks the example config that AutoscalingCluster builds on, so the cluster config is given here.
+    """
+    import copy
+
+    from ray.cluster_utils import AutoscalingCluster
+
+    base = {
+        "cluster_name": "fake-autoscaling", "max_workers": 8, "head_node_type": "ray.head.default",
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 1.0, "docker": {}, "file_mounts": {},
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [], "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    }
+
+    class _Cluster(AutoscalingCluster):
+        def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **config_kwargs):
+            config = copy.deepcopy(base)
+            config["available_node_types"] = {
+                **copy.deepcopy(worker_node_types),
+                "ray.head.default": {"resources": head_resources, "node_config": {}, "max_workers": 0},
+            }
+            config.update(config_kwargs)
+            return config
+
+    return _Cluster(head_resources=head_resources or {"CPU": 0}, worker_node_types=worker_node_types)

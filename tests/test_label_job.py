@@ -18,7 +18,7 @@ from pipeline.label.config import LabelConfig
 from pipeline.label.inference import predict_image
 from pipeline.label.job import label_images
 from pipeline.label.queries import EXAMPLE_QUERIES, example_query
-from pipeline.label.tables import SCHEMAS
+from pipeline.label.tables import INDEX, SCHEMAS
 from tests.label_fixtures import (
     CLASS_NAMES,
     decode_row,
@@ -111,8 +111,9 @@ def test_mixed_bucket_rows_schema_and_exact_labels(ray_session, tiny_checkpoint,
 
     # Files: plain Arrow types only, zstd, hive partition, a few files (not one per image).
     for name, schema in SCHEMAS.items():
-        paths = _files_under(output, name)
-        assert paths and all("/run_date=2026-01-02/" in p for p in paths)
+        paths = [p for p in _files_under(output, name) if p.endswith(".parquet")]
+        partition = f"/model_id={model_id}/" if name == INDEX else "/run_date=2026-01-02/"
+        assert paths and all(partition in p for p in paths), paths
         assert len(paths) <= 4, paths  # 15 images in file sets of 4 rows
         fs, _ = storage.filesystem(output)
         with fs.open(paths[0], "rb") as f:

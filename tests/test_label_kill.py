@@ -94,7 +94,9 @@ def test_driver_kill_9_mid_run_then_rerun_is_exactly_once(ray_session, tiny_chec
     done_before = len(_count(con, output, "labels", "image_uri")) - summary["labelled"]
     assert summary["skipped"] == done_before >= len(before)
     assert summary["labelled"] == N_GOOD - done_before and summary["errors"] == 2
-    assert recovered["rolled_forward"] + recovered["discarded"] <= 1
+    # The driver commits one file set at a time: at most one marker to finish. Writers stage ahead of it, so
+    # several staged sets may be discarded (their images were just labeled again above, once).
+    assert recovered["rolled_forward"] <= 1
 
     labels = _count(con, output, "labels", "image_uri")
     assert sorted(u for u, _ in labels) == sorted(storage.join(images, n) for n in files if "bad" not in n)

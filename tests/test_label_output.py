@@ -12,10 +12,10 @@ import pytest
 
 from pipeline import faults, storage
 from pipeline.label.codec import decode_label_map, encode_label_map
-from pipeline.label.commit import commit_fileset, recover
+from pipeline.label.commit import commit_fileset, final_name, recover
 from pipeline.label.queries import LABEL_MAP_SNIPPET
-from pipeline.label.readers import labeled_keys, list_table_files, read_table
-from pipeline.label.tables import RESULT_SCHEMA, SCHEMAS, split_results
+from pipeline.label.readers import list_table_files, read_table
+from pipeline.label.tables import INDEX, RESULT_SCHEMA, SCHEMAS, split_results
 from pipeline.storage import Location
 from tests.label_fixtures import duckdb_connection
 
@@ -45,7 +45,7 @@ def _results(names: list[str], fail: tuple[str, ...] = ()) -> pa.Table:
 def _commit(root: str, fileset: str, names: list[str], fail=()) -> None:
     tables = split_results(_results(names, fail), model_id="m1", run_id=fileset.split("-")[0],
                            class_names=["bg", "a", "b"])
-    commit_fileset(Location.of(root), fileset, RUN_DATE, tables)
+    commit_fileset(Location.of(root), fileset, RUN_DATE, "m1", tables)
 
 
 def _counts(root: str, table: str) -> dict:
@@ -60,7 +60,7 @@ def _counts(root: str, table: str) -> dict:
     return {tuple(r[:-1]): r[-1] for r in rows}
 
 
-STEPS = ["staged", "committed", "published:class_stats", "published:errors", "published:labels"]
+STEPS = ["staged", "committed", "published:class_stats", "published:errors", "published:index", "published:labels"]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -90,7 +90,9 @@ def test_crash_at_every_commit_step_then_rerun_is_exactly_once(tmp_path, request
     rec = recover(Location.of(root))
     committed = step != "staged"
     assert rec == {"rolled_forward": int(committed), "discarded": int(not committed)}
-    done = {u for u, _ in labeled_keys(Location.of(root), "m1")}
+    index = read_table(Location.of(root), INDEX)  # the skip list: exactly what labels/ holds
+    assert sorted(index["image_uri"].to_pylist()) == sorted(u for (u,) in _counts(root, "labels"))
+    done = set(index["image_uri"].to_pylist())
     todo = [n for n in images if f"s3://photos/{n}" not in done]
     assert todo == (["img3.jpg", *images[4:]] if committed else images[2:])  # errors are retried
     _commit(root, "run2-00001", todo, fail=("img3.jpg",))
@@ -115,7 +117,7 @@ def test_files_are_plain_zstd_parquet_any_reader_understands(tmp_path):
     _commit(root, "r-00001", ["a.jpg", "b.jpg"], fail=("b.jpg",))
     for table, schema in SCHEMAS.items():
         (path,) = list_table_files(Location.of(root), table)
-        assert f"/{table}/run_date={RUN_DATE}/part-r-00001.parquet" in path
+        assert path.endswith("/" + final_name(table, RUN_DATE, "r-00001", "m1"))
         pf = pq.ParquetFile(path)
         assert pf.schema_arrow.equals(schema, check_metadata=False)
         for field in pf.schema_arrow:

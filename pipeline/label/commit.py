@@ -5,24 +5,30 @@ Layout under the output root (a local directory or an s3:// prefix):
     labels/run_date=YYYY-MM-DD/part-<fileset>.parquet        one row per labeled image
     class_stats/run_date=YYYY-MM-DD/part-<fileset>.parquet   one row per (image, class present)
     errors/run_date=YYYY-MM-DD/part-<fileset>.parquet        one row per image that could not be labeled
+    index/model_id=<model_id>/part-<fileset>.parquet         (image_uri, image_version) labeled: the skip index
     runs/<run_id>.json                                       arguments, model id, counts, timings, status
     previews/run_date=YYYY-MM-DD/<run_id>/*.png              optional colour overlays
-    _staging/<fileset>/{labels,class_stats,errors}.parquet   written, not yet committed (never read)
+    _staging/<fileset>/<table>.parquet                       written, not yet committed (never read)
     _commits/<fileset>.json                                  committed, not yet fully published
+    _lease.json                                              the running job's lease (pipeline.lease)
 
-Commit protocol, per *file set* (the labels, class_stats and errors rows of the same images):
+Commit protocol, per *file set* (the labels, class_stats, errors and index rows of the same images):
 
-1. every table is written complete to `_staging/<fileset>/` (local: temp file + rename; S3: one PUT);
-2. the commit marker `_commits/<fileset>.json` is written (one atomic write): **the commit point**;
-3. files are moved to their final names, class_stats and errors first, labels last; then the marker and
-   the staging folder are deleted.
+1. `stage_fileset`, in a Ray worker: every table is written complete to `_staging/<fileset>/` (local: temp
+   file + rename; S3: one PUT). File-set names are unique per attempt (`<run_id>-<random>`), so a retried
+   run id never reuses one;
+2. `commit_staged`, in the driver: the commit marker `_commits/<fileset>.json` is written (one atomic write):
+   **the commit point**;
+3. files are moved to their final names, class_stats, errors and index first, labels last; a move never
+   replaces an existing file. Then the marker and the staging folder are deleted.
 
-`recover()` runs at the start of every job, before the skip list is read: it finishes step 3 for every
-marker it finds (moves are idempotent) and deletes staging folders without a marker. So a set is either
-entirely published (after a crash: by the next run) or entirely discarded, whatever the moment of the crash,
-and its images are then either skipped or labeled again: each image lands in `labels/` exactly once and its
-statistics in `class_stats/` exactly once. Readers glob `labels/**/*.parquet`, which staging never matches,
-and every file appears atomically, complete. One job per output root at a time.
+`recover()` runs at the start of every job, under the output's lease, before anything is skipped: it finishes
+step 3 for every marker it finds (moves are idempotent) and deletes staging folders without a marker (a writer
+killed mid-file-set, or a run killed before its commit). So a set is either entirely published (after a crash:
+by the next run) or entirely discarded, whatever the moment of the crash, and its images are then either
+skipped or labeled again: each image lands in `labels/` exactly once and its statistics in `class_stats/`
+exactly once. Readers glob `labels/**/*.parquet`, which staging never matches, and every file appears
+atomically, complete. The lease (pipeline.lease) makes sure one job at a time writes an output root.
 """
 from __future__ import annotations
 
@@ -37,18 +43,18 @@ import pyarrow.parquet as pq
 
 from .. import faults
 from ..storage import Location, StorageError, storage_error
-from .tables import SCHEMAS, TABLES
+from .tables import INDEX, SCHEMAS, TABLES
 
 log = logging.getLogger(__name__)
 
-# Publication order: the labels file (what the skip logic reads) goes last.
-PUBLISH_ORDER = ("class_stats", "errors", "labels")
+# Publication order: the labels file (what analytics read) goes last, after the index that skips its images.
+PUBLISH_ORDER = ("class_stats", "errors", INDEX, "labels")
 STAGING = "_staging"
 COMMITS = "_commits"
 COMPRESSION = "zstd"
 RUNS, PREVIEWS = "runs", "previews"
 # Everything the job writes under an output root; images stored anywhere else under it are labelled.
-OWN_FOLDERS = (*TABLES, RUNS, PREVIEWS, STAGING, COMMITS)
+OWN_FOLDERS = (*TABLES, INDEX, RUNS, PREVIEWS, STAGING, COMMITS)
 # A local atomic write leaves `.tmp-*` beside its target only when killed; a live one lasts milliseconds.
 STALE_TEMPORARY_SECONDS = 600
 
@@ -63,23 +69,39 @@ def parquet_bytes(table: pa.Table, row_group_rows: int = 256) -> bytes:
     return buf.getvalue()
 
 
-def _final_name(table: str, run_date: str, fileset: str) -> str:
+def final_name(table: str, run_date: str, fileset: str, model_id: str) -> str:
+    """Where a file set's file of `table` is published, relative to the output root."""
+    if table == INDEX:  # partitioned by model: a run reads only its own model's index
+        return f"{INDEX}/model_id={model_id}/part-{fileset}.parquet"
     return f"{table}/run_date={run_date}/part-{fileset}.parquet"
 
 
 def _move(output: Location, src: str, dst: str) -> None:
-    """Publish one file: it appears complete under its final name (local rename / S3 server-side copy)."""
+    """Publish one file without ever replacing one: it appears complete under its final name (local hard link
+    then unlink, or rename after a check where links are unsupported; S3 server-side copy then delete). A
+    destination that exists already is this same file, published before a crash: the source is dropped."""
+    fs = output.fs
     if output.is_local:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        os.replace(src, dst)
-    else:
-        output.fs.copy(src, dst)
-        output.fs.rm(src)
+        try:
+            os.link(src, dst)
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links here (some network filesystems): single writer, guarded by the lease
+            if not os.path.exists(dst):
+                os.replace(src, dst)
+                return
+        os.unlink(src)
+        return
+    if not fs.exists(dst):
+        fs.copy(src, dst)
+    fs.rm(src)
 
 
-def commit_fileset(output: Location, fileset: str, run_date: str, tables: dict[str, pa.Table]) -> dict[str, int]:
-    """Stage, commit and publish one file set (see the module docstring): one file per table given (an
-    empty table gives an empty file). Returns rows written per table."""
+def stage_fileset(output: Location, fileset: str, run_date: str, model_id: str,
+                  tables: dict[str, pa.Table]) -> dict | None:
+    """Step 1 (in the worker that holds the rows): write every given table of one file set to staging.
+    Returns the commit marker for `commit_staged`, or None when no table was given."""
     plan = []
     for name in PUBLISH_ORDER:
         table = tables.get(name)
@@ -87,15 +109,28 @@ def commit_fileset(output: Location, fileset: str, run_date: str, tables: dict[s
             continue
         src = f"{STAGING}/{fileset}/{name}.parquet"
         output.child(src).write_bytes(parquet_bytes(table.cast(SCHEMAS[name])))
-        plan.append({"table": name, "src": src, "dst": _final_name(name, run_date, fileset), "rows": table.num_rows})
+        faults.fire(f"label.stage:{name}")
+        plan.append({"table": name, "src": src, "dst": final_name(name, run_date, fileset, model_id),
+                     "rows": table.num_rows})
     if not plan:
-        return {}
+        return None
+    return {"fileset": fileset, "run_date": run_date, "files": plan}
+
+
+def commit_staged(output: Location, marker: dict) -> dict[str, int]:
+    """Steps 2 and 3 (in the driver, metadata only): the commit marker, then publication. Rows per table."""
     faults.fire("label.commit:staged")
-    marker = {"fileset": fileset, "run_date": run_date, "files": plan}
-    output.child(COMMITS, f"{fileset}.json").write_text(json.dumps(marker, indent=1))
+    output.child(COMMITS, f"{marker['fileset']}.json").write_text(json.dumps(marker, indent=1))
     faults.fire("label.commit:committed")
     _publish(output, marker)
-    return {p["table"]: p["rows"] for p in plan}
+    return {p["table"]: p["rows"] for p in marker["files"]}
+
+
+def commit_fileset(output: Location, fileset: str, run_date: str, model_id: str,
+                   tables: dict[str, pa.Table]) -> dict[str, int]:
+    """Stage, commit and publish one file set in this process (an empty table gives an empty file)."""
+    marker = stage_fileset(output, fileset, run_date, model_id, tables)
+    return commit_staged(output, marker) if marker else {}
 
 
 def _publish(output: Location, marker: dict) -> None:
@@ -108,10 +143,16 @@ def _publish(output: Location, marker: dict) -> None:
             raise StorageError(f"commit {marker['fileset']} of {output.uri}: neither {entry['src']} nor "
                                f"{entry['dst']} exists; the output was modified by hand")
         faults.fire(f"label.commit:published:{entry['table']}")
-    fs.rm(output.child(COMMITS, f"{marker['fileset']}.json").path)
-    staging = output.child(STAGING, marker["fileset"]).path
-    if fs.exists(staging):
-        fs.rm(staging, recursive=True)
+    _remove(output.child(COMMITS, f"{marker['fileset']}.json"))
+    _remove(output.child(STAGING, marker["fileset"]), recursive=True)
+
+
+def _remove(location: Location, recursive: bool = False) -> None:
+    """Delete; one already gone (removed by a recovery, or by hand) is what was wanted."""
+    try:
+        location.fs.rm(location.path, recursive=recursive)
+    except FileNotFoundError:
+        pass
 
 
 def recover(output: Location) -> dict[str, int]:
@@ -133,7 +174,7 @@ def recover(output: Location) -> dict[str, int]:
         fs.invalidate_cache()
         discarded = 0
         for path in _ls(output.child(STAGING)):
-            fs.rm(path, recursive=True)
+            _remove(Location(output.uri_of(path), fs, path), recursive=True)
             discarded += 1
         _remove_stale_temporaries(output)
     except StorageError:

@@ -39,6 +39,8 @@ class LabelConfig:
     run_date: str | None = None          # YYYY-MM-DD; None: today (UTC)
     run_id: str | None = None
     ray_address: str | None = None
+    manifest: bool = False                # --images is a listing manifest (CSV/Parquet file or prefix of them)
+    wait_for_resources: float | None = None  # seconds; None: 600 on a joined cluster, 0 on a local Ray
     progress: bool | None = None          # None: when stderr is a terminal
     amp: str = "bf16"                     # one of AMP_CHOICES; GPU only
     # Tuning without a flag: file-set size in bytes, and rows per read task / per inference actor call.
@@ -64,6 +66,8 @@ class LabelConfig:
             raise ValueError("--previews must be >= 0 and --rows-per-file >= 1")
         if self.max_pixels < 1:
             raise ValueError(f"--max-pixels must be >= 1, got {self.max_pixels}")
+        if self.wait_for_resources is not None and self.wait_for_resources < 0:
+            raise ValueError(f"--wait-for-resources must be >= 0 seconds, got {self.wait_for_resources:g}")
         if self.max_bytes is not None and self.max_bytes < 1:
             raise ValueError(f"--max-bytes must be >= 1, got {self.max_bytes}")
         if self.run_date is not None:

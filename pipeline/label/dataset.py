@@ -1,30 +1,27 @@
-"""The labeling pipeline as one streaming Ray Dataset: listed files -> read -> decode and preprocess (CPU
-tasks) -> model (actor pool) -> postprocess -> result rows (`tables.RESULT_SCHEMA`)."""
+"""The labeling pipeline as one streaming Ray Dataset: rows to label -> read -> decode and preprocess (CPU
+tasks) -> model (actor pool) -> postprocess -> staged file sets (write tasks; one small row each for the driver)."""
 from __future__ import annotations
-
-import math
 
 import ray
 
 from .. import faults
-from ..storage import FileInfo, Location
+from ..storage import Location
 from .actor import InferenceActor
 from .config import LabelConfig
 from .inference import InferenceSettings
 from .resources import ResourcePlan
 from .stages import Postprocessor, decode_stage, read_stage
+from .writer import OutputSettings, stage_results
 
 
-def build_dataset(files: list[FileInfo], images: Location, *, checkpoint_ref, plan: ResourcePlan,
-                  config: LabelConfig) -> ray.data.Dataset:
-    """The streaming Ray Dataset of result rows for `files`, listed under `images`."""
-    items = [{"image_uri": f.uri, "image_version": f.version, "image_size": int(f.size)} for f in files]
-    blocks = max(1, min(len(items), math.ceil(len(items) / config.rows_per_read_task)))
+def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpoint_ref, plan: ResourcePlan,
+                  config: LabelConfig, output: OutputSettings) -> ray.data.Dataset:
+    """The streaming Ray Dataset of staged file sets (writer.STAGED_SCHEMA rows) for the listing rows `todo`,
+    listed under `listed_by` (None: a manifest's rows, each read through the filesystem its URI names)."""
     settings = InferenceSettings(max_side=config.max_side, canvas_multiple=config.canvas_multiple,
                                  batch_size=plan.batch_size, device=plan.device, amp=config.amp)
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(read_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
-                        fn_kwargs={"images": images, "max_bytes": config.read_limit})
+    ds = todo.map_batches(read_stage, batch_size=config.rows_per_read_task, batch_format="pyarrow",
+                          num_cpus=plan.task_cpus, fn_kwargs={"listed_by": listed_by, "max_bytes": config.read_limit})
     ds = ds.map_batches(decode_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
                         fn_kwargs={"max_pixels": config.max_pixels, "max_side": config.max_side,
                                    "canvas_multiple": config.canvas_multiple})
@@ -42,4 +39,6 @@ def build_dataset(files: list[FileInfo], images: Location, *, checkpoint_ref, pl
         ds = ds.map_batches(Postprocessor, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, plan.pool)),
                             fn_constructor_kwargs={"encoding": config.label_encoding})
-    return ds
+    # Label maps go from here to staging; the driver receives one small row per file set.
+    return ds.map_batches(stage_results, batch_size=config.rows_per_file, batch_format="pyarrow",
+                          num_cpus=plan.task_cpus, runtime_env=faults.runtime_env(), fn_kwargs={"settings": output})

@@ -1,10 +1,12 @@
-"""The nightly labeling job on Ray Data: list images -> drop those already labeled -> read bytes -> decode
-and preprocess (CPU tasks) -> model (actor pool: one actor per GPU, or CPU actors) -> postprocess (label map
-encoding, per-class fractions; in the inference actor for raw maps, in small CPU actors for PNG) -> write
-(the driver, with the exactly-once protocol of `pipeline.label.commit`).
+"""The nightly labeling job on Ray Data: list images (Ray tasks, or a manifest) -> drop those already labeled
+(an anti-join against the index) -> read bytes -> decode and preprocess (CPU tasks) -> model (actor pool: one
+actor per GPU, or CPU actors) -> postprocess (in the inference actor for raw maps, in small CPU actors for PNG)
+-> stage file sets (write tasks) -> commit (the driver: markers and moves only; pipeline.label.commit).
 
-Every stage handles rows one by one: a file that cannot be read, decoded or labeled becomes an error row
-(stage and reason) and travels on to `errors/`; every other row of the same block is labeled.
+The driver holds no per-image state: listing, skip and label maps stay in Ray's workers and object store.
+One job at a time writes an output root: it holds the root's lease (pipeline.lease) from before recovery to
+the end. Every stage handles rows one by one: a file that cannot be read, decoded or labeled becomes an error
+row (stage and reason) and travels on to `errors/`; every other row of the same block is labeled.
 """
 from __future__ import annotations
 
@@ -19,19 +21,24 @@ from datetime import datetime, timezone
 
 from models import Checkpoint, CheckpointError, load_checkpoint_bytes
 
-from ..dataset_formats import list_images
-from ..errors import one_line
-from ..ray_setup import init_ray
+from ..errors import JobError, one_line
+from ..lease import Lease
+from ..ray_setup import default_wait_s, init_ray, release_resource_request, wait_for_resources
 from ..storage import Location, redact
 from .commit import OWN_FOLDERS, PREVIEWS, RUNS, recover
 from .config import LabelConfig
 from .dataset import build_dataset
 from .inference import shippable
-from .previews import write_previews
-from .readers import labeled_keys
-from .resources import plan_resources
+from .listing import is_manifest, listing_dataset
+from .previews import preview_sources, write_previews
+from .resources import InsufficientResources, plan_resources, resource_request
 from .run_record import RunRecord
-from .writer import FilesetWriter
+from .skip import drop_labeled, ensure_index
+from .writer import Committer, OutputSettings
+
+
+def _say(message: str) -> None:
+    print(f"[label] {message}", file=sys.stderr, flush=True)
 
 
 def new_run_id(now: datetime) -> str:
@@ -65,72 +72,126 @@ def _start_ray(config: LabelConfig):
     return ray
 
 
+def _plan_when_ready(config: LabelConfig):
+    """The resource plan on the cluster as it is, or as the autoscaler grows it within --wait-for-resources."""
+    def problem(resources: dict) -> str | None:
+        try:
+            plan_resources(config, resources)
+        except InsufficientResources as e:
+            return str(e)
+        return None
+
+    wait_s = default_wait_s(config.ray_address, config.wait_for_resources)
+    resources = wait_for_resources(problem, resource_request(config), wait_s, _say)
+    return plan_resources(config, resources)
+
+
+def list_todo(images: Location, output: Location, model_id: str, *, manifest: bool, force: bool):
+    """(the rows to label as a materialized Ray Dataset, rows listed, rows to label): the listing minus what the
+    index says this model labeled. Both sides live in the object store; the driver holds block references."""
+    own = tuple(output.child(folder).uri + "/" for folder in OWN_FOLDERS)  # never label our own previews
+    listing = listing_dataset(images, manifest=manifest, exclude=own).materialize()
+    listed = listing.count()
+    if force:
+        return listing, listed, listed
+    todo = drop_labeled(listing, output, model_id, listed).materialize()
+    return todo, listed, todo.count()
+
+
+def _record_location(output: Location, run_id: str) -> Location:
+    """runs/<run_id>.json; a retry with the same run id gets its own record beside the first attempt's."""
+    first = output.child(RUNS, f"{run_id}.json")
+    return first if not first.exists() else output.child(RUNS, f"{run_id}.attempt-{uuid.uuid4().hex[:6]}.json")
+
+
 def label_images(config: LabelConfig) -> dict:
     """Run the labeling job; returns the summary (the run record `runs/<run_id>.json` holds the same numbers).
 
-    Fails fast, before any work, on bad arguments, an unusable checkpoint or an unreachable/missing
-    images or output location (CheckpointError / StorageError / ValueError, one line each).
+    Fails fast, before any work, on bad arguments, an unusable checkpoint, an unreachable or missing images or
+    output location, or another run holding the output (CheckpointError / StorageError / ValueError / JobError,
+    one line each).
     """
-    t0, t0_epoch = time.monotonic(), time.time()
-    timings: dict[str, float] = {}
     config.validate()
     checkpoint = Location.of(config.checkpoint)
     ck = load_checkpoint_at(checkpoint)
     images, output = Location.of(config.images), Location.of(config.output)
-    timings["checkpoint"] = time.monotonic() - t0
     output.check_writable()
-    files = list_images(images)
+    manifest = config.manifest or is_manifest(images)
+    if not manifest:
+        images.check_exists("directory" if images.is_local else "prefix")
     started = datetime.now(timezone.utc)
     run_id = config.run_id or new_run_id(started)
-    run_date = config.run_date or started.strftime("%Y-%m-%d")
-
-    recovered = recover(output)
-    own = tuple(output.child(folder).uri + "/" for folder in OWN_FOLDERS)
-    files = [f for f in files if not f.uri.startswith(own)]  # never label our own previews
-    done = set() if config.force else labeled_keys(output, ck.model_id)
-    todo = [f for f in files if (f.uri, f.version) not in done]
-    timings["list_and_skip"] = time.monotonic() - t0 - timings["checkpoint"]
-
-    arguments = {**config.to_dict(), "images": images.uri, "output": output.uri, "checkpoint": checkpoint.uri}
-    record = RunRecord(output.child(RUNS, f"{run_id}.json"), run_id, run_date, ck.model_id, output.uri, arguments,
-                       started, listed=len(files), already_labeled=len(files) - len(todo), recovered=recovered)
-    record.save()
-
-    writer = FilesetWriter(output, run_id, run_date, ck.model_id, list(ck.class_names), config.rows_per_file,
-                           config.bytes_per_file, previews_wanted=config.previews)
-    plan = None
-    try:
-        if todo:
-            t = time.monotonic()
-            ray = _start_ray(config)
-            plan = plan_resources(config, ray.cluster_resources())
-            ref = ray.put(shippable(ck))
-            del ck  # the object store holds the weights now
-            timings["ray_start"] = time.monotonic() - t
-            t = time.monotonic()
-            ds = build_dataset(todo, images, checkpoint_ref=ref, plan=plan, config=config)
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                timings.setdefault("first_result", time.monotonic() - t)
-                writer.add(block)
-            timings["pipeline"] = time.monotonic() - t
-        writer.flush(final=True)
-        t = time.monotonic()
-        previews = write_previews(writer.previews, images=images, class_names=writer.class_names,
-                                  folder=output.child(PREVIEWS, f"run_date={run_date}", run_id),
-                                  max_pixels=config.max_pixels, max_bytes=config.read_limit)
-        timings["previews"] = time.monotonic() - t
-    except BaseException as e:
+    with Lease.acquire(output, holder=f"labeling run {run_id}", what=f"output {output.uri}") as lease:
         try:
-            record.finish("failed", labeled=writer.labeled, errors=writer.errors, wall_seconds=time.monotonic() - t0,
-                          error=redact(one_line(e)) if str(e) else type(e).__name__)
-        except Exception:  # noqa: BLE001 - keep the original error
-            pass
-        raise
-    actors = sorted((json.loads(a) for a in writer.actors), key=lambda a: (a["node_id"], a["pid"]))
+            return _label(config, ck, checkpoint, images, output, manifest, run_id, started)
+        except KeyboardInterrupt:
+            if lease.lost:  # the heartbeat interrupted us: another run owns the output now
+                raise JobError(lease.lost) from None
+            raise
+
+
+def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, images: Location, output: Location,
+           manifest: bool, run_id: str, started: datetime) -> dict:
+    t0, t0_epoch = time.monotonic(), time.time()
+    timings: dict[str, float] = {}
+    run_date = config.run_date or started.strftime("%Y-%m-%d")
+    recovered = recover(output)
+    ray = _start_ray(config)
+    try:
+        plan = _plan_when_ready(config)
+        timings["ray_start"] = time.monotonic() - t0
+        t = time.monotonic()
+        ensure_index(output)
+        todo, listed, to_label = list_todo(images, output, ck.model_id, manifest=manifest, force=config.force)
+        timings["list_and_skip"] = time.monotonic() - t
+
+        arguments = {**config.to_dict(), "images": images.uri, "output": output.uri, "checkpoint": checkpoint.uri}
+        record = RunRecord(_record_location(output, run_id), run_id, run_date, ck.model_id, output.uri, arguments,
+                           started, listed=listed, already_labeled=listed - to_label, recovered=recovered)
+        record.save()
+        committer = Committer(output, run_id, run_date, ck.model_id)
+        try:
+            previews = _run_pipeline(ray, config, ck, todo, to_label, images if not manifest else None, output,
+                                     run_id, run_date, plan, committer, timings)
+        except BaseException as e:
+            try:
+                record.finish("failed", labeled=committer.labeled, errors=committer.errors,
+                              wall_seconds=time.monotonic() - t0,
+                              error=redact(one_line(e)) if str(e) else type(e).__name__)
+            except Exception:  # noqa: BLE001 - keep the original error
+                pass
+            raise
+    finally:
+        release_resource_request()
+    actors = sorted((json.loads(a) for a in committer.actors), key=lambda a: (a["node_id"], a["pid"]))
     if actors:  # job start -> first model loaded and ready: the fixed cost of a run
         timings["inference_ready"] = min(a["ready_at"] for a in actors) - t0_epoch
-    record.finish("succeeded", labeled=writer.labeled, errors=writer.errors, wall_seconds=time.monotonic() - t0,
-                  files=writer.files, previews=previews, inference_actors=actors,
-                  resources=asdict(plan) if plan else None,
-                  timings_seconds={k: round(v, 3) for k, v in timings.items()})
+    record.finish("succeeded", labeled=committer.labeled, errors=committer.errors, wall_seconds=time.monotonic() - t0,
+                  files=committer.files, previews=previews, inference_actors=actors, resources=asdict(plan),
+                  driver_bytes=committer.driver_bytes, timings_seconds={k: round(v, 3) for k, v in timings.items()})
     return record.summary()
+
+
+def _run_pipeline(ray, config: LabelConfig, ck: Checkpoint, todo, to_label: int, listed_by: Location | None,
+                  output: Location, run_id: str, run_date: str, plan, committer: Committer,
+                  timings: dict) -> int:
+    """Label `todo`, committing file sets as the write tasks stage them; then previews. Returns previews written."""
+    if to_label:
+        ref = ray.put(shippable(ck))  # the object store holds the weights; every actor gets them from there
+        t = time.monotonic()
+        settings = OutputSettings(output, run_id, run_date, ck.model_id, tuple(ck.class_names), config.bytes_per_file)
+        ds = build_dataset(todo, listed_by, checkpoint_ref=ref, plan=plan, config=config, output=settings)
+        for staged in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            timings.setdefault("first_result", time.monotonic() - t)
+            committer.commit(staged)
+        timings["pipeline"] = time.monotonic() - t
+    committer.finish()
+    t = time.monotonic()
+    previews = 0
+    if config.previews:
+        sources = preview_sources(output, committer.labels_files, config.previews)
+        previews = write_previews(sources, listed_by=listed_by, class_names=list(ck.class_names),
+                                  folder=output.child(PREVIEWS, f"run_date={run_date}", run_id),
+                                  max_pixels=config.max_pixels, max_bytes=config.read_limit)
+    timings["previews"] = time.monotonic() - t
+    return previews

@@ -10,12 +10,13 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from models import voc_palette
 
 from ..decode import decode_image
-from ..storage import Location
+from ..storage import Location, read_listed_uri
 from .codec import decode_label_map
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,22 @@ class PreviewSource:
     width: int
 
 
-def write_previews(sources: list[PreviewSource], *, images: Location, folder: Location, class_names: list[str],
-                   max_pixels: int, max_bytes: int) -> int:
+def preview_sources(output: Location, labels_files: list[str], wanted: int) -> list[PreviewSource]:
+    """The first `wanted` rows of these published labels files (paths relative to the output root)."""
+    sources: list[PreviewSource] = []
+    for name in labels_files:
+        if len(sources) >= wanted:
+            break
+        with output.fs.open(output.child(name).path, "rb") as f:
+            rows = pq.read_table(f, columns=["image_uri", "label_map", "label_encoding", "height", "width"])
+        for row in rows.slice(0, wanted - len(sources)).to_pylist():
+            sources.append(PreviewSource(row["image_uri"], row["label_map"], row["label_encoding"], row["height"],
+                                         row["width"]))
+    return sources
+
+
+def write_previews(sources: list[PreviewSource], *, listed_by: Location | None, folder: Location,
+                   class_names: list[str], max_pixels: int, max_bytes: int) -> int:
     """Render each source (re-read through the images' filesystem, with the pipeline's read limits) into
     `folder`; returns how many were written.
 
@@ -94,7 +109,7 @@ def write_previews(sources: list[PreviewSource], *, images: Location, folder: Lo
     written = 0
     for p in sources:
         try:
-            rgb = decode_image(images.read_listed(images.path_of(p.uri), max_bytes), max_pixels=max_pixels)
+            rgb = decode_image(read_listed_uri(p.uri, max_bytes, listed_by), max_pixels=max_pixels)
             png = render_overlay(rgb, decode_label_map(p.label_map, p.encoding, p.height, p.width), class_names)
         except Exception as e:  # noqa: BLE001
             log.warning("no preview for %s: %s", p.uri, e)

@@ -1,10 +1,9 @@
-"""Reading the labeling job's published tables back (the skip list, tests, tools); staging is never read."""
+"""Reading the labeling job's published tables back (tests, tools, the index); staging is never read."""
 from __future__ import annotations
 
 import posixpath
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from ..storage import Location
@@ -29,9 +28,3 @@ def read_table(output: Location, table: str, columns: list[str] | None = None, f
         return schema.empty_table().select(columns) if columns else schema.empty_table()
     ds = pads.dataset(files, format="parquet", filesystem=output.fs, schema=schema)
     return ds.to_table(columns=columns, filter=filter)
-
-
-def labeled_keys(output: Location, model_id: str) -> set[tuple[str, str]]:
-    """(image_uri, image_version) of every image already in labels/ for this model."""
-    t = read_table(output, "labels", ["image_uri", "image_version"], filter=pc.field("model_id") == model_id)
-    return set(zip(t["image_uri"].to_pylist(), t["image_version"].to_pylist()))

@@ -8,6 +8,10 @@ from .config import LabelConfig
 from .stages import TASK_CPUS
 
 
+class InsufficientResources(ValueError):
+    """The cluster, as it is now, is too small for the flags (an autoscaling cluster may still grow)."""
+
+
 @dataclass(frozen=True)
 class ResourcePlan:
     pool: int              # inference actors
@@ -30,10 +34,10 @@ def plan_resources(config: LabelConfig, cluster: dict) -> ResourcePlan:
     gpus = int(cluster.get("GPU", 0))
     use_gpus = config.num_gpus if config.num_gpus is not None else gpus
     if cpus < TASK_CPUS:
-        raise ValueError(f"the Ray cluster has {cpus:g} CPUs; reading and decoding need at least {TASK_CPUS}")
+        raise InsufficientResources(f"the Ray cluster has {cpus:g} CPUs; reading and decoding need at least {TASK_CPUS}")
     if use_gpus > 0:
         if use_gpus > gpus:
-            raise ValueError(f"--num-gpus {use_gpus} but the Ray cluster has {gpus} GPU(s)")
+            raise InsufficientResources(f"--num-gpus {use_gpus} but the Ray cluster has {gpus} GPU(s)")
         if config.actors is not None and config.actors != use_gpus:
             raise ValueError("--actors is for CPU inference; with GPUs the pool has one actor per GPU (--num-gpus)")
         threads = config.threads_per_actor or 2
@@ -44,7 +48,15 @@ def plan_resources(config: LabelConfig, cluster: dict) -> ResourcePlan:
     actors = config.actors or max(1, int(cpus) // threads)
     actor_cpus = config.cpus_per_actor or max(0.5, threads - 0.5)
     if actors * actor_cpus > cpus - TASK_CPUS + 1e-9:
-        raise ValueError(f"{actors} actor(s) x {actor_cpus:g} CPUs leave no CPU for decoding on a cluster of "
+        raise InsufficientResources(f"{actors} actor(s) x {actor_cpus:g} CPUs leave no CPU for decoding on a cluster of "
                          f"{cpus:g} CPUs; lower --actors, --threads-per-actor or --cpus-per-actor")
     device = "cpu" if config.device == "auto" else config.device
     return ResourcePlan(actors, 0.0, actor_cpus, threads, config.batch_size or 4, device)
+
+
+def resource_request(config: LabelConfig) -> list[dict]:
+    """What to ask an autoscaler for before planning: a GPU (and a CPU) per requested GPU actor, else one CPU;
+    the plan is then made on the grown cluster."""
+    if config.num_gpus:
+        return [{"GPU": 1.0, "CPU": 1.0}] * config.num_gpus
+    return [{"CPU": 1.0}] * (config.actors or 1)

@@ -35,6 +35,7 @@ class RunRecord:
     previews: int | None = None
     inference_actors: list = field(default_factory=list)
     resources: dict | None = None
+    driver_bytes: int | None = None        # bytes the pipeline handed the driver (file-set metadata only)
     timings_seconds: dict = field(default_factory=dict)
 
     @property
@@ -70,7 +71,7 @@ class RunRecord:
         if self.status == "succeeded":
             record.update(wall_seconds=self.wall_seconds, images_per_second=self.images_per_second, files=self.files,
                           previews=self.previews, inference_actors=self.inference_actors, resources=self.resources,
-                          timings_seconds=self.timings_seconds)
+                          driver_bytes=self.driver_bytes, timings_seconds=self.timings_seconds)
         if self.error is not None:
             record["error"] = self.error
         return record
@@ -83,5 +84,5 @@ class RunRecord:
             "errors": self.errors, "wall_seconds": self.wall_seconds, "images_per_second": self.images_per_second,
             "files": self.files, "previews": self.previews, "recovered": self.recovered,
             "inference_actors": self.inference_actors, "resources": self.resources,
-            "timings_seconds": self.timings_seconds,
+            "driver_bytes": self.driver_bytes, "timings_seconds": self.timings_seconds,
         }

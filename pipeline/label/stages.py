@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from ..decode import DecodeError, decode_image
 from ..errors import one_line
-from ..storage import Location, UnreadableFile, storage_error
+from ..storage import Location, UnreadableFile, read_listed_uri, storage_error
 from .canvas import preprocess
 from .codec import encode_label_map
 from .tables import RESULT_SCHEMA, UTC_TS
@@ -24,10 +24,10 @@ TASK_CPUS = 0.25          # Ray CPU request of a read/decode/postprocess task: t
 READ_THREADS = 8          # concurrent object reads inside one read task (I/O bound)
 
 
-def read_stage(batch: pa.Table, *, images: Location, max_bytes: int) -> pa.Table:
+def read_stage(batch: pa.Table, *, listed_by: Location | None, max_bytes: int) -> pa.Table:
     """image_uri, image_version, image_size -> + data (bytes), stage, error. Each file is opened through the
-    filesystem that listed it (`images`), at the path the listing gave (a URI is never parsed again), and read
-    up to `max_bytes`. Non-regular files and files over the limit are error rows. One failure costs one row."""
+    filesystem that listed it (`listed_by`; a manifest's rows: the one their URI names) and read up to
+    `max_bytes`. Non-regular files and files over the limit are error rows. One failure costs one row."""
     uris = batch["image_uri"].to_pylist()
     sizes = batch["image_size"].to_pylist()
 
@@ -36,7 +36,7 @@ def read_stage(batch: pa.Table, *, images: Location, max_bytes: int) -> pa.Table
         if size is not None and size > max_bytes:
             return None, f"file is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:g} MB limit (--max-bytes)"
         try:
-            return images.read_listed(images.path_of(uris[i]), max_bytes), None
+            return read_listed_uri(uris[i], max_bytes, listed_by), None
         except UnreadableFile as e:
             return None, str(e)
         except FileNotFoundError:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-TABLES = ("labels", "class_stats", "errors")
+TABLES = ("labels", "class_stats", "errors")  # the analytics tables
+INDEX = "index"  # what is labeled, per model: the next run's skip list (not an analytics table)
 
 UTC_TS = pa.timestamp("us", tz="UTC")
 
@@ -53,7 +54,13 @@ ERRORS_SCHEMA = pa.schema([
     pa.field("failed_at", UTC_TS, nullable=False),
 ])
 
-SCHEMAS = {"labels": LABELS_SCHEMA, "class_stats": CLASS_STATS_SCHEMA, "errors": ERRORS_SCHEMA}
+# index/model_id=<model_id>/part-<fileset>.parquet: the (image_uri, image_version) of labels/ rows of one model.
+INDEX_SCHEMA = pa.schema([
+    pa.field("image_uri", pa.string(), nullable=False),
+    pa.field("image_version", pa.string(), nullable=False),
+])
+
+SCHEMAS = {"labels": LABELS_SCHEMA, "class_stats": CLASS_STATS_SCHEMA, "errors": ERRORS_SCHEMA, INDEX: INDEX_SCHEMA}
 
 # Rows flowing out of the pipeline's postprocess stage: one per image, labeled or failed.
 _LIST_I32 = pa.list_(pa.int32())
@@ -68,7 +75,7 @@ RESULT_SCHEMA = pa.schema([
 
 
 def split_results(block: pa.Table, *, model_id: str, run_id: str, class_names: list[str]) -> dict[str, pa.Table]:
-    """Result rows (RESULT_SCHEMA) -> the three output tables."""
+    """Result rows (RESULT_SCHEMA) -> the three output tables and the index rows of the labeled images."""
     block = block.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
     failed = pc.is_valid(block["error"])
     ok = block.filter(pc.invert(failed))
@@ -101,4 +108,5 @@ def split_results(block: pa.Table, *, model_id: str, run_id: str, class_names: l
         "model_id": pa.array([model_id] * n_bad, pa.string()), "run_id": pa.array([run_id] * n_bad, pa.string()),
         "failed_at": bad["at"],
     }, schema=ERRORS_SCHEMA)
-    return {"labels": labels, "class_stats": stats, "errors": errors}
+    index = pa.table({"image_uri": ok["image_uri"], "image_version": ok["image_version"]}, schema=INDEX_SCHEMA)
+    return {"labels": labels, "class_stats": stats, "errors": errors, INDEX: index}

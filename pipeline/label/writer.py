@@ -1,79 +1,105 @@
-"""The driver side of the labeling pipeline: buffer result rows and commit them in file sets."""
+"""Writing the labeling job's results: Ray workers stage file sets, the driver commits them.
+
+`stage_results` is the pipeline's last stage: it turns about --rows-per-file result rows into one file set in
+`_staging/` (pipeline.label.commit, step 1) and passes on one small row per file set: its commit marker and its
+counts. The driver's `Committer` writes the markers and publishes the files (server-side moves), so no label map
+passes through the driver.
+"""
 from __future__ import annotations
 
+import json
+import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..storage import Location
-from .commit import commit_fileset
-from .previews import PreviewSource
+from .commit import commit_fileset, commit_staged, stage_fileset
 from .readers import list_table_files
 from .tables import SCHEMAS, TABLES, split_results
 
+STAGED_SCHEMA = pa.schema([("marker", pa.string()), ("labeled", pa.int64()), ("errors", pa.int64()),
+                           ("actors", pa.list_(pa.string()))])
 
-@dataclass
-class FilesetWriter:
-    """Buffers result rows and commits them (pipeline.label.commit) in file sets of about rows_per_file images;
-    counts what it wrote and keeps the first `previews_wanted` label maps for previews."""
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """What a writer needs to know to stage file sets (sent to every write task)."""
 
     output: Location
     run_id: str
     run_date: str
     model_id: str
-    class_names: list[str]
-    rows_per_file: int
+    class_names: tuple[str, ...]
     bytes_per_file: int
-    previews_wanted: int = 0
+
+
+def new_fileset_name(run_id: str) -> str:
+    """Unique per attempt: a retry with the same run id never reuses (or overwrites) a file set."""
+    return f"{run_id}-{uuid.uuid4().hex[:12]}"
+
+
+def stage_results(block: pa.Table, *, settings: OutputSettings) -> pa.Table:
+    """Ray task: result rows -> staged file set(s) (a new one whenever bytes_per_file of label maps is reached);
+    one STAGED_SCHEMA row per file set."""
+    out = []
+    for part in _split_by_bytes(block, settings.bytes_per_file):
+        tables = split_results(part, model_id=settings.model_id, run_id=settings.run_id,
+                               class_names=list(settings.class_names))
+        marker = stage_fileset(settings.output, new_fileset_name(settings.run_id), settings.run_date,
+                               settings.model_id, tables)
+        actors = sorted({a for a in part["actor"].to_pylist() if a})
+        out.append({"marker": json.dumps(marker), "labeled": tables["labels"].num_rows,
+                    "errors": tables["errors"].num_rows, "actors": actors})
+    return pa.Table.from_pylist(out, schema=STAGED_SCHEMA)
+
+
+def _split_by_bytes(block: pa.Table, limit: int) -> list[pa.Table]:
+    sizes = pc.binary_length(block["label_map"]).fill_null(0).to_pylist()
+    parts, start, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if total and total + n > limit:
+            parts.append(block.slice(start, i - start))
+            start, total = i, 0
+        total += n
+    parts.append(block.slice(start))
+    return [p for p in parts if p.num_rows]
+
+
+@dataclass
+class Committer:
+    """The driver's side: commit each staged file set, count what was written."""
+
+    output: Location
+    run_id: str
+    run_date: str
+    model_id: str
     labeled: int = 0
     errors: int = 0
-    filesets: int = 0
+    driver_bytes: int = 0  # what the pipeline handed the driver: metadata only, never label maps
     files: dict = field(default_factory=lambda: {t: 0 for t in TABLES})
     actors: set = field(default_factory=set)
-    previews: list[PreviewSource] = field(default_factory=list)
-    _pending: dict = field(default_factory=lambda: {t: [] for t in TABLES})
-    _rows: int = 0
-    _bytes: int = 0
+    labels_files: list = field(default_factory=list)  # relative paths, in commit order (previews read the first)
 
-    def add(self, block: pa.Table) -> None:
-        """Buffer result rows; commit a file set whenever rows_per_file images (or bytes_per_file) are pending."""
-        start = 0
-        while start < block.num_rows:
-            take = max(1, self.rows_per_file - self._rows)
-            self._add(block.slice(start, take))
-            start += take
+    def commit(self, staged: pa.Table) -> None:
+        self.driver_bytes += staged.nbytes
+        for row in staged.to_pylist():
+            marker = json.loads(row["marker"])
+            written = commit_staged(self.output, marker)
+            for name in written:
+                if name in self.files:
+                    self.files[name] += 1
+            self.labeled += written.get("labels", 0)
+            self.errors += written.get("errors", 0)
+            self.actors.update(row["actors"])
+            self.labels_files += [f["dst"] for f in marker["files"] if f["table"] == "labels" and f["rows"]]
 
-    def _add(self, block: pa.Table) -> None:
-        self.actors.update(a for a in block["actor"].to_pylist() if a)
-        tables = split_results(block, model_id=self.model_id, run_id=self.run_id, class_names=self.class_names)
-        labels = tables["labels"]
-        if len(self.previews) < self.previews_wanted and labels.num_rows:
-            for row in labels.slice(0, self.previews_wanted - len(self.previews)).select(
-                    ["image_uri", "label_map", "label_encoding", "height", "width"]).to_pylist():
-                self.previews.append(PreviewSource(row["image_uri"], row["label_map"], row["label_encoding"],
-                                                   row["height"], row["width"]))
-        for name, table in tables.items():
-            if table.num_rows:
-                self._pending[name].append(table)
-        self._rows += block.num_rows
-        self._bytes += labels["label_map"].nbytes if labels.num_rows else 0
-        if self._rows >= self.rows_per_file or self._bytes >= self.bytes_per_file:
-            self.flush()
-
-    def flush(self, final: bool = False) -> None:
-        tables = {name: pa.concat_tables(parts) for name, parts in self._pending.items() if parts}
-        if final:
-            # Readers glob each table's folder: make sure every table has at least one (maybe empty) file.
-            for name in TABLES:
-                if name not in tables and self.files[name] == 0 and not list_table_files(self.output, name):
-                    tables[name] = SCHEMAS[name].empty_table()
-        if not tables:
-            return
-        self.filesets += 1
-        written = commit_fileset(self.output, f"{self.run_id}-{self.filesets:05d}", self.run_date, tables)
-        for name in written:
-            self.files[name] += 1
-        self.labeled += written.get("labels", 0)
-        self.errors += written.get("errors", 0)
-        self._pending = {t: [] for t in TABLES}
-        self._rows = self._bytes = 0
+    def finish(self) -> None:
+        """Readers glob each table's folder: make sure every table has at least one (maybe empty) file."""
+        empty = {name: SCHEMAS[name].empty_table() for name in TABLES
+                 if self.files[name] == 0 and not list_table_files(self.output, name)}
+        if empty:
+            commit_fileset(self.output, new_fileset_name(self.run_id), self.run_date, self.model_id, empty)
+            for name in empty:
+                self.files[name] += 1

@@ -41,6 +41,7 @@ class TrainConfig:
     keep_best: int = 3               # best K checkpoints by mean IU are kept, plus the latest
     max_failures: int = 3
     max_pixels: int = 64_000_000
+    wait_for_resources: float | None = None  # seconds; None: 600 on a joined cluster, 0 on a local Ray
     stall_timeout: float = 900.0      # seconds without a training batch before the run fails with a clear error
     seed: int = 0
     train_split: str = "train"
@@ -56,6 +57,8 @@ class TrainConfig:
             raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.wait_for_resources is not None and self.wait_for_resources < 0:
+            raise ValueError(f"--wait-for-resources must be >= 0 seconds, got {self.wait_for_resources:g}")
         if not 0 < self.stall_timeout < 1e9:
             raise ValueError(f"--stall-timeout must be a positive number of seconds, got {self.stall_timeout}")
         if not self.name or "/" in self.name:

@@ -16,7 +16,7 @@ from .. import faults
 from ..dataset_formats import list_samples, read_class_names
 from ..errors import JobError
 from ..lease import Lease
-from ..ray_setup import cluster_capacity, init_ray
+from ..ray_setup import cluster_capacity, default_wait_s, init_ray, release_resource_request, wait_for_resources
 from ..storage import check_exists, normalize
 from .config import TrainConfig
 from .inputs import BadSampleLog, segmentation_dataset
@@ -75,23 +75,33 @@ def check_resumable(cfg: TrainConfig, checkpoints: list[dict]) -> None:
 
 
 def check_cluster_fits(cfg: TrainConfig) -> None:
-    """The workers and at least one decode task of the input pipeline fit the cluster (as the autoscaler can
-    grow it); otherwise the input pipeline would wait for a CPU forever."""
+    """The workers and at least one decode task of the input pipeline fit the cluster; otherwise the input
+    pipeline would wait for a CPU forever. A cluster that is too small now is asked to grow and waited for,
+    up to --wait-for-resources (by default on a cluster the job joins: it may autoscale from zero)."""
+    def problem(resources: dict) -> str | None:
+        cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+        need = cfg.num_workers * cfg.cpus_per_worker + cfg.data_cpus
+        if cpus < need:
+            return (f"{cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU (--cpus-per-worker) + {cfg.data_cpus:g} "
+                    f"CPU for the input pipeline (--data-cpus) need {need:g} CPUs, but the Ray cluster has {cpus:g}: "
+                    "lower --num-workers, --cpus-per-worker or --data-cpus, or add nodes")
+        if cfg.use_gpu and gpus < cfg.num_workers:
+            return (f"--use-gpu with {cfg.num_workers} worker(s) needs {cfg.num_workers} GPUs, but the Ray cluster "
+                    f"has {gpus:g}: lower --num-workers or add GPU nodes")
+        return None
+
+    wait_s = default_wait_s(None, cfg.wait_for_resources)
+    if wait_s > 0:
+        worker = {"CPU": float(cfg.cpus_per_worker), **({"GPU": 1.0} if cfg.use_gpu else {})}
+        wait_for_resources(problem, [worker] * cfg.num_workers + [{"CPU": float(cfg.data_cpus)}], wait_s,
+                           lambda message: print(f"[train] {message}", flush=True))
+        return
     capacity, known = cluster_capacity()
-    cpus, gpus = capacity.get("CPU", 0.0), capacity.get("GPU", 0.0)
-    need = cfg.num_workers * cfg.cpus_per_worker + cfg.data_cpus
-    problems = []
-    if cpus < need:
-        problems.append(f"{cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU (--cpus-per-worker) + {cfg.data_cpus:g} "
-                        f"CPU for the input pipeline (--data-cpus) need {need:g} CPUs, but the Ray cluster has {cpus:g}: "
-                        "lower --num-workers, --cpus-per-worker or --data-cpus, or add nodes")
-    if cfg.use_gpu and gpus < cfg.num_workers:
-        problems.append(f"--use-gpu with {cfg.num_workers} worker(s) needs {cfg.num_workers} GPUs, but the Ray cluster "
-                        f"has {gpus:g}: lower --num-workers or add GPU nodes")
-    if problems and known:
-        raise JobError(problems[0])
-    for problem in problems:  # an autoscaler may still add nodes; a stall ends the run after --stall-timeout
-        print(f"[train] warning: {problem.replace('the Ray cluster has', 'the Ray cluster has now')}", flush=True)
+    found = problem(capacity)
+    if found and known:
+        raise JobError(found)
+    if found:  # an autoscaler may still add nodes; a stall ends the run after --stall-timeout
+        print(f"[train] warning: {found.replace('the Ray cluster has', 'the Ray cluster has now')}", flush=True)
 
 
 def build_trainer(cfg: TrainConfig, train: list, val: list, class_names: list[str], convention: InputConvention,
@@ -170,7 +180,15 @@ def run_training(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, run, train: list, val: list, class_names: list[str], convention: InputConvention) -> dict:
     done_before = {r["epoch"] for r in ledger(run)}
     init_ray()
-    check_cluster_fits(cfg)
+    try:
+        check_cluster_fits(cfg)
+        return _fit(cfg, run, train, val, class_names, convention, done_before)
+    finally:
+        release_resource_request()
+
+
+def _fit(cfg: TrainConfig, run, train: list, val: list, class_names: list[str], convention: InputConvention,
+         done_before: set) -> dict:
     bad_log = BadSampleLog.remote()
     trainer = build_trainer(cfg, train, val, class_names, convention, bad_log)
     latest = scan_checkpoints(run)

@@ -1,0 +1,189 @@
+"""What to label, as a Ray Dataset of (image_uri, image_version, image_size) rows that the driver never holds.
+
+Two sources:
+- a prefix or directory: the driver lists one level (its sub-prefixes, a delimiter listing); Ray tasks list
+  each sub-prefix recursively, and the prefix's own files, and emit rows in blocks;
+- a listing manifest (`--manifest`, or a single .csv/.parquet file, or an S3 Inventory `manifest.json`):
+  CSV or Parquet files with `uri` (or `bucket` + `key`), `size` and a version (`version`, or `e_tag`, which is
+  what a prefix listing of S3 gives, so both name an image the same way). Ray Data reads them in parallel.
+Either way only images (by extension) outside the job's own output folders become rows.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from urllib.parse import unquote_plus
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import ray
+
+from ..dataset_formats import DatasetError
+from ..decode import IMAGE_EXTENSIONS
+from ..storage import FileInfo, Location, local_version
+
+LISTING_SCHEMA = pa.schema([("image_uri", pa.string()), ("image_version", pa.string()), ("image_size", pa.int64())])
+MANIFEST_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+INVENTORY_MANIFEST = "manifest.json"
+VERSION_COLUMNS = ("version", "e_tag", "etag")  # first found wins
+LIST_BLOCK_ROWS = 10_000
+
+
+def is_manifest(images: Location) -> bool:
+    """A single manifest file (by name) rather than images: .csv, .csv.gz, .parquet, .pq or manifest.json."""
+    name = posixpath.basename(images.path).lower()
+    return name.endswith(MANIFEST_SUFFIXES) or name == INVENTORY_MANIFEST
+
+
+def listing_dataset(images: Location, *, manifest: bool, exclude: tuple[str, ...]) -> ray.data.Dataset:
+    """The rows to consider for labeling. `exclude`: URI prefixes never listed (the job's own output folders).
+    Fails in the driver, with one line, on a missing location or a manifest without the needed columns."""
+    if manifest or is_manifest(images):
+        return _manifest_dataset(images, exclude)
+    if images.is_local and images.path.lower().endswith(IMAGE_EXTENSIONS) and images.fs.isfile(images.path):
+        # One image: the same version as when the file is listed with its folder, so it is labelled once.
+        row = FileInfo(images.uri, images.fs.size(images.path), local_version(images.path))
+        return ray.data.from_arrow(_rows([row]))
+    images.check_exists("directory" if images.is_local else "prefix")
+    # One delimiter level in the driver: only sub-prefix names are kept; the files are listed by the tasks.
+    units = [{"path": images.path, "recursive": False}]
+    units += [{"path": e["name"], "recursive": True} for e in images.fs.ls(images.path, detail=True)
+              if e.get("type") == "directory"]
+    return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        _list_units, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+        fn_kwargs={"images": images, "exclude": exclude})
+
+
+def _rows(files: list[FileInfo]) -> pa.Table:
+    return pa.table({"image_uri": [f.uri for f in files], "image_version": [f.version for f in files],
+                     "image_size": [int(f.size) for f in files]}, schema=LISTING_SCHEMA)
+
+
+def _list_units(batch: pa.Table, *, images: Location, exclude: tuple[str, ...]):
+    """Ray task: list each unit (a sub-prefix, recursively; or the prefix's own files) in blocks of rows."""
+    for path, recursive in zip(batch["path"].to_pylist(), batch["recursive"].to_pylist()):
+        unit = Location(images.uri_of(path), images.fs, path)
+        files = [f for f in unit.list_files(IMAGE_EXTENSIONS, recursive=recursive) if not f.uri.startswith(exclude)]
+        for start in range(0, len(files), LIST_BLOCK_ROWS):
+            yield _rows(files[start:start + LIST_BLOCK_ROWS])
+
+
+# ------------------------------------------------------------------------------------------------ manifests
+
+
+def _snake(name: str) -> str:
+    """S3 Inventory's CSV field names (`ETag`, `IsLatest`) as its Parquet column names (`e_tag`, `is_latest`)."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name.strip()).lower()
+
+
+def _manifest_files(images: Location) -> tuple[list[str], dict]:
+    """(paths of the manifest's data files, how to read them)."""
+    name = posixpath.basename(images.path).lower()
+    if name == INVENTORY_MANIFEST:  # S3 Inventory: data files named in the manifest, in its destination bucket
+        try:
+            meta = json.loads(images.read_text())
+            fmt = meta["fileFormat"].lower()
+            bucket = meta["destinationBucket"].rsplit(":", 1)[-1]
+            keys = [f["key"] for f in meta["files"]]
+        except FileNotFoundError:
+            raise DatasetError(f"inventory manifest {images.uri} not found") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DatasetError(f"inventory manifest {images.uri} is not an S3 Inventory manifest.json: {e!r}") from None
+        if fmt not in ("csv", "parquet"):
+            raise DatasetError(f"inventory manifest {images.uri}: {meta['fileFormat']} inventories are not supported "
+                               "(configure CSV or Parquet)")
+        base = Location.of(f"s3://{bucket}") if not images.is_local else Location.of(posixpath.dirname(images.path))
+        paths = [base.child(k).path for k in keys]
+        columns = [_snake(c) for c in meta.get("fileSchema", "").split(",")] if fmt == "csv" else None
+        return paths, {"format": fmt, "columns": columns, "url_encoded_keys": fmt == "csv"}
+    if is_manifest(images):
+        if not images.exists():
+            raise DatasetError(f"manifest {images.uri} not found")
+        paths = [images.path]
+    else:
+        paths = [images.path_of(f.uri) for f in images.list_files(MANIFEST_SUFFIXES)]
+        if not paths:
+            raise DatasetError(f"no manifest files (.csv, .csv.gz, .parquet) under {images.uri}")
+    formats = {"parquet" if p.lower().endswith((".parquet", ".pq")) else "csv" for p in paths}
+    if len(formats) > 1:
+        raise DatasetError(f"manifest files under {images.uri} mix CSV and Parquet; keep one format per listing")
+    return paths, {"format": formats.pop(), "columns": None, "url_encoded_keys": False}
+
+
+def _manifest_columns(images: Location, path: str, how: dict) -> list[str]:
+    """The first data file's column names, read in the driver so a wrong manifest fails before any work."""
+    if how["columns"]:
+        return how["columns"]
+    try:
+        with images.fs.open(path, "rb") as f:
+            if how["format"] == "parquet":
+                return pq.read_schema(f).names
+            compression = "gzip" if path.lower().endswith(".gz") else None
+            with pa.CompressedInputStream(f, compression) if compression else f as stream:
+                reader = pacsv.open_csv(stream)
+                return reader.schema.names
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DatasetError(f"manifest {images.uri_of(path)} cannot be parsed: {str(e).splitlines()[0]}") from None
+
+
+def _manifest_dataset(images: Location, exclude: tuple[str, ...]) -> ray.data.Dataset:
+    paths, how = _manifest_files(images)
+    columns = _manifest_columns(images, paths[0], how)
+    has_uri = "uri" in columns or {"bucket", "key"} <= set(columns)
+    version = next((c for c in VERSION_COLUMNS if c in columns), None)
+    if not has_uri or version is None:
+        raise DatasetError(f"manifest {images.uri_of(paths[0])} needs a `uri` (or `bucket` and `key`) column and a "
+                           f"version column ({', '.join(VERSION_COLUMNS)}); it has {', '.join(columns)}")
+    if how["format"] == "parquet":
+        ds = ray.data.read_parquet(paths, filesystem=images.fs)
+    else:
+        read_options = pacsv.ReadOptions(column_names=how["columns"]) if how["columns"] else None
+        # Every column as text: keys like 00123 stay keys, empty sizes stay empty.
+        convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns})
+        ds = ray.data.read_csv(paths, filesystem=images.fs, read_options=read_options, convert_options=convert,
+                               arrow_open_stream_args={"compression": "detect"})
+    base = images.uri if not is_manifest(images) else posixpath.dirname(images.uri)
+    return ds.map_batches(_manifest_rows, batch_format="pyarrow", num_cpus=0.25,
+                          fn_kwargs={"version": version, "base": base, "exclude": exclude,
+                                     "url_encoded_keys": how["url_encoded_keys"]})
+
+
+def _true(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pc.equal(pc.utf8_lower(column.cast(pa.string())), "true")
+
+
+def _manifest_rows(batch: pa.Table, *, version: str, base: str, exclude: tuple[str, ...],
+                   url_encoded_keys: bool) -> pa.Table:
+    """Manifest rows -> listing rows: current versions of images only (S3 Inventory lists every object,
+    delete markers and old versions too)."""
+    names = batch.column_names
+    if "is_delete_marker" in names:
+        batch = batch.filter(pc.invert(_true(batch["is_delete_marker"])))
+    if "is_latest" in names:
+        batch = batch.filter(_true(batch["is_latest"]))
+    if "uri" in names:
+        uris = [_absolute(str(u).strip(), base) if u else None for u in batch["uri"].to_pylist()]
+    else:
+        keys = batch["key"].to_pylist()
+        uris = [f"s3://{b}/{unquote_plus(k) if url_encoded_keys else k}" if b and k else None
+                for b, k in zip(batch["bucket"].to_pylist(), keys)]
+    versions = [str(v).strip('"') if v not in (None, "") else None for v in batch[version].to_pylist()]
+    sizes = batch["size"].to_pylist() if "size" in names else [None] * batch.num_rows
+    keep = [i for i, (u, v) in enumerate(zip(uris, versions))
+            if u and v and u.lower().endswith(IMAGE_EXTENSIONS) and not u.startswith(exclude)]
+    return pa.table({"image_uri": [uris[i] for i in keep], "image_version": [versions[i] for i in keep],
+                     "image_size": [_int(sizes[i]) for i in keep]}, schema=LISTING_SCHEMA)
+
+
+def _absolute(uri: str, base: str) -> str:
+    return uri if "://" in uri or uri.startswith("/") else posixpath.join(base, uri)
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

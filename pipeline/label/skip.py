@@ -1,0 +1,83 @@
+"""What is already labeled, and dropping it from a listing inside Ray Data (a left anti-join): the driver holds
+neither side.
+
+The index, `index/model_id=<model_id>/part-<fileset>.parquet`, holds the (image_uri, image_version) of every
+labels/ row of that model, written in the same commit as the labels (pipeline.label.commit). An output written
+before the index existed gets it built from labels/ once, file by file, in Ray tasks; `index/_complete.json`
+then records that every labels file has its index file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from ..storage import Location
+from .commit import final_name, parquet_bytes
+from .readers import list_table_files
+from .tables import INDEX, INDEX_SCHEMA
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "_complete.json"
+KEY = ("image_uri", "image_version")
+ROWS_PER_JOIN_PARTITION = 500_000
+
+
+def _fileset_of(path: str) -> str:
+    return posixpath.basename(path)[len("part-"):-len(".parquet")]
+
+
+def ensure_index(output: Location) -> int:
+    """Give every labels file its index file(s), once per output root; returns how many labels files that took.
+    Call it under the output's lease, after recovery."""
+    marker = output.child(INDEX, COMPLETE)
+    if marker.exists():
+        return 0
+    indexed = {_fileset_of(p) for p in list_table_files(output, INDEX)}
+    missing = [p for p in list_table_files(output, "labels") if _fileset_of(p) not in indexed]
+    if missing:
+        log.warning("building the skip index of %s from %d labels file(s) written before it existed", output.uri,
+                    len(missing))
+        ray.data.from_items([{"path": p} for p in missing], override_num_blocks=min(len(missing), 64)).map_batches(
+            _index_labels_files, batch_size=16, batch_format="pyarrow", num_cpus=0.25,
+            fn_kwargs={"output": output}).materialize()
+    marker.write_text(json.dumps({"built_from_labels_files": len(missing)}))
+    return len(missing)
+
+
+def _index_labels_files(batch: pa.Table, *, output: Location) -> pa.Table:
+    """Ray task: the index file of each labels file, one per model in it, under the labels file's fileset name."""
+    for path in batch["path"].to_pylist():
+        with output.fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["model_id", *KEY])
+        for model_id in pc.unique(table["model_id"]).to_pylist():
+            rows = table.filter(pc.field("model_id") == model_id).select(list(KEY)).cast(INDEX_SCHEMA)
+            output.child(final_name(INDEX, "", _fileset_of(path), model_id)).write_bytes(parquet_bytes(rows))
+    return pa.table({"done": [batch.num_rows]})
+
+
+def index_files(output: Location, model_id: str) -> list[str]:
+    """The index files of one model (paths in the output's filesystem)."""
+    folder = output.child(INDEX, f"model_id={model_id}")
+    output.fs.invalidate_cache()
+    try:
+        return sorted(p for p in output.fs.find(folder.path) if p.endswith(".parquet"))
+    except FileNotFoundError:
+        return []
+
+
+def drop_labeled(listing: ray.data.Dataset, output: Location, model_id: str, listed: int) -> ray.data.Dataset:
+    """The listing rows whose (image_uri, image_version) this model has not labeled yet."""
+    files = index_files(output, model_id)
+    if not files:
+        return listing
+    index = ray.data.read_parquet(files, filesystem=output.fs, columns=list(KEY), schema=INDEX_SCHEMA,
+                                  partitioning=None)
+    partitions = max(1, min(256, -(-listed // ROWS_PER_JOIN_PARTITION)))
+    return listing.join(index, join_type="left_anti", num_partitions=partitions, on=KEY)

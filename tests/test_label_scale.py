@@ -1,0 +1,224 @@
+"""The labeling job at bucket scale, in small: streamed listing, listing manifests, the index and its anti-join,
+writes by Ray workers (a writer killed mid-file-set), a reused run id, and one run per output root (the lease)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import faults, storage
+from pipeline.dataset_formats import list_images
+from pipeline.label.commit import final_name, parquet_bytes
+from pipeline.label.config import LabelConfig
+from pipeline.label.job import label_images
+from pipeline.label.listing import listing_dataset
+from pipeline.label.readers import read_table
+from pipeline.label.tables import INDEX, INDEX_SCHEMA
+from pipeline.storage import Location
+from tests.jobs_util import ROOT
+from tests.label_fixtures import duckdb_connection, good_image, tables, write_files
+
+
+def _root(where: str, tmp_path, request, name: str) -> str:
+    if where == "s3":
+        request.getfixturevalue("bucket")
+        return f"s3://test-bucket/{name}"
+    return str(tmp_path / name)
+
+
+def _config(images: str, ck: str, output: str, **kw) -> LabelConfig:
+    return LabelConfig(images=images, checkpoint=ck, output=output, max_side=64, batch_size=2, rows_per_file=4,
+                       progress=False, run_date="2026-05-01", **kw)
+
+
+def _exactly_once(output: str) -> dict:
+    """image_uri -> times in labels/ (DuckDB); every count must be 1, and class_stats must agree."""
+    con = duckdb_connection(output)
+    labels = dict(con.execute(f"SELECT image_uri, count(*) FROM read_parquet('{output}/labels/**/*.parquet') "
+                              "GROUP BY ALL").fetchall())
+    stats = con.execute(f"SELECT image_uri, class_id, count(*) AS n FROM read_parquet('{output}/class_stats/**/"
+                        "*.parquet') GROUP BY ALL HAVING n > 1").fetchall()
+    assert set(labels.values()) <= {1} and stats == [], (labels, stats)
+    return labels
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_streamed_listing_equals_the_driver_listing(ray_session, tmp_path, request, where):
+    root = _root(where, tmp_path, request, "photos")
+    names = ["top.jpg", "a/one.png", "a/b/two.JPG", "a/b/c/three.webp", "d/four.jpeg", "notes.txt",
+             "out/labels/x.png", "out/previews/run_date=1/p.png", "e/deep/deeper/five.bmp"]
+    write_files(root, {n: b"x" * (i + 1) for i, n in enumerate(names)})
+    images = Location.of(root)
+    own = (images.child("out", "labels").uri + "/", images.child("out", "previews").uri + "/")
+    rows = listing_dataset(images, manifest=False, exclude=own).take_all()
+    expected = [f for f in list_images(root) if not f.uri.startswith(own)]
+    assert sorted((r["image_uri"], r["image_version"], r["image_size"]) for r in rows) == \
+        sorted((f.uri, f.version, f.size) for f in expected)
+    assert len(rows) == 6
+
+
+def _write_index(output: str, model_id: str, uris: list[str], version: str) -> None:
+    table = pa.table({"image_uri": uris, "image_version": [version] * len(uris)}, schema=INDEX_SCHEMA)
+    storage.write_bytes(storage.join(output, final_name(INDEX, "", "earlier-000001", model_id)), parquet_bytes(table))
+
+
+def test_manifest_of_10k_rows_skips_through_the_index(ray_session, tiny_checkpoint, tmp_path):
+    """A 10,000-row Parquet manifest (an S3 Inventory's columns) of which 9,990 images are in the index: the
+    anti-join drops them, the 10 new ones are labeled by Ray workers, and no label map reaches the driver."""
+    ck, model_id = tiny_checkpoint
+    images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
+    new = {f"new/{i:02d}.png": good_image(i, 20 + i, 18) for i in range(10)}
+    write_files(images, new)
+    old = [f"{images}/old/{i:05d}.jpg" for i in range(9990)]
+    uris = old + [f"{images}/{n}" for n in new]
+    versions = ["v1"] * len(old) + [storage.local_version(u) for u in uris[len(old):]]
+    manifest = pa.table({
+        "uri": uris + [f"{images}/readme.txt", f"{images}/deleted.jpg", f"{images}/new/00.png"],
+        "size": [100] * len(old) + [os.path.getsize(u) for u in uris[len(old):]] + [5, 5, 5],
+        "e_tag": versions + ["t", "d", "stale"],
+        "is_latest": [True] * (len(uris) + 2) + [False],
+        "is_delete_marker": [False] * (len(uris) + 1) + [True, False],
+    })
+    pq.write_table(manifest, str(tmp_path / "listing.parquet"))
+    _write_index(output, model_id, old, "v1")
+
+    summary = label_images(_config(str(tmp_path / "listing.parquet"), ck, output))
+    assert (summary["listed"], summary["skipped"], summary["labelled"], summary["errors"]) == (10_000, 9_990, 10, 0)
+    labels = _exactly_once(output)
+    assert sorted(labels) == sorted(uris[len(old):])
+    label_map_bytes = sum(len(b) for b in read_table(Location.of(output), "labels")["label_map"].to_pylist())
+    assert 0 < summary["driver_bytes"] < label_map_bytes  # the driver got file-set metadata, never the maps
+    index = read_table(Location.of(output), INDEX)
+    assert index.num_rows == 10_000 and len(set(index["image_uri"].to_pylist())) == 10_000
+
+    again = label_images(_config(str(tmp_path / "listing.parquet"), ck, output))
+    assert (again["listed"], again["skipped"], again["labelled"]) == (10_000, 10_000, 0)
+
+
+def test_s3_manifest_names_images_as_the_prefix_listing_does(ray_session, tiny_checkpoint, bucket, s3):
+    """Labeled by prefix one night, listed by a CSV manifest (bucket, key, size, e_tag) the next: the same
+    images are skipped, the new ones labeled; keys are taken as written."""
+    ck, _ = tiny_checkpoint
+    images, output = f"{bucket}/photos", f"{bucket}/out"
+    write_files(images, {f"{i}.png": good_image(i, 16, 16 + i) for i in range(3)})
+    first = label_images(_config(images, ck, output))
+    assert first["labelled"] == 3
+    write_files(images, {"new dir/3.png": good_image(3, 16, 20), "4.png": good_image(4, 17, 20)})
+    s3.invalidate_cache()
+    rows = [{"bucket": "test-bucket", "key": k, "size": s3.info(f"test-bucket/photos/{k}")["size"],
+             "e_tag": s3.info(f"test-bucket/photos/{k}")["ETag"].strip('"')}
+            for k in ("0.png", "1.png", "2.png", "new dir/3.png", "4.png")]
+    rows = [{**r, "key": f"photos/{r['key']}"} for r in rows]
+    buf = pa.BufferOutputStream()
+    pacsv.write_csv(pa.Table.from_pylist(rows), buf)
+    storage.write_bytes(f"{bucket}/inventory/part-0.csv", buf.getvalue().to_pybytes())
+
+    second = label_images(_config(f"{bucket}/inventory", ck, output, manifest=True))
+    assert (second["listed"], second["skipped"], second["labelled"], second["errors"]) == (5, 3, 2, 0)
+    assert f"{images}/new dir/3.png" in _exactly_once(output)
+
+
+def test_manifest_without_a_version_column_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    from tests.label_fixtures import run_label_cli
+
+    pq.write_table(pa.table({"uri": ["/x/a.jpg"], "size": [3]}), str(tmp_path / "m.parquet"))
+    code, _, err = run_label_cli(["--images", str(tmp_path / "m.parquet"), "--checkpoint", tiny_checkpoint[0],
+                                  "--output", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("error: manifest ") and "version column" in err
+
+
+def test_output_without_an_index_gets_one_built_once(ray_session, tiny_checkpoint, tmp_path):
+    ck, model_id = tiny_checkpoint
+    images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
+    write_files(images, {f"{i}.png": good_image(i, 16, 16) for i in range(5)})
+    assert label_images(_config(images, ck, output))["labelled"] == 5
+    storage.Location.of(output).fs.rm(os.path.join(output, INDEX), recursive=True)  # as written before the index
+
+    again = label_images(_config(images, ck, output))
+    assert (again["skipped"], again["labelled"]) == (5, 0)
+    index = read_table(Location.of(output), INDEX)
+    assert sorted(index["image_uri"].to_pylist()) == sorted(f"{images}/{i}.png" for i in range(5))
+    assert os.path.exists(os.path.join(output, INDEX, "_complete.json"))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_writer_killed_mid_fileset_is_exactly_once(ray_session, tiny_checkpoint, tmp_path, request, monkeypatch, where):
+    """A write task's process dies after staging part of a file set: Ray retries the task under a new file-set
+    name; the half-staged set is never committed, and the next run discards it."""
+    ck, _ = tiny_checkpoint
+    images, output = _root(where, tmp_path, request, "imgs"), _root(where, tmp_path, request, "out")
+    write_files(images, {f"{i:02d}.png": good_image(i, 16, 16 + i % 3) for i in range(10)})
+    monkeypatch.setenv(faults.ENV, f"label.stage:class_stats=kill_once:{tmp_path / 'killed'}")
+    summary = label_images(_config(images, ck, output))
+    monkeypatch.delenv(faults.ENV)
+    assert os.path.exists(tmp_path / "killed")
+    assert (summary["labelled"], summary["errors"]) == (10, 0)
+    assert len(_exactly_once(output)) == 10
+
+    out = Location.of(output)
+    out.fs.invalidate_cache()
+    assert out.fs.exists(out.child("_staging").path)  # the killed writer's half file set, uncommitted
+    rerun = label_images(_config(images, ck, output))
+    assert rerun["recovered"] == {"rolled_forward": 0, "discarded": 1}
+    assert (rerun["skipped"], rerun["labelled"]) == (10, 0)
+
+
+def test_reused_run_id_keeps_what_the_first_attempt_committed(ray_session, tiny_checkpoint, tmp_path):
+    ck, _ = tiny_checkpoint
+    images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
+    write_files(images, {f"{i}.png": good_image(i, 16, 16) for i in range(5)})
+    first = label_images(_config(images, ck, output, run_id="nightly-20260501"))
+    write_files(images, {f"{i}.png": good_image(i, 16, 16) for i in range(5, 8)})
+    retry = label_images(_config(images, ck, output, run_id="nightly-20260501"))
+    assert (first["labelled"], retry["skipped"], retry["labelled"]) == (5, 5, 3)
+    labels = tables(output)["labels"]
+    assert labels.num_rows == 8 and set(labels["run_id"].to_pylist()) == {"nightly-20260501"}
+    assert len(_exactly_once(output)) == 8
+    records = sorted(os.listdir(os.path.join(output, "runs")))
+    assert len(records) == 2 and records[1] == "nightly-20260501.json"
+    counts = [json.load(open(os.path.join(output, "runs", r)))["counts"]["labelled"] for r in records]
+    assert sorted(counts) == [3, 5]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_second_run_on_one_output_is_refused_and_the_next_is_healthy(ray_session, tiny_checkpoint, tmp_path,
+                                                                     request, where):
+    ck, _ = tiny_checkpoint
+    images, output = _root(where, tmp_path, request, "imgs"), _root(where, tmp_path, request, "out")
+    write_files(images, {f"{i}.png": good_image(i, 16, 16) for i in range(4)})
+    argv = ["--images", images, "--checkpoint", ck, "--output", output, "--max-side", "64", "--rows-per-file", "2",
+            "--run-date", "2026-05-01"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local",
+           faults.ENV: "label.commit:committed=sleep:8"}  # the first run holds the lease a while
+    first = subprocess.Popen([sys.executable, "jobs/label.py", *argv, "--run-id", "first-run"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lease = Location.of(output).child("_lease.json")
+        deadline = time.monotonic() + 120
+        while not lease.exists() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert lease.exists(), first.stdout.read() if first.poll() is not None else "no lease"
+        second = subprocess.run([sys.executable, "jobs/label.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                                env={**env, faults.ENV: ""}, timeout=120)
+        assert second.returncode == 2, second.stderr[-2000:]
+        (line,) = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
+        assert "labeling run first-run" in line and "which has held it for" in line, line
+        log = first.communicate(timeout=300)[0]
+    finally:
+        first.kill()
+    assert first.returncode == 0, log[-3000:]
+    assert json.loads(log.strip().splitlines()[-1])["labelled"] == 4
+    assert not lease.exists()
+
+    after = label_images(_config(images, ck, output))
+    assert (after["skipped"], after["labelled"], after["errors"]) == (4, 0, 0)
+    assert after["recovered"] == {"rolled_forward": 0, "discarded": 0}
+    assert len(_exactly_once(output)) == 4

@@ -61,7 +61,7 @@ def random_checkpoint(uri: str, class_names: list[str], *, width_mult: float = 1
     return save_checkpoint(uri, model, class_names=list(class_names), convention=TORCHVISION)
 
 
-def autoscaling_cluster(worker_node_types: dict, head_resources: dict | None = None):
+def autoscaling_cluster(worker_node_types: dict, head_resources: dict | None = None, idle_timeout_minutes: float = 1.0):
     """Ray's fake multi-node autoscaling cluster on this machine (`ray.cluster_utils.AutoscalingCluster`):
     nodes of `worker_node_types` start when tasks, actors, placement groups or `request_resources` ask for them.
     Not started yet: call `.start()` (needs the `ray` command on PATH) and `.shutdown()`.
@@ -76,7 +76,7 @@ def autoscaling_cluster(worker_node_types: dict, head_resources: dict | None = N
         "cluster_name": "fake-autoscaling", "max_workers": 8, "head_node_type": "ray.head.default",
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True},
-        "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 1.0, "docker": {}, "file_mounts": {},
+        "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": idle_timeout_minutes, "docker": {}, "file_mounts": {},
         "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
         "head_start_ray_commands": [], "worker_start_ray_commands": [], "cluster_synced_files": [],
         "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],

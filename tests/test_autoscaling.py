@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -18,20 +19,38 @@ pytestmark = pytest.mark.multinode
 
 
 @pytest.fixture(scope="module")
-def empty_autoscaling_cluster(tmp_path_factory):
-    """The address of a cluster with a 0-CPU head and up to one 2-CPU worker node, none running."""
+def autoscaling_address():
+    """A cluster with a 0-CPU head and up to one 2-CPU worker node (idle nodes end after 6 s); this process is
+    connected to it to watch its size."""
+    import ray
+
     from tests.conftest import _shutdown_ray
 
     _shutdown_ray()  # the session's local Ray: one Ray per machine while Train runs (its PG cleaner)
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]  # `ray start`
     cluster = autoscaling_cluster({"cpu_worker": {"resources": {"CPU": 2, "object_store_memory": 256 * 1024**2},
                                                   "node_config": {}, "min_workers": 0, "max_workers": 1}},
-                                  head_resources={"CPU": 0, "object_store_memory": 128 * 1024**2})
+                                  head_resources={"CPU": 0, "object_store_memory": 128 * 1024**2},
+                                  idle_timeout_minutes=0.1)
     cluster.start(override_env={"RAY_AUTH_MODE": "disabled"})
     try:
+        ray.init(address="auto", log_to_driver=False)
         yield "auto"  # `ray start --head` records its address where ray.init("auto") finds it
     finally:
+        _shutdown_ray()
         cluster.shutdown()
+
+
+@pytest.fixture
+def empty_autoscaling_cluster(autoscaling_address):
+    """The cluster once no worker node is up (a previous test's node has been scaled down)."""
+    import ray
+
+    deadline = time.monotonic() + 120
+    while ray.cluster_resources().get("CPU", 0) > 0:
+        assert time.monotonic() < deadline, "the idle worker node was never scaled down"
+        time.sleep(0.5)
+    return autoscaling_address
 
 
 def _env(address: str) -> dict:

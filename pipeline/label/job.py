@@ -92,7 +92,7 @@ def list_todo(images: Location, output: Location, model_id: str, *, manifest: bo
     own = tuple(output.child(folder).uri + "/" for folder in OWN_FOLDERS)  # never label our own previews
     listing = listing_dataset(images, manifest=manifest, exclude=own).materialize()
     listed = listing.count()
-    if force:
+    if force or not listed:
         return listing, listed, listed
     todo = drop_labeled(listing, output, model_id, listed).materialize()
     return todo, listed, todo.count()

@@ -33,11 +33,11 @@ def plan_resources(config: LabelConfig, cluster: dict) -> ResourcePlan:
     cpus = float(cluster.get("CPU", 0))
     gpus = int(cluster.get("GPU", 0))
     use_gpus = config.num_gpus if config.num_gpus is not None else gpus
+    if use_gpus > gpus:
+        raise InsufficientResources(f"--num-gpus {use_gpus} but the Ray cluster has {gpus} GPU(s)")
     if cpus < TASK_CPUS:
         raise InsufficientResources(f"the Ray cluster has {cpus:g} CPUs; reading and decoding need at least {TASK_CPUS}")
     if use_gpus > 0:
-        if use_gpus > gpus:
-            raise InsufficientResources(f"--num-gpus {use_gpus} but the Ray cluster has {gpus} GPU(s)")
         if config.actors is not None and config.actors != use_gpus:
             raise ValueError("--actors is for CPU inference; with GPUs the pool has one actor per GPU (--num-gpus)")
         threads = config.threads_per_actor or 2

@@ -72,12 +72,20 @@ def index_files(output: Location, model_id: str) -> list[str]:
         return []
 
 
+def _read_index_files(batch: pa.Table, *, output: Location):
+    """Ray task: the (image_uri, image_version) rows of each index file."""
+    for path in batch["path"].to_pylist():
+        with output.fs.open(path, "rb") as f:
+            yield pq.read_table(f, columns=list(KEY)).cast(INDEX_SCHEMA)
+
+
 def drop_labeled(listing: ray.data.Dataset, output: Location, model_id: str, listed: int) -> ray.data.Dataset:
     """The listing rows whose (image_uri, image_version) this model has not labeled yet."""
     files = index_files(output, model_id)
     if not files:
         return listing
-    index = ray.data.read_parquet(files, filesystem=output.fs, columns=list(KEY), schema=INDEX_SCHEMA,
-                                  partitioning=None)
+    # The file names are known: read tasks open them through the output's filesystem (no second listing).
+    index = ray.data.from_items([{"path": p} for p in files], override_num_blocks=min(len(files), 1024)).map_batches(
+        _read_index_files, batch_size=1, batch_format="pyarrow", num_cpus=0.25, fn_kwargs={"output": output})
     partitions = max(1, min(256, -(-listed // ROWS_PER_JOIN_PARTITION)))
     return listing.join(index, join_type="left_anti", num_partitions=partitions, on=KEY)

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from ..storage import Location
 from .commit import commit_fileset, commit_staged, stage_fileset
 from .readers import list_table_files
-from .tables import SCHEMAS, TABLES, split_results
+from .tables import INDEX, SCHEMAS, TABLES, split_results
 
 STAGED_SCHEMA = pa.schema([("marker", pa.string()), ("labeled", pa.int64()), ("errors", pa.int64()),
                            ("actors", pa.list_(pa.string()))])
@@ -47,6 +47,8 @@ def stage_results(block: pa.Table, *, settings: OutputSettings) -> pa.Table:
     for part in _split_by_bytes(block, settings.bytes_per_file):
         tables = split_results(part, model_id=settings.model_id, run_id=settings.run_id,
                                class_names=list(settings.class_names))
+        if not tables[INDEX].num_rows:  # nothing labeled: no index file (an empty one would only slow the join)
+            del tables[INDEX]
         marker = stage_fileset(settings.output, new_fileset_name(settings.run_id), settings.run_date,
                                settings.model_id, tables)
         actors = sorted({a for a in part["actor"].to_pylist() if a})

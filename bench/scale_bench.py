@@ -86,7 +86,7 @@ def skip_phase(manifest: str, output: str) -> dict:
 
 
 def _child(*args: str) -> dict:
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args], capture_output=True, text=True,
                           env={**os.environ, "RAY_AUTH_MODE": "disabled"}, timeout=3600)
     if done.returncode != 0:
         raise SystemExit(f"child {args[0]} failed:\n{done.stderr[-4000:]}")

@@ -51,6 +51,7 @@ class Lease:
         self.location, self.record, self.ttl_s = location, record, ttl_s
         self.lost: str | None = None
         self._etag, self._on_lost = etag, on_lost
+        self._renewed_at = time.monotonic()  # the last time the lease file was known to be ours
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
 
@@ -94,6 +95,7 @@ class Lease:
                 if current is None or current[0].get("id") != self.record["id"]:
                     raise _Lost()
                 self._etag = _renew(self.location, _encode(self.record), self._etag)
+                self._renewed_at = time.monotonic()
             except _Lost:
                 self.lost = (f"lost the lease of {self.location.uri}: another run took it over after this one "
                              f"sent no heartbeat for {_age(self.ttl_s)}")
@@ -102,6 +104,17 @@ class Lease:
                 return
             except Exception as e:  # noqa: BLE001 - a missed beat is retried; the lease lives ttl_s
                 log.warning("lease heartbeat of %s failed: %s", self.location.uri, e)
+
+    def check(self) -> None:
+        """Raise JobError unless the lease is surely still ours: not lost, and renewed within the last 3/4 of its
+        ttl (a holder cut off from the store for longer may have been taken over without knowing it). Call it
+        before each write that only the holder may make."""
+        if self.lost:
+            raise JobError(self.lost)
+        silent = time.monotonic() - self._renewed_at
+        if silent > 0.75 * self.ttl_s:
+            raise JobError(f"the lease of {self.location.uri} was last renewed {_age(silent)} ago (its heartbeats "
+                           f"fail); stopping before another run could take it over (it expires after {_age(self.ttl_s)})")
 
     def release(self) -> None:
         """Stop the heartbeat, then delete the lease if it is still ours; a lease already gone is fine."""

@@ -68,12 +68,15 @@ def wait_for_resources(problem: Callable[[dict], str | None], bundles: list[dict
                        say: Callable[[str], None]) -> dict:
     """The cluster's resources once `problem(resources)` is None. Until then, for at most `timeout_s`, ask the
     autoscaler for `bundles` (ray.autoscaler.sdk.request_resources) and poll; JobError naming the last problem
-    when the time is up (at once when timeout_s is 0). The request stays until `release_resource_request`."""
+    when the time is up (at once when timeout_s is 0, or when the cluster's published limits can never fit).
+    The request stays until `release_resource_request`. It is the cluster's one standing request: a job
+    starting meanwhile replaces it, and a job killed with SIGKILL leaves it until the next job withdraws it."""
     have = ray.cluster_resources()
     found = problem(have)
     if found is None:
         return have
-    if timeout_s <= 0:
+    capacity, known = cluster_capacity()
+    if timeout_s <= 0 or (known and problem(capacity) is not None):  # it can never grow enough
         raise JobError(found)
     from ray.autoscaler.sdk import request_resources
 

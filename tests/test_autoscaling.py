@@ -57,6 +57,18 @@ def _env(address: str) -> dict:
     return {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
 
 
+def test_resources_that_never_come_end_in_one_line(empty_autoscaling_cluster, tiny_checkpoint, tmp_path):
+    """Asked for GPUs no node type has: the cluster never grows, the job gives up with one line."""
+    images = str(tmp_path / "imgs")
+    write_files(images, {"0.png": good_image(0, 16, 16)})
+    done = run_subprocess("label", ["--images", images, "--checkpoint", tiny_checkpoint[0], "--output",
+                                    str(tmp_path / "out"), "--num-gpus", "2", "--wait-for-resources", "3"],
+                          env=_env(empty_autoscaling_cluster), timeout=120)
+    assert done.returncode == 2
+    (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert line.startswith("error: gave up after 3 s (--wait-for-resources): --num-gpus 2 but the Ray cluster has 0 GPU(s)")
+
+
 def test_label_starts_from_zero_workers(empty_autoscaling_cluster, tiny_checkpoint, tmp_path):
     images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
     write_files(images, {f"{i}.png": good_image(i, 16, 16) for i in range(3)})
@@ -80,14 +92,3 @@ def test_train_starts_from_zero_workers(empty_autoscaling_cluster, tmp_path):
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "waiting up to 120 s (--wait-for-resources)" in done.stdout
     assert json.loads(done.stdout.strip().splitlines()[-1])["epochs"] == 1
-
-
-def test_resources_that_never_come_end_in_one_line(empty_autoscaling_cluster, tiny_checkpoint, tmp_path):
-    images = str(tmp_path / "imgs")
-    write_files(images, {"0.png": good_image(0, 16, 16)})
-    done = run_subprocess("label", ["--images", images, "--checkpoint", tiny_checkpoint[0], "--output",
-                                    str(tmp_path / "out"), "--num-gpus", "2", "--wait-for-resources", "3"],
-                          env=_env(empty_autoscaling_cluster), timeout=120)
-    assert done.returncode == 2
-    (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
-    assert line.startswith("error: gave up after 3 s (--wait-for-resources): --num-gpus 2 but the Ray cluster has 0 GPU(s)")

@@ -6,9 +6,9 @@ import json
 import os
 import threading
 import time
+from urllib.parse import quote_plus
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,7 +17,7 @@ from pipeline.dataset_formats import list_images
 from pipeline.label.commit import final_name, parquet_bytes
 from pipeline.label.config import LabelConfig
 from pipeline.label.job import label_images
-from pipeline.label.listing import listing_dataset
+from pipeline.label.listing import listing_dataset, plan_listing
 from pipeline.label.readers import read_table
 from pipeline.label.tables import INDEX, INDEX_SCHEMA
 from pipeline.storage import Location
@@ -56,7 +56,7 @@ def test_streamed_listing_equals_the_driver_listing(ray_session, tmp_path, reque
     write_files(root, {n: b"x" * (i + 1) for i, n in enumerate(names)})
     images = Location.of(root)
     own = (images.child("out", "labels").uri + "/", images.child("out", "previews").uri + "/")
-    rows = listing_dataset(images, manifest=False, exclude=own).take_all()
+    rows = listing_dataset(plan_listing(images, False), exclude=own).take_all()
     expected = [f for f in list_images(root) if not f.uri.startswith(own)]
     assert sorted((r["image_uri"], r["image_version"], r["image_size"]) for r in rows) == \
         sorted((f.uri, f.version, f.size) for f in expected)
@@ -69,8 +69,9 @@ def _write_index(output: str, model_id: str, uris: list[str], version: str) -> N
 
 
 def test_manifest_of_10k_rows_skips_through_the_index(ray_session, tiny_checkpoint, tmp_path):
-    """A 10,000-row Parquet manifest (an S3 Inventory's columns) of which 9,990 images are in the index: the
-    anti-join drops them, the 10 new ones are labeled by Ray workers, and no label map reaches the driver."""
+    """A 10,000-row Parquet manifest (two files, S3 Inventory's columns, relative URIs in one) of which 9,990
+    images are in the index: the anti-join drops them, the 10 new ones are labeled by Ray workers, and no label
+    map reaches the driver. Non-images, delete markers and non-current versions are not listed."""
     ck, model_id = tiny_checkpoint
     images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
     new = {f"new/{i:02d}.png": good_image(i, 20 + i, 18) for i in range(10)}
@@ -85,10 +86,15 @@ def test_manifest_of_10k_rows_skips_through_the_index(ray_session, tiny_checkpoi
         "is_latest": [True] * (len(uris) + 2) + [False],
         "is_delete_marker": [False] * (len(uris) + 1) + [True, False],
     })
-    pq.write_table(manifest, str(tmp_path / "listing.parquet"))
+    # A prefix of two manifest files; the second names its images relative to its own folder.
+    os.makedirs(tmp_path / "listing")
+    pq.write_table(manifest.slice(0, 6000), str(tmp_path / "listing" / "part-0.parquet"))
+    rest = manifest.slice(6000)
+    relative = [os.path.relpath(u, tmp_path / "listing") for u in rest["uri"].to_pylist()]
+    pq.write_table(rest.set_column(0, "uri", pa.array(relative)), str(tmp_path / "listing" / "part-1.parquet"))
     _write_index(output, model_id, old, "v1")
 
-    summary = label_images(_config(str(tmp_path / "listing.parquet"), ck, output))
+    summary = label_images(_config(str(tmp_path / "listing"), ck, output, manifest=True))
     assert (summary["listed"], summary["skipped"], summary["labelled"], summary["errors"]) == (10_000, 9_990, 10, 0)
     labels = _exactly_once(output)
     assert sorted(labels) == sorted(uris[len(old):])
@@ -97,13 +103,12 @@ def test_manifest_of_10k_rows_skips_through_the_index(ray_session, tiny_checkpoi
     index = read_table(Location.of(output), INDEX)
     assert index.num_rows == 10_000 and len(set(index["image_uri"].to_pylist())) == 10_000
 
-    again = label_images(_config(str(tmp_path / "listing.parquet"), ck, output))
-    assert (again["listed"], again["skipped"], again["labelled"]) == (10_000, 10_000, 0)
 
+def test_s3_inventory_names_images_as_the_prefix_listing_does(ray_session, tiny_checkpoint, bucket, s3):
+    """Labeled by prefix one night, listed by an S3 Inventory the next (manifest.json naming a header-less,
+    gzipped CSV with URL-encoded keys): the same images are skipped, the new ones labeled."""
+    import gzip
 
-def test_s3_manifest_names_images_as_the_prefix_listing_does(ray_session, tiny_checkpoint, bucket, s3):
-    """Labeled by prefix one night, listed by a CSV manifest (bucket, key, size, e_tag) the next: the same
-    images are skipped, the new ones labeled; keys are taken as written."""
     ck, _ = tiny_checkpoint
     images, output = f"{bucket}/photos", f"{bucket}/out"
     write_files(images, {f"{i}.png": good_image(i, 16, 16 + i) for i in range(3)})
@@ -111,15 +116,18 @@ def test_s3_manifest_names_images_as_the_prefix_listing_does(ray_session, tiny_c
     assert first["labelled"] == 3
     write_files(images, {"new dir/3.png": good_image(3, 16, 20), "4.png": good_image(4, 17, 20)})
     s3.invalidate_cache()
-    rows = [{"bucket": "test-bucket", "key": k, "size": s3.info(f"test-bucket/photos/{k}")["size"],
-             "e_tag": s3.info(f"test-bucket/photos/{k}")["ETag"].strip('"')}
-            for k in ("0.png", "1.png", "2.png", "new dir/3.png", "4.png")]
-    rows = [{**r, "key": f"photos/{r['key']}"} for r in rows]
-    buf = pa.BufferOutputStream()
-    pacsv.write_csv(pa.Table.from_pylist(rows), buf)
-    storage.write_bytes(f"{bucket}/inventory/part-0.csv", buf.getvalue().to_pybytes())
+    lines = []
+    for key in ("0.png", "1.png", "2.png", "new dir/3.png", "4.png", "notes.txt"):
+        info = s3.info(f"test-bucket/photos/{key}") if key != "notes.txt" else {"size": 1, "ETag": '"x"'}
+        lines.append(f'"test-bucket","{quote_plus("photos/" + key, safe="/")}","{info["size"]}",'
+                     f'"{info["ETag"].strip(chr(34))}","true"')
+    storage.write_bytes(f"{bucket}/inventory/data/a1.csv.gz", gzip.compress("\n".join(lines).encode()))
+    manifest = {"sourceBucket": "test-bucket", "destinationBucket": "arn:aws:s3:::test-bucket", "fileFormat": "CSV",
+                "fileSchema": "Bucket, Key, Size, ETag, IsLatest",
+                "files": [{"key": "inventory/data/a1.csv.gz", "size": 1, "MD5checksum": "x"}]}
+    storage.write_bytes(f"{bucket}/inventory/manifest.json", json.dumps(manifest).encode())
 
-    second = label_images(_config(f"{bucket}/inventory", ck, output, manifest=True))
+    second = label_images(_config(f"{bucket}/inventory/manifest.json", ck, output))
     assert (second["listed"], second["skipped"], second["labelled"], second["errors"]) == (5, 3, 2, 0)
     assert f"{images}/new dir/3.png" in _exactly_once(output)
 

@@ -103,3 +103,23 @@ def test_a_holder_that_lost_its_lease_is_told(folder):
         assert told.wait(5) and "lost the lease" in lease.lost
         lease.release()  # leaves the new holder's lease alone
         assert json.loads(folder.child(LEASE_FILE).read_bytes())["holder"] == "new run"
+
+
+def test_a_holder_whose_heartbeats_fail_stops_before_it_could_be_taken_over(tmp_path):
+    """The store stops answering the holder (here: its lease file becomes unreadable, a directory): heartbeats
+    fail and are retried, and `check()`, called before each commit, refuses once 3/4 of the ttl passed
+    without a renewal, before another run could take the lease over and both write."""
+    import os
+
+    folder = Location.of(str(tmp_path / "out"))
+    lost = []
+    with Lease.acquire(folder, holder="run A", what="output", ttl_s=0.8, on_lost=lambda: lost.append(1)) as lease:
+        lease.check()  # just renewed
+        path = folder.child(LEASE_FILE).path
+        os.unlink(path)
+        os.mkdir(path)  # every read of the lease now fails
+        time.sleep(0.7)
+        with pytest.raises(Exception, match=r"was last renewed 0 min 0 s ago \(its heartbeats fail\); stopping"):
+            lease.check()
+        os.rmdir(path)
+    assert lost == []

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -134,17 +135,32 @@ def commit_fileset(output: Location, fileset: str, run_date: str, model_id: str,
 
 
 def _publish(output: Location, marker: dict) -> None:
-    fs = output.fs
-    for entry in marker["files"]:
-        src, dst = output.child(entry["src"]).path, output.child(entry["dst"]).path
-        if fs.exists(src):
-            _move(output, src, dst)
-        elif not fs.exists(dst):
-            raise StorageError(f"commit {marker['fileset']} of {output.uri}: neither {entry['src']} nor "
-                               f"{entry['dst']} exists; the output was modified by hand")
-        faults.fire(f"label.commit:published:{entry['table']}")
+    """Step 3: the files other than labels concurrently (each is a few storage round trips), then labels."""
+    entries = marker["files"]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda e: _publish_file(output, marker, e), [e for e in entries if e["table"] != "labels"]))
+    for entry in entries:
+        if entry["table"] == "labels":
+            _publish_file(output, marker, entry)
     _remove(output.child(COMMITS, f"{marker['fileset']}.json"))
     _remove(output.child(STAGING, marker["fileset"]), recursive=True)
+
+
+def _publish_file(output: Location, marker: dict, entry: dict) -> None:
+    fs = output.fs
+    src, dst = output.child(entry["src"]).path, output.child(entry["dst"]).path
+    if fs.exists(src):
+        _move(output, src, dst)
+    elif not fs.exists(dst):
+        raise StorageError(f"commit {marker['fileset']} of {output.uri}: neither {entry['src']} nor "
+                           f"{entry['dst']} exists; the output was modified by hand")
+    faults.fire(f"label.commit:published:{entry['table']}")
+
+
+def _nothing_left(output: Location, marker: dict) -> bool:
+    """None of a marker's files exists, staged or published: the set was never visible, only its marker was
+    written (by a run that had lost its lease and whose staging a recovery removed)."""
+    return not any(output.fs.exists(output.child(e[k]).path) for e in marker["files"] for k in ("src", "dst"))
 
 
 def _remove(location: Location, recursive: bool = False) -> None:
@@ -168,6 +184,10 @@ def recover(output: Location) -> dict[str, int]:
         for path in markers:
             with fs.open(path, "rb") as f:
                 marker = json.loads(f.read().decode("utf-8"))
+            if _nothing_left(output, marker):
+                log.warning("dropping the commit marker of file set %s: none of its files exists", marker["fileset"])
+                _remove(Location(output.uri_of(path), fs, path))
+                continue
             log.warning("finishing the commit of file set %s left by an interrupted run", marker["fileset"])
             _publish(output, marker)
             rolled += 1

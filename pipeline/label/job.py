@@ -29,7 +29,7 @@ from .commit import OWN_FOLDERS, PREVIEWS, RUNS, recover
 from .config import LabelConfig
 from .dataset import build_dataset
 from .inference import shippable
-from .listing import is_manifest, listing_dataset
+from .listing import Listing, listing_dataset, plan_listing
 from .previews import preview_sources, write_previews
 from .resources import InsufficientResources, plan_resources, resource_request
 from .run_record import RunRecord
@@ -86,22 +86,24 @@ def _plan_when_ready(config: LabelConfig):
     return plan_resources(config, resources)
 
 
-def list_todo(images: Location, output: Location, model_id: str, *, manifest: bool, force: bool):
+def list_todo(listing: Listing, output: Location, model_id: str, *, force: bool, rows_per_file: int):
     """(the rows to label as a materialized Ray Dataset, rows listed, rows to label): the listing minus what the
     index says this model labeled. Both sides live in the object store; the driver holds block references."""
     own = tuple(output.child(folder).uri + "/" for folder in OWN_FOLDERS)  # never label our own previews
-    listing = listing_dataset(images, manifest=manifest, exclude=own).materialize()
-    listed = listing.count()
+    rows = listing_dataset(listing, exclude=own).materialize()
+    listed = rows.count()
     if force or not listed:
-        return listing, listed, listed
-    todo = drop_labeled(listing, output, model_id, listed).materialize()
+        return rows, listed, listed
+    todo = drop_labeled(rows, output, model_id, listed, rows_per_index_file=rows_per_file).materialize()
     return todo, listed, todo.count()
 
 
-def _record_location(output: Location, run_id: str) -> Location:
-    """runs/<run_id>.json; a retry with the same run id gets its own record beside the first attempt's."""
-    first = output.child(RUNS, f"{run_id}.json")
-    return first if not first.exists() else output.child(RUNS, f"{run_id}.attempt-{uuid.uuid4().hex[:6]}.json")
+def _attempt_name(output: Location, run_id: str) -> str:
+    """The run id; a retry with the same run id gets `<run_id>.attempt-<random>`, so its run record and previews
+    are written beside the first attempt's, never over them."""
+    if not output.child(RUNS, f"{run_id}.json").exists():
+        return run_id
+    return f"{run_id}.attempt-{uuid.uuid4().hex[:6]}"
 
 
 def label_images(config: LabelConfig) -> dict:
@@ -116,22 +118,20 @@ def label_images(config: LabelConfig) -> dict:
     ck = load_checkpoint_at(checkpoint)
     images, output = Location.of(config.images), Location.of(config.output)
     output.check_writable()
-    manifest = config.manifest or is_manifest(images)
-    if not manifest:
-        images.check_exists("directory" if images.is_local else "prefix")
+    listing = plan_listing(images, config.manifest)  # a missing prefix or a wrong manifest fails here
     started = datetime.now(timezone.utc)
     run_id = config.run_id or new_run_id(started)
     with Lease.acquire(output, holder=f"labeling run {run_id}", what=f"output {output.uri}") as lease:
         try:
-            return _label(config, ck, checkpoint, images, output, manifest, run_id, started)
+            return _label(config, ck, checkpoint, listing, output, run_id, started, lease)
         except KeyboardInterrupt:
             if lease.lost:  # the heartbeat interrupted us: another run owns the output now
                 raise JobError(lease.lost) from None
             raise
 
 
-def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, images: Location, output: Location,
-           manifest: bool, run_id: str, started: datetime) -> dict:
+def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: Listing, output: Location,
+           run_id: str, started: datetime, lease: Lease) -> dict:
     t0, t0_epoch = time.monotonic(), time.time()
     timings: dict[str, float] = {}
     run_date = config.run_date or started.strftime("%Y-%m-%d")
@@ -139,20 +139,24 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, images: Lo
     ray = _start_ray(config)
     try:
         plan = _plan_when_ready(config)
-        timings["ray_start"] = time.monotonic() - t0
+        timings["ray_start_and_resources"] = time.monotonic() - t0
         t = time.monotonic()
         ensure_index(output)
-        todo, listed, to_label = list_todo(images, output, ck.model_id, manifest=manifest, force=config.force)
+        todo, listed, to_label = list_todo(listing, output, ck.model_id, force=config.force,
+                                           rows_per_file=config.rows_per_file)
         timings["list_and_skip"] = time.monotonic() - t
 
+        images = listing.images
         arguments = {**config.to_dict(), "images": images.uri, "output": output.uri, "checkpoint": checkpoint.uri}
-        record = RunRecord(_record_location(output, run_id), run_id, run_date, ck.model_id, output.uri, arguments,
-                           started, listed=listed, already_labeled=listed - to_label, recovered=recovered)
+        attempt = _attempt_name(output, run_id)
+        record = RunRecord(output.child(RUNS, f"{attempt}.json"), run_id, run_date, ck.model_id, output.uri,
+                           arguments, started, listed=listed, already_labeled=listed - to_label, recovered=recovered)
         record.save()
-        committer = Committer(output, run_id, run_date, ck.model_id)
+        committer = Committer(output, run_id, run_date, ck.model_id, before_commit=lease.check)
         try:
-            previews = _run_pipeline(ray, config, ck, todo, to_label, images if not manifest else None, output,
-                                     run_id, run_date, plan, committer, timings)
+            previews = _run_pipeline(ray, config, ck, todo, to_label, None if listing.manifest_paths else images,
+                                     output, run_id, run_date, plan, committer, timings,
+                                     previews_folder=output.child(PREVIEWS, f"run_date={run_date}", attempt))
         except BaseException as e:
             try:
                 record.finish("failed", labeled=committer.labeled, errors=committer.errors,
@@ -173,8 +177,8 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, images: Lo
 
 
 def _run_pipeline(ray, config: LabelConfig, ck: Checkpoint, todo, to_label: int, listed_by: Location | None,
-                  output: Location, run_id: str, run_date: str, plan, committer: Committer,
-                  timings: dict) -> int:
+                  output: Location, run_id: str, run_date: str, plan, committer: Committer, timings: dict, *,
+                  previews_folder: Location) -> int:
     """Label `todo`, committing file sets as the write tasks stage them; then previews. Returns previews written."""
     if to_label:
         ref = ray.put(shippable(ck))  # the object store holds the weights; every actor gets them from there
@@ -191,7 +195,7 @@ def _run_pipeline(ray, config: LabelConfig, ck: Checkpoint, todo, to_label: int,
     if config.previews:
         sources = preview_sources(output, committer.labels_files, config.previews)
         previews = write_previews(sources, listed_by=listed_by, class_names=list(ck.class_names),
-                                  folder=output.child(PREVIEWS, f"run_date={run_date}", run_id),
+                                  folder=previews_folder,
                                   max_pixels=config.max_pixels, max_bytes=config.read_limit)
     timings["previews"] = time.monotonic() - t
     return previews

@@ -11,8 +11,10 @@ Either way only images (by extension) outside the job's own output folders becom
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
+from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
 import pyarrow as pa
@@ -23,7 +25,7 @@ import ray
 
 from ..dataset_formats import DatasetError
 from ..decode import IMAGE_EXTENSIONS
-from ..storage import FileInfo, Location, local_version
+from ..storage import FileInfo, Location, is_remote, join, local_version, normalize
 
 LISTING_SCHEMA = pa.schema([("image_uri", pa.string()), ("image_version", pa.string()), ("image_size", pa.int64())])
 MANIFEST_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
@@ -38,20 +40,48 @@ def is_manifest(images: Location) -> bool:
     return name.endswith(MANIFEST_SUFFIXES) or name == INVENTORY_MANIFEST
 
 
-def listing_dataset(images: Location, *, manifest: bool, exclude: tuple[str, ...]) -> ray.data.Dataset:
-    """The rows to consider for labeling. `exclude`: URI prefixes never listed (the job's own output folders).
-    Fails in the driver, with one line, on a missing location or a manifest without the needed columns."""
-    if manifest or is_manifest(images):
-        return _manifest_dataset(images, exclude)
+@dataclass(frozen=True)
+class Listing:
+    """What to list, checked in the driver before any cluster work (`plan_listing`)."""
+
+    images: Location
+    manifest_paths: tuple[str, ...] = ()  # empty: a prefix, directory or single image
+    manifest_format: str = ""              # csv or parquet
+    columns: tuple[str, ...] = ()          # the manifest's columns
+    csv_header: bool = True                # False: header-less CSV (S3 Inventory), `columns` name its fields
+    version_column: str = ""
+    url_encoded_keys: bool = False         # S3 Inventory CSV keys
+
+
+def plan_listing(images: Location, manifest: bool) -> Listing:
+    """Check the images location (or the manifest and its columns) and say how to list it; one line on error."""
+    if not (manifest or is_manifest(images)):
+        images.check_exists("directory" if images.is_local else "prefix")
+        return Listing(images)
+    paths, fmt, csv_columns, url_encoded = _manifest_files(images)
+    columns = list(csv_columns) or _manifest_columns(images, paths[0], fmt)
+    has_uri = "uri" in columns or {"bucket", "key"} <= set(columns)
+    version = next((c for c in VERSION_COLUMNS if c in columns), None)
+    if not has_uri or version is None:
+        raise DatasetError(f"manifest {images.uri_of(paths[0])} needs a `uri` (or `bucket` and `key`) column and a "
+                           f"version column ({', '.join(VERSION_COLUMNS)}); it has {', '.join(columns)}")
+    return Listing(images, tuple(paths), fmt, tuple(columns), not csv_columns, version, url_encoded)
+
+
+def listing_dataset(listing: Listing, *, exclude: tuple[str, ...]) -> ray.data.Dataset:
+    """The rows to consider for labeling. `exclude`: URI prefixes never listed (the job's own output folders)."""
+    images = listing.images
+    if listing.manifest_paths:
+        return _manifest_dataset(listing, exclude)
     if images.is_local and images.path.lower().endswith(IMAGE_EXTENSIONS) and images.fs.isfile(images.path):
         # One image: the same version as when the file is listed with its folder, so it is labelled once.
         row = FileInfo(images.uri, images.fs.size(images.path), local_version(images.path))
         return ray.data.from_arrow(_rows([row]))
-    images.check_exists("directory" if images.is_local else "prefix")
     # One delimiter level in the driver: only sub-prefix names are kept; the files are listed by the tasks.
     units = [{"path": images.path, "recursive": False}]
     units += [{"path": e["name"], "recursive": True} for e in images.fs.ls(images.path, detail=True)
               if e.get("type") == "directory"]
+    images.fs.invalidate_cache(images.path)  # s3fs would keep that level's listing for the whole run
     return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         _list_units, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
         fn_kwargs={"images": images, "exclude": exclude})
@@ -75,12 +105,12 @@ def _list_units(batch: pa.Table, *, images: Location, exclude: tuple[str, ...]):
 
 
 def _snake(name: str) -> str:
-    """S3 Inventory's CSV field names (`ETag`, `IsLatest`) as its Parquet column names (`e_tag`, `is_latest`)."""
+    """S3 Inventory's CSV field names as snake case (`IsLatest` -> `is_latest`, `ETag` -> `etag`, `Size` -> `size`)."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name.strip()).lower()
 
 
-def _manifest_files(images: Location) -> tuple[list[str], dict]:
-    """(paths of the manifest's data files, how to read them)."""
+def _manifest_files(images: Location) -> tuple[list[str], str, list[str], bool]:
+    """(paths of the manifest's data files, csv or parquet, header-less CSV column names, URL-encoded keys)."""
     name = posixpath.basename(images.path).lower()
     if name == INVENTORY_MANIFEST:  # S3 Inventory: data files named in the manifest, in its destination bucket
         try:
@@ -95,10 +125,11 @@ def _manifest_files(images: Location) -> tuple[list[str], dict]:
         if fmt not in ("csv", "parquet"):
             raise DatasetError(f"inventory manifest {images.uri}: {meta['fileFormat']} inventories are not supported "
                                "(configure CSV or Parquet)")
+        if not keys:
+            raise DatasetError(f"inventory manifest {images.uri} names no data files")
         base = Location.of(f"s3://{bucket}") if not images.is_local else Location.of(posixpath.dirname(images.path))
-        paths = [base.child(k).path for k in keys]
-        columns = [_snake(c) for c in meta.get("fileSchema", "").split(",")] if fmt == "csv" else None
-        return paths, {"format": fmt, "columns": columns, "url_encoded_keys": fmt == "csv"}
+        columns = [_snake(c) for c in meta.get("fileSchema", "").split(",")] if fmt == "csv" else []
+        return [base.child(k).path for k in keys], fmt, columns, fmt == "csv"
     if is_manifest(images):
         if not images.exists():
             raise DatasetError(f"manifest {images.uri} not found")
@@ -110,62 +141,56 @@ def _manifest_files(images: Location) -> tuple[list[str], dict]:
     formats = {"parquet" if p.lower().endswith((".parquet", ".pq")) else "csv" for p in paths}
     if len(formats) > 1:
         raise DatasetError(f"manifest files under {images.uri} mix CSV and Parquet; keep one format per listing")
-    return paths, {"format": formats.pop(), "columns": None, "url_encoded_keys": False}
+    return paths, formats.pop(), [], False
 
 
-def _manifest_columns(images: Location, path: str, how: dict) -> list[str]:
+def _manifest_columns(images: Location, path: str, fmt: str) -> list[str]:
     """The first data file's column names, read in the driver so a wrong manifest fails before any work."""
-    if how["columns"]:
-        return how["columns"]
     try:
         with images.fs.open(path, "rb") as f:
-            if how["format"] == "parquet":
+            if fmt == "parquet":
                 return pq.read_schema(f).names
             compression = "gzip" if path.lower().endswith(".gz") else None
             with pa.CompressedInputStream(f, compression) if compression else f as stream:
-                reader = pacsv.open_csv(stream)
-                return reader.schema.names
+                return pacsv.open_csv(stream).schema.names
+    except FileNotFoundError:
+        raise DatasetError(f"manifest data file {images.uri_of(path)} not found") from None
     except (pa.ArrowInvalid, OSError) as e:
         raise DatasetError(f"manifest {images.uri_of(path)} cannot be parsed: {str(e).splitlines()[0]}") from None
 
 
-def _manifest_dataset(images: Location, exclude: tuple[str, ...]) -> ray.data.Dataset:
-    paths, how = _manifest_files(images)
-    columns = _manifest_columns(images, paths[0], how)
-    has_uri = "uri" in columns or {"bucket", "key"} <= set(columns)
-    version = next((c for c in VERSION_COLUMNS if c in columns), None)
-    if not has_uri or version is None:
-        raise DatasetError(f"manifest {images.uri_of(paths[0])} needs a `uri` (or `bucket` and `key`) column and a "
-                           f"version column ({', '.join(VERSION_COLUMNS)}); it has {', '.join(columns)}")
-    if how["format"] == "parquet":
-        ds = ray.data.read_parquet(paths, filesystem=images.fs)
+def _manifest_dataset(listing: Listing, exclude: tuple[str, ...]) -> ray.data.Dataset:
+    images, paths = listing.images, list(listing.manifest_paths)
+    # include_paths: relative URIs resolve against the folder of the manifest file that holds them.
+    if listing.manifest_format == "parquet":
+        ds = ray.data.read_parquet(paths, filesystem=images.fs, include_paths=True)
     else:
-        read_options = pacsv.ReadOptions(column_names=how["columns"]) if how["columns"] else None
         # Every column as text: keys like 00123 stay keys, empty sizes stay empty.
-        convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns})
-        ds = ray.data.read_csv(paths, filesystem=images.fs, read_options=read_options, convert_options=convert,
+        convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in listing.columns}, strings_can_be_null=True)
+        read = None if listing.csv_header else pacsv.ReadOptions(column_names=list(listing.columns))
+        ds = ray.data.read_csv(paths, filesystem=images.fs, include_paths=True, convert_options=convert, read_options=read,
                                arrow_open_stream_args={"compression": "detect"})
-    base = images.uri if not is_manifest(images) else posixpath.dirname(images.uri)
     return ds.map_batches(_manifest_rows, batch_format="pyarrow", num_cpus=0.25,
-                          fn_kwargs={"version": version, "base": base, "exclude": exclude,
-                                     "url_encoded_keys": how["url_encoded_keys"]})
+                          fn_kwargs={"images": images, "version": listing.version_column, "exclude": exclude,
+                                     "url_encoded_keys": listing.url_encoded_keys})
 
 
 def _true(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.equal(pc.utf8_lower(column.cast(pa.string())), "true")
 
 
-def _manifest_rows(batch: pa.Table, *, version: str, base: str, exclude: tuple[str, ...],
+def _manifest_rows(batch: pa.Table, *, images: Location, version: str, exclude: tuple[str, ...],
                    url_encoded_keys: bool) -> pa.Table:
     """Manifest rows -> listing rows: current versions of images only (S3 Inventory lists every object,
-    delete markers and old versions too)."""
+    delete markers and old versions too); rows without a URI or a version are ignored."""
     names = batch.column_names
     if "is_delete_marker" in names:
         batch = batch.filter(pc.invert(_true(batch["is_delete_marker"])))
     if "is_latest" in names:
         batch = batch.filter(_true(batch["is_latest"]))
     if "uri" in names:
-        uris = [_absolute(str(u).strip(), base) if u else None for u in batch["uri"].to_pylist()]
+        folders = [images.uri_of(posixpath.dirname(p)) for p in batch["path"].to_pylist()]
+        uris = [_absolute(str(u).strip(), folder) if u else None for u, folder in zip(batch["uri"].to_pylist(), folders)]
     else:
         keys = batch["key"].to_pylist()
         uris = [f"s3://{b}/{unquote_plus(k) if url_encoded_keys else k}" if b and k else None
@@ -178,8 +203,11 @@ def _manifest_rows(batch: pa.Table, *, version: str, base: str, exclude: tuple[s
                      "image_size": [_int(sizes[i]) for i in keep]}, schema=LISTING_SCHEMA)
 
 
-def _absolute(uri: str, base: str) -> str:
-    return uri if "://" in uri or uri.startswith("/") else posixpath.join(base, uri)
+def _absolute(uri: str, folder: str) -> str:
+    """A manifest's URI as a listing would give it: absolute, normalised, no `file://`."""
+    if not is_remote(uri) and not uri.startswith(("/", "file://")):
+        uri = join(folder, uri) if is_remote(folder) else os.path.join(folder, uri)
+    return normalize(uri) if not is_remote(uri) else uri
 
 
 def _int(value) -> int | None:

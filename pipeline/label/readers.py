@@ -10,11 +10,13 @@ from ..storage import Location
 from .tables import SCHEMAS
 
 
-def list_table_files(output: Location, table: str) -> list[str]:
-    """Paths (inside the output's filesystem) of every published Parquet file of a table, sorted."""
+def list_table_files(output: Location, table: str, partition: str | None = None) -> list[str]:
+    """Paths (inside the output's filesystem) of every published Parquet file of a table (or of one of its
+    partition folders, e.g. `model_id=...`), sorted."""
     output.fs.invalidate_cache()
+    folder = output.child(table, partition) if partition else output.child(table)
     try:
-        found = output.fs.find(output.child(table).path)
+        found = output.fs.find(folder.path)
     except FileNotFoundError:
         return []
     return sorted(p for p in found if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))

@@ -55,8 +55,11 @@ def plan_resources(config: LabelConfig, cluster: dict) -> ResourcePlan:
 
 
 def resource_request(config: LabelConfig) -> list[dict]:
-    """What to ask an autoscaler for before planning: a GPU (and a CPU) per requested GPU actor, else one CPU;
-    the plan is then made on the grown cluster."""
+    """What to ask an autoscaler for before planning, from the flags alone: a GPU and a CPU per --num-gpus
+    actor; else one bundle per --actors actor (its --cpus-per-actor, or its threads less half a CPU) and the
+    decode tasks' share. The plan is then made on the grown cluster."""
     if config.num_gpus:
         return [{"GPU": 1.0, "CPU": 1.0}] * config.num_gpus
-    return [{"CPU": 1.0}] * (config.actors or 1)
+    threads = config.threads_per_actor or 1
+    each = config.cpus_per_actor or max(0.5, threads - 0.5)
+    return [{"CPU": float(each)}] * (config.actors or 1) + [{"CPU": TASK_CPUS}]

@@ -39,8 +39,9 @@ def ensure_index(output: Location) -> int:
     marker = output.child(INDEX, COMPLETE)
     if marker.exists():
         return 0
-    indexed = {_fileset_of(p) for p in list_table_files(output, INDEX)}
-    missing = [p for p in list_table_files(output, "labels") if _fileset_of(p) not in indexed]
+    # Every labels file, even one with index files already: a backfill killed midway may have written the index
+    # of one model of a file and not of another. The writes are idempotent (same name, same rows).
+    missing = list_table_files(output, "labels")
     if missing:
         log.warning("building the skip index of %s from %d labels file(s) written before it existed", output.uri,
                     len(missing))
@@ -64,12 +65,7 @@ def _index_labels_files(batch: pa.Table, *, output: Location) -> pa.Table:
 
 def index_files(output: Location, model_id: str) -> list[str]:
     """The index files of one model (paths in the output's filesystem)."""
-    folder = output.child(INDEX, f"model_id={model_id}")
-    output.fs.invalidate_cache()
-    try:
-        return sorted(p for p in output.fs.find(folder.path) if p.endswith(".parquet"))
-    except FileNotFoundError:
-        return []
+    return list_table_files(output, INDEX, f"model_id={model_id}")
 
 
 def _read_index_files(batch: pa.Table, *, output: Location):
@@ -79,7 +75,8 @@ def _read_index_files(batch: pa.Table, *, output: Location):
             yield pq.read_table(f, columns=list(KEY)).cast(INDEX_SCHEMA)
 
 
-def drop_labeled(listing: ray.data.Dataset, output: Location, model_id: str, listed: int) -> ray.data.Dataset:
+def drop_labeled(listing: ray.data.Dataset, output: Location, model_id: str, listed: int, *,
+                 rows_per_index_file: int) -> ray.data.Dataset:
     """The listing rows whose (image_uri, image_version) this model has not labeled yet."""
     files = index_files(output, model_id)
     if not files:
@@ -87,5 +84,7 @@ def drop_labeled(listing: ray.data.Dataset, output: Location, model_id: str, lis
     # The file names are known: read tasks open them through the output's filesystem (no second listing).
     index = ray.data.from_items([{"path": p} for p in files], override_num_blocks=min(len(files), 1024)).map_batches(
         _read_index_files, batch_size=1, batch_format="pyarrow", num_cpus=0.25, fn_kwargs={"output": output})
-    partitions = max(1, min(256, -(-listed // ROWS_PER_JOIN_PARTITION)))
+    # Sized by the larger side: a small nightly listing against a large index still spreads the index.
+    rows = max(listed, len(files) * rows_per_index_file)
+    partitions = max(1, min(256, -(-rows // ROWS_PER_JOIN_PARTITION)))
     return listing.join(index, join_type="left_anti", num_partitions=partitions, on=KEY)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -17,7 +18,7 @@ import pyarrow.compute as pc
 from ..storage import Location
 from .commit import commit_fileset, commit_staged, stage_fileset
 from .readers import list_table_files
-from .tables import INDEX, SCHEMAS, TABLES, split_results
+from .tables import SCHEMAS, TABLES, split_results
 
 STAGED_SCHEMA = pa.schema([("marker", pa.string()), ("labeled", pa.int64()), ("errors", pa.int64()),
                            ("actors", pa.list_(pa.string()))])
@@ -47,13 +48,15 @@ def stage_results(block: pa.Table, *, settings: OutputSettings) -> pa.Table:
     for part in _split_by_bytes(block, settings.bytes_per_file):
         tables = split_results(part, model_id=settings.model_id, run_id=settings.run_id,
                                class_names=list(settings.class_names))
-        if not tables[INDEX].num_rows:  # nothing labeled: no index file (an empty one would only slow the join)
-            del tables[INDEX]
+        # Empty tables get no file (Committer.finish makes sure each table has one file for readers' globs).
+        tables = {name: table for name, table in tables.items() if table.num_rows}
         marker = stage_fileset(settings.output, new_fileset_name(settings.run_id), settings.run_date,
                                settings.model_id, tables)
+        if marker is None:
+            continue
         actors = sorted({a for a in part["actor"].to_pylist() if a})
-        out.append({"marker": json.dumps(marker), "labeled": tables["labels"].num_rows,
-                    "errors": tables["errors"].num_rows, "actors": actors})
+        out.append({"marker": json.dumps(marker), "labeled": len(tables.get("labels", [])),
+                    "errors": len(tables.get("errors", [])), "actors": actors})
     return pa.Table.from_pylist(out, schema=STAGED_SCHEMA)
 
 
@@ -83,11 +86,13 @@ class Committer:
     files: dict = field(default_factory=lambda: {t: 0 for t in TABLES})
     actors: set = field(default_factory=set)
     labels_files: list = field(default_factory=list)  # relative paths, in commit order (previews read the first)
+    before_commit: Callable[[], None] = lambda: None  # raises when this run may no longer write (its lease)
 
     def commit(self, staged: pa.Table) -> None:
         self.driver_bytes += staged.nbytes
         for row in staged.to_pylist():
             marker = json.loads(row["marker"])
+            self.before_commit()
             written = commit_staged(self.output, marker)
             for name in written:
                 if name in self.files:

@@ -91,12 +91,12 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
         return None
 
     wait_s = default_wait_s(None, cfg.wait_for_resources)
-    if wait_s > 0:
+    capacity, known = cluster_capacity()
+    if wait_s > 0 or known:
         worker = {"CPU": float(cfg.cpus_per_worker), **({"GPU": 1.0} if cfg.use_gpu else {})}
         wait_for_resources(problem, [worker] * cfg.num_workers + [{"CPU": float(cfg.data_cpus)}], wait_s,
                            lambda message: print(f"[train] {message}", flush=True))
         return
-    capacity, known = cluster_capacity()
     found = problem(capacity)
     if found and known:
         raise JobError(found)

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "manifest.json (required)")
     g.add_argument("--manifest", action="store_true",
                    help="--images is a prefix of listing manifests (CSV or Parquet with uri, or bucket and key, "
-                        "a version column (version or e_tag) and size), not of images")
+                        "a version column (version, e_tag or etag) and, optionally, size), not of images")
     g.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
                    help="checkpoint written by models.save_checkpoint, local or s3:// (required)")
     g.add_argument("--output", required=True, default=argparse.SUPPRESS,

@@ -20,10 +20,7 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
     listed under `listed_by` (None: a manifest's rows, each read through the filesystem its URI names)."""
     settings = InferenceSettings(max_side=config.max_side, canvas_multiple=config.canvas_multiple,
                                  batch_size=plan.batch_size, device=plan.device, amp=config.amp)
-    # Listing and skip leave few, large blocks; a read task takes whole blocks, so they are split as they stream
-    # (never materialised: the driver would hold a reference per small block) to spread reads over the cluster.
-    ds = todo.repartition(target_num_rows_per_block=config.rows_per_read_task)
-    ds = ds.map_batches(read_stage, batch_size=config.rows_per_read_task, batch_format="pyarrow",
+    ds = todo.map_batches(read_stage, batch_size=config.rows_per_read_task, batch_format="pyarrow",
                           num_cpus=plan.task_cpus, fn_kwargs={"listed_by": listed_by, "max_bytes": config.read_limit})
     ds = ds.map_batches(decode_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
                         fn_kwargs={"max_pixels": config.max_pixels, "max_side": config.max_side,

@@ -36,6 +36,8 @@ from .run_record import RunRecord
 from .skip import drop_labeled, ensure_index
 from .writer import Committer, OutputSettings
 
+MAX_TODO_BLOCKS = 10_000  # blocks of rows to label: enough to spread reads, few enough references for the driver
+
 
 def _say(message: str) -> None:
     print(f"[label] {message}", file=sys.stderr, flush=True)
@@ -86,16 +88,22 @@ def _plan_when_ready(config: LabelConfig):
     return plan_resources(config, resources)
 
 
-def list_todo(listing: Listing, output: Location, model_id: str, *, force: bool, rows_per_file: int):
+def list_todo(listing: Listing, output: Location, model_id: str, *, force: bool, rows_per_file: int,
+              rows_per_read_task: int = LabelConfig.rows_per_read_task):
     """(the rows to label as a materialized Ray Dataset, rows listed, rows to label): the listing minus what the
     index says this model labeled. Both sides live in the object store; the driver holds block references."""
     own = tuple(output.child(folder).uri + "/" for folder in OWN_FOLDERS)  # never label our own previews
     rows = listing_dataset(listing, exclude=own).materialize()
     listed = rows.count()
-    if force or not listed:
-        return rows, listed, listed
-    todo = drop_labeled(rows, output, model_id, listed, rows_per_index_file=rows_per_file).materialize()
-    return todo, listed, todo.count()
+    todo = rows if force or not listed else drop_labeled(rows, output, model_id, listed,
+                                                         rows_per_index_file=rows_per_file).materialize()
+    to_label = todo.count()
+    # Listing and skip leave few, large blocks, and a read task takes whole blocks: split them so reads (and so
+    # the inference actors they feed) spread over the cluster. At most MAX_TODO_BLOCKS references in the driver.
+    blocks = min(MAX_TODO_BLOCKS, -(-to_label // rows_per_read_task))
+    if blocks > todo.num_blocks():
+        todo = todo.repartition(blocks).materialize()
+    return todo, listed, to_label
 
 
 def _attempt_name(output: Location, run_id: str) -> str:
@@ -143,7 +151,8 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
         t = time.monotonic()
         ensure_index(output)
         todo, listed, to_label = list_todo(listing, output, ck.model_id, force=config.force,
-                                           rows_per_file=config.rows_per_file)
+                                           rows_per_file=config.rows_per_file,
+                                           rows_per_read_task=config.rows_per_read_task)
         timings["list_and_skip"] = time.monotonic() - t
 
         images = listing.images

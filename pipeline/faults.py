@@ -4,6 +4,7 @@
 
 POINT is a glob over the names the code fires (`fire("label.commit:staged")`):
     label.commit:<step>      each step of the labeling commit protocol (staged, committed, published:<table>)
+    label.stage:<table>      a write task, after staging that table of a file set
     label.inference          every call of an inference actor
     train.reported:epoch<N>  rank 0, right after reporting epoch N
 ACTION is one of:
@@ -11,6 +12,7 @@ ACTION is one of:
     raise                    raise InjectedFault, a BaseException that no cleanup code catches
     kill                     SIGKILL this process
     kill_once:PATH           SIGKILL this process unless PATH exists; PATH is created first (local file)
+    wait_for:PATH            pause until PATH exists (a local file the test creates; at most 5 minutes)
 
 Unset in production: `fire` is then one dictionary lookup. Ray workers get the variable through
 `runtime_env()`, which the jobs pass to the actors and training workers they start.
@@ -65,8 +67,12 @@ def _perform(action: str, point: str) -> None:
         os.write(fd, f"{os.getpid()} {point}\n".encode())
         os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "wait_for":
+        deadline = time.monotonic() + 300
+        while not os.path.exists(arg) and time.monotonic() < deadline:
+            time.sleep(0.05)
     else:
-        raise ValueError(f"{ENV}: unknown action {action!r} (sleep:S, raise, kill, kill_once:PATH)")
+        raise ValueError(f"{ENV}: unknown action {action!r} (sleep:S, raise, kill, kill_once:PATH, wait_for:PATH)")
 
 
 def runtime_env() -> dict | None:

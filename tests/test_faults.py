@@ -4,6 +4,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,3 +53,14 @@ def test_a_malformed_spec_is_an_error(monkeypatch, spec):
     monkeypatch.setenv(faults.ENV, spec)
     with pytest.raises(ValueError, match=faults.ENV):
         faults.fire("x")
+
+
+def test_wait_for_pauses_until_the_file_exists(tmp_path, monkeypatch):
+    import threading
+
+    go = tmp_path / "go"
+    monkeypatch.setenv(faults.ENV, f"x=wait_for:{go}")
+    threading.Timer(0.3, go.touch).start()
+    t = time.monotonic()
+    faults.fire("x")
+    assert go.exists() and time.monotonic() - t >= 0.25

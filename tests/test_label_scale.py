@@ -187,7 +187,8 @@ def test_second_run_on_one_output_is_refused_and_a_retry_with_the_same_run_id_ke
     ck, _ = tiny_checkpoint
     images, output = _root(where, tmp_path, request, "imgs"), _root(where, tmp_path, request, "out")
     write_files(images, {f"{i}.png": good_image(i, 16, 16) for i in range(4)})
-    monkeypatch.setenv(faults.ENV, "label.commit:committed=sleep:2")  # the first run holds the lease a while
+    go = tmp_path / "second-run-done"  # the first run holds the lease, at its first commit, until then
+    monkeypatch.setenv(faults.ENV, f"label.commit:committed=wait_for:{go}")
     first: dict = {}
     thread = threading.Thread(target=lambda: first.update(label_images(_config(images, ck, output,
                                                                                  run_id="nightly-0501"))))
@@ -201,8 +202,10 @@ def test_second_run_on_one_output_is_refused_and_a_retry_with_the_same_run_id_ke
         second = run_subprocess("label", ["--images", images, "--checkpoint", ck, "--output", output],
                                 env={faults.ENV: ""}, timeout=120)
     finally:
+        go.touch()
         thread.join(timeout=300)
     monkeypatch.delenv(faults.ENV)
+    assert not thread.is_alive()
     assert second.returncode == 2, second.stderr[-2000:]
     (line,) = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
     assert "is in use by labeling run nightly-0501" in line and "which has held it for" in line, line

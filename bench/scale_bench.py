@@ -70,6 +70,7 @@ def skip_phase(manifest: str, output: str) -> dict:
     import ray
 
     from pipeline.label.job import list_todo
+    from pipeline.label.listing import plan_listing
     from pipeline.storage import Location
 
     ray.init(address="local", num_cpus=2, object_store_memory=6 * 1024**3, include_dashboard=False,
@@ -77,10 +78,10 @@ def skip_phase(manifest: str, output: str) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.monotonic()
-    _, listed, to_label = list_todo(Location.of(manifest), Location.of(output), "benchmodel", manifest=True,
-                                    force=False)
+    todo, listed, to_label = list_todo(plan_listing(Location.of(manifest), True), Location.of(output), "benchmodel",
+                                       force=False, rows_per_file=1000)
     seconds = time.monotonic() - t
-    return {"listed": listed, "to_label": to_label, "seconds": round(seconds, 2),
+    return {"listed": listed, "to_label": to_label, "blocks_to_label": todo.num_blocks(), "seconds": round(seconds, 2),
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "driver_rss_before_mb": round(rss_before, 1)}
 
@@ -135,7 +136,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", type=int, default=1_000_000, help="listing size of the first skip phase (0: no skip phases)")
     p.add_argument("--large", type=int, default=10_000_000)
-    p.add_argument("--images", type=int, default=960)
+    p.add_argument("--images", type=int, default=960, help="images of the end-to-end parts (0: none)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -159,16 +160,19 @@ def main() -> None:
             made = time.monotonic() - t
             skip[name] = {"images": n, "generated_seconds": round(made, 1), **_child("skip", manifest, output)}
             shutil.rmtree(os.path.join(work, name))
-        images = make_images(os.path.join(work, "imgs"), args.images)
-        checkpoint = os.path.join(work, "ck.pt")
-        random_checkpoint(checkpoint, list(SYNTHETIC_CLASSES), width_mult=0.25)
-        one = _child("cluster", images, checkpoint, os.path.join(work, "out1"), "1", "6")
-        three = _child("cluster", images, checkpoint, os.path.join(work, "out3"), "3", "2")
         result = {"skip_phase": skip} if not skip else {
             "skip_phase": skip,
             "rss_ratio_large_vs_small": round(skip["large"]["driver_peak_rss_mb"] / skip["small"]["driver_peak_rss_mb"], 3),
             "skip_seconds_ratio_large_vs_small": round(skip["large"]["seconds"] / skip["small"]["seconds"], 2),
         }
+        if not args.images:
+            print(json.dumps(result))
+            return
+        images = make_images(os.path.join(work, "imgs"), args.images)
+        checkpoint = os.path.join(work, "ck.pt")
+        random_checkpoint(checkpoint, list(SYNTHETIC_CLASSES), width_mult=0.25)
+        one = _child("cluster", images, checkpoint, os.path.join(work, "out1"), "1", "6")
+        three = _child("cluster", images, checkpoint, os.path.join(work, "out3"), "3", "2")
         result |= {
             "driver_bytes_per_labelled_image": round(three["driver_bytes"] / max(1, three["labelled"]), 1),
             "one_node_6cpu": one, "three_nodes_2cpu": three,

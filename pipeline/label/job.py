@@ -36,7 +36,7 @@ from .run_record import RunRecord
 from .skip import drop_labeled, ensure_index
 from .writer import Committer, OutputSettings
 
-MAX_TODO_BLOCKS = 10_000  # blocks of rows to label: enough to spread reads, few enough references for the driver
+MAX_TODO_BLOCKS = 2_000  # blocks of rows to label: enough to spread reads, few enough references for the driver
 
 
 def _say(message: str) -> None:

@@ -111,7 +111,13 @@ def list_images(where: str | Location) -> list[FileInfo]:
     A single local image file is accepted too.
     """
     images = Location.of(where)
+    single = single_image(images)
+    return [single] if single else images.list_files(IMAGE_EXTENSIONS)
+
+
+def single_image(images: Location) -> FileInfo | None:
+    """The FileInfo of `images` when it is one local image file (not a folder), else None."""
     if images.is_local and images.path.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(images.path):
         # The same version as when the file is listed with its folder: labelled once either way.
-        return [FileInfo(images.uri, os.path.getsize(images.path), local_version(images.path))]
-    return images.list_files(IMAGE_EXTENSIONS)
+        return FileInfo(images.uri, os.path.getsize(images.path), local_version(images.path))
+    return None

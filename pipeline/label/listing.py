@@ -23,12 +23,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 
-from ..dataset_formats import DatasetError
+from .. import dataset_formats
+from ..dataset_formats import DatasetError, single_image
 from ..decode import IMAGE_EXTENSIONS
-from ..storage import FileInfo, Location, is_remote, join, local_version, normalize
+from ..storage import FileInfo, Location, is_remote, join, normalize
 
 LISTING_SCHEMA = pa.schema([("image_uri", pa.string()), ("image_version", pa.string()), ("image_size", pa.int64())])
-MANIFEST_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+MANIFEST_SUFFIXES = (*dataset_formats.MANIFEST_SUFFIXES, ".csv.gz")  # training's manifest files, and gzipped CSV
 INVENTORY_MANIFEST = "manifest.json"
 VERSION_COLUMNS = ("version", "e_tag", "etag")  # first found wins
 LIST_BLOCK_ROWS = 10_000
@@ -73,10 +74,9 @@ def listing_dataset(listing: Listing, *, exclude: tuple[str, ...]) -> ray.data.D
     images = listing.images
     if listing.manifest_paths:
         return _manifest_dataset(listing, exclude)
-    if images.is_local and images.path.lower().endswith(IMAGE_EXTENSIONS) and images.fs.isfile(images.path):
-        # One image: the same version as when the file is listed with its folder, so it is labelled once.
-        row = FileInfo(images.uri, images.fs.size(images.path), local_version(images.path))
-        return ray.data.from_arrow(_rows([row]))
+    single = single_image(images)
+    if single:
+        return ray.data.from_arrow(_rows([single]))
     # One delimiter level in the driver: only sub-prefix names are kept; the files are listed by the tasks.
     units = [{"path": images.path, "recursive": False}]
     units += [{"path": e["name"], "recursive": True} for e in images.fs.ls(images.path, detail=True)

@@ -33,6 +33,11 @@ def _fileset_of(path: str) -> str:
     return posixpath.basename(path)[len("part-"):-len(".parquet")]
 
 
+def _read_columns(output: Location, path: str, columns: list[str]) -> pa.Table:
+    with output.fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
 def ensure_index(output: Location) -> int:
     """Give every labels file its index file(s), once per output root; returns how many labels files that took.
     Call it under the output's lease, after recovery."""
@@ -55,8 +60,7 @@ def ensure_index(output: Location) -> int:
 def _index_labels_files(batch: pa.Table, *, output: Location) -> pa.Table:
     """Ray task: the index file of each labels file, one per model in it, under the labels file's fileset name."""
     for path in batch["path"].to_pylist():
-        with output.fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["model_id", *KEY])
+        table = _read_columns(output, path, ["model_id", *KEY])
         for model_id in pc.unique(table["model_id"]).to_pylist():
             rows = table.filter(pc.field("model_id") == model_id).select(list(KEY)).cast(INDEX_SCHEMA)
             output.child(final_name(INDEX, "", _fileset_of(path), model_id)).write_bytes(parquet_bytes(rows))
@@ -71,8 +75,7 @@ def index_files(output: Location, model_id: str) -> list[str]:
 def _read_index_files(batch: pa.Table, *, output: Location):
     """Ray task: the (image_uri, image_version) rows of each index file."""
     for path in batch["path"].to_pylist():
-        with output.fs.open(path, "rb") as f:
-            yield pq.read_table(f, columns=list(KEY)).cast(INDEX_SCHEMA)
+        yield _read_columns(output, path, list(KEY)).cast(INDEX_SCHEMA)
 
 
 def drop_labeled(listing: ray.data.Dataset, output: Location, model_id: str, listed: int, *,

@@ -234,18 +234,20 @@ def train_loop_per_worker(config: dict) -> None:
 
         cm = ConfusionMatrix(cfg.num_classes)
         n_val = 0
+        t_val = time.perf_counter()
         if has_val:
             val_rows = ray.train.get_dataset_shard(f"val_{rank}").iter_rows()
             cm, n_val = evaluate_rows(core, convention, val_rows, cfg.num_classes, device, cfg.amp)
-        totals = torch.cat([loss_sum, torch.tensor([n_val, train_seconds], dtype=torch.float64)])
+        val_seconds = time.perf_counter() - t_val
+        totals = torch.cat([loss_sum, torch.tensor([n_val, train_seconds, val_seconds], dtype=torch.float64)])
         matrix = torch.from_numpy(cm.matrix).to(device)
         if dist.is_initialized():
             totals = totals.to(device)
             dist.all_reduce(matrix)  # exact int64 sum of every worker's confusion matrix
-            seconds = totals[4:5].clone()
+            seconds = totals[4:6].clone()
             dist.all_reduce(totals)
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-            totals[4] = seconds[0]
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the slowest worker sets the pace
+            totals[4:6] = seconds
             totals = totals.cpu()
         scores = ConfusionMatrix.from_matrix(matrix.cpu().numpy()).scores()
         metrics = {
@@ -255,9 +257,13 @@ def train_loop_per_worker(config: dict) -> None:
             "train_images": int(totals[2]),
             "val_images": int(totals[3]),
             "images_per_second": float(totals[2] / max(1e-9, float(totals[4]))),
+            "train_seconds": float(totals[4]),
+            "val_seconds": float(totals[5]),
             "lr": _poly_lr(cfg, step, total_steps),
             "worker_nodes": nodes,
         }
+        if use_cuda:  # this worker's peak (rank 0 reports; the ranks hold equal shapes)
+            metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         history.append({k: v for k, v in metrics.items() if k != "per_class_iou"})
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,513 @@
+"""The GPU check: both jobs at full width on one GPU, every figure issue 13 asks for, in one short run.
+
+    bench/gpu_check.sh [--dry-run] [OUTDIR]      (the wrapper: kit install, log capture)
+    python bench/gpu_check.py --out OUTDIR [--dry-run]
+
+Steps (each job runs as its own CLI process, its log in OUTDIR/<step>.log; one failing step does not stop the
+others, and the exit status says whether all passed):
+
+1. data: mixed-orientation synthetic JPEGs (500x375, 375x500, 500x333): a VOC-layout training set at the
+   reference set's train:val proportion (SBD 8,498 : 736, about 11:1) and a labeling set (hard links).
+2. train: FLOPs per training image (torch.utils.flop_counter), the largest batch that fits (probed), a plain
+   single-process step loop at that batch (the ceiling), then `jobs/train.py` for a few epochs of full-width
+   FCN-8s in bf16: images/s, MFU, peak memory and the share of each epoch spent in validation.
+3. evaluate: `jobs/evaluate.py` on the best checkpoint; its mean IU must equal training's validation mean IU.
+4. label: `jobs/label.py` with reference and `same` padding (end-to-end images/s), the forward-only ceiling
+   at the job's settings in the same run (and by batch size), bf16 vs fp32 labels, and syncs per chunk.
+5. summary: one JSON line with every figure (also OUTDIR/summary.json).
+
+--dry-run: the same steps on CPU with tiny images and a narrow model (`make test` runs it), so no GPU minute
+is spent debugging this script.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+# Dense bf16 peak of one H100 SXM (NVIDIA's datasheet: 1,979 TFLOP/s with sparsity).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+# The reference training set's proportions: SBD train 8,498 images, VOC2011 seg11valid 736.
+TRAIN_PER_VAL = 8498 / 736
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything the dry run shrinks."""
+
+    image_sizes: tuple[tuple[int, int], ...]  # (width, height) of the synthetic JPEGs
+    base_per_size: int      # distinct images rendered per size (the rest are hard links)
+    val_images: int
+    label_images: int
+    width_mult: float
+    crop: int
+    epochs: int
+    batch_candidates: tuple[int, ...]
+    ceiling_images: int
+    precision_images: int
+    device: str
+    amp: str
+
+
+GPU = Sizes(((500, 375), (375, 500), (500, 333)), 48, 200, 12000, 1.0, 320, 3, (192, 128, 96, 64, 48, 32, 16, 8),
+            1024, 96, "cuda", "bf16")
+DRY = Sizes(((80, 60), (60, 80), (80, 53)), 4, 4, 48, 1 / 16, 64, 2, (4, 2), 16, 6, "cpu", "off")
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_check] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def run_cli(out: str, step: str, args: list[str], timeout: float) -> dict:
+    """A job as its own process; its combined output goes to OUTDIR/<step>.log; returns its JSON summary."""
+    env = dict(os.environ, RAY_ADDRESS="local")
+    path = os.path.join(out, f"{step}.log")
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        proc = subprocess.run([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                              timeout=timeout)
+    seconds = time.perf_counter() - t
+    lines = open(path, encoding="utf-8", errors="replace").read().strip().splitlines()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args[0]} exited {proc.returncode}; last lines of {path}: " + " | ".join(lines[-5:]))
+    summary = last_json(lines)
+    summary["_process_seconds"] = round(seconds, 2)
+    summary["_log_lines"] = len(lines)
+    return summary
+
+
+def last_json(lines: list[str]) -> dict:
+    """The job's JSON summary: its last line, or (while Ray workers' late output can follow it) the last line
+    holding a JSON object."""
+    for line in reversed(lines):
+        start = line.find('{"')
+        if start >= 0:
+            try:
+                return json.loads(line[start:])
+            except json.JSONDecodeError:
+                continue
+    raise RuntimeError("no JSON summary in the job's output")
+
+
+# ---------------------------------------------------------------------------------------------- 1. data
+
+
+def make_data(work: str, s: Sizes) -> dict:
+    from pipeline.synthetic import synthesize_voc
+
+    bases = []
+    for i, size in enumerate(s.image_sizes):
+        base = os.path.join(work, f"base-{size[0]}x{size[1]}")
+        synthesize_voc(base, s.base_per_size, size=size, seed=i, val_fraction=0.0, workers=16)
+        bases.append(base)
+    ids = [(b, f[:-4]) for b in bases for f in sorted(os.listdir(os.path.join(b, "JPEGImages")))]
+    classes = open(os.path.join(bases[0], "classes.txt")).read()
+
+    train_images = round(s.val_images * TRAIN_PER_VAL)
+    voc = os.path.join(work, "voc")
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(os.path.join(voc, sub))
+    names = []
+    for k in range(train_images + s.val_images):
+        base, stem = ids[k % len(ids)]
+        name = f"{k:06d}"
+        os.link(os.path.join(base, "JPEGImages", stem + ".jpg"), os.path.join(voc, "JPEGImages", name + ".jpg"))
+        os.link(os.path.join(base, "SegmentationClass", stem + ".png"),
+                os.path.join(voc, "SegmentationClass", name + ".png"))
+        names.append(name)
+    with open(os.path.join(voc, "ImageSets/Segmentation/train.txt"), "w") as f:
+        f.write("\n".join(names[:train_images]) + "\n")
+    with open(os.path.join(voc, "ImageSets/Segmentation/val.txt"), "w") as f:
+        f.write("\n".join(names[train_images:]) + "\n")
+    with open(os.path.join(voc, "classes.txt"), "w") as f:
+        f.write(classes)
+
+    images = os.path.join(work, "label-images")
+    os.makedirs(images)
+    for k in range(s.label_images):
+        base, stem = ids[k % len(ids)]
+        os.link(os.path.join(base, "JPEGImages", stem + ".jpg"), os.path.join(images, f"{k:07d}.jpg"))
+    return {"voc": voc, "images": images, "num_classes": len(classes.split()), "class_names": classes.split(),
+            "train_images": train_images, "val_images": s.val_images, "label_images": s.label_images,
+            "distinct_images": len(ids), "sizes": [f"{w}x{h}" for w, h in s.image_sizes]}
+
+
+# --------------------------------------------------------------------------------------------- 2. train
+
+
+def gpu_peak_flops(device) -> float | None:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def train_probe(s: Sizes, num_classes: int) -> dict:
+    """FLOPs of one training image, the largest batch that fits, and a plain step loop at that batch."""
+    import torch
+    from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models import build_model
+    from pipeline.amp import autocast
+
+    device = torch.device(s.device)
+    model = build_model("fcn8s", num_classes, width_mult=s.width_mult, padding="reference").to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    crit = nn.CrossEntropyLoss(ignore_index=255)
+
+    def step(b: int) -> None:
+        x = torch.randn(b, 3, s.crop, s.crop, device=device)
+        y = torch.randint(0, num_classes, (b, s.crop, s.crop), device=device)
+        with autocast(device, s.amp):
+            loss = crit(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step(1)
+    flops_per_image = counter.get_total_flops()
+    result: dict = {"flops_per_train_image": flops_per_image, "crop": s.crop}
+    batch = None
+    for b in s.batch_candidates:
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            step(b)
+            step(b)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device)
+                total = torch.cuda.get_device_properties(device).total_memory
+                result.setdefault("probe", []).append({"batch": b, "peak_gb": round(peak / 1e9, 2)})
+                if peak > 0.7 * total:  # leave room for DDP buckets, the input pipeline's pinned batches, validation
+                    continue
+            batch = b
+            break
+        except torch.OutOfMemoryError:
+            result.setdefault("probe", []).append({"batch": b, "oom": True})
+            opt.zero_grad(set_to_none=True)
+            continue
+    if batch is None:
+        raise RuntimeError(f"no batch of {s.batch_candidates} fits")
+    steps = 10 if device.type == "cuda" else 2
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    step(batch)
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step(batch)
+    sync()
+    seconds = time.perf_counter() - t
+    ips = steps * batch / seconds
+    peak = gpu_peak_flops(device)
+    result.update(batch=batch, plain_images_per_second=round(ips, 1),
+                  plain_mfu=round(ips * flops_per_image / peak, 4) if peak else None)
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.backends.cudnn.benchmark = False
+    return result
+
+
+def train(work: str, out: str, s: Sizes, data: dict, probe: dict) -> dict:
+    from pipeline.train.run_state import ledger, run_location
+
+    storage = os.path.join(work, "runs")
+    args = ["jobs/train.py", "--data", data["voc"], "--storage", storage, "--name", "gpu-check",
+            "--num-classes", str(data["num_classes"]), "--width-mult", str(s.width_mult), "--epochs", str(s.epochs),
+            "--batch-size", str(probe["batch"]), "--crop-size", str(s.crop), "--amp", s.amp, "--keep-best", "1",
+            "--max-failures", "0", "--lr", "0.001"]
+    if s.device == "cuda":
+        cpus = os.cpu_count() or 16
+        args += ["--use-gpu", "--cpus-per-worker", "1", "--data-cpus", "1"]
+    else:
+        cpus = 2
+    summary = run_cli(out, "train", args, timeout=240 if s.device == "cuda" else 300)
+    epochs = sorted((r["metrics"] for r in ledger(run_location(storage, "gpu-check"))), key=lambda m: m["epoch"])
+    rows = []
+    for m in epochs:
+        epoch_seconds = m["train_seconds"] + m["val_seconds"]
+        rows.append({"epoch": m["epoch"], "images_per_second": round(m["images_per_second"], 1),
+                     "train_seconds": round(m["train_seconds"], 2), "val_seconds": round(m["val_seconds"], 2),
+                     "val_share": round(m["val_seconds"] / epoch_seconds, 3), "mean_iou": m["mean_iou"],
+                     "gpu_peak_memory_gb": round(m.get("gpu_peak_memory_gb") or 0.0, 2)})
+    warm = rows[1:] or rows  # epoch 1 pays kernel selection and the input pipeline's start
+    ips = float(np.mean([r["images_per_second"] for r in warm]))
+    from torch import device as torch_device
+
+    peak = gpu_peak_flops(torch_device(s.device))
+    return {"epochs": rows, "batch": probe["batch"], "cpus": cpus, "images_per_second": round(ips, 1),
+            "mfu": round(ips * probe["flops_per_train_image"] / peak, 4) if peak else None,
+            "vs_plain_loop": round(ips / probe["plain_images_per_second"], 3),
+            "val_share": round(float(np.mean([r["val_share"] for r in warm])), 3),
+            "best_checkpoint": summary["best_checkpoint"], "best_mean_iou": summary["best_mean_iou"],
+            "log_lines": summary["_log_lines"], "process_seconds": summary["_process_seconds"]}
+
+
+# ------------------------------------------------------------------------------------------ 3. evaluate
+
+
+def evaluate(out: str, s: Sizes, data: dict, trained: dict) -> dict:
+    args = ["jobs/evaluate.py", "--data", data["voc"], "--checkpoint", trained["best_checkpoint"], "--amp", s.amp]
+    if s.device == "cuda":
+        args += ["--use-gpu"]
+    summary = run_cli(out, "evaluate", args, timeout=120 if s.device == "cuda" else 180)
+    return {"mean_iou": summary["mean_iou"], "training_mean_iou": trained["best_mean_iou"],
+            "equal": summary["mean_iou"] == trained["best_mean_iou"], "images": summary["images"],
+            "process_seconds": summary["_process_seconds"]}
+
+
+# --------------------------------------------------------------------------------------------- 4. label
+
+
+def label_job(work: str, out: str, s: Sizes, data: dict, checkpoint: str, step: str) -> dict:
+    args = ["jobs/label.py", "--images", data["images"], "--checkpoint", checkpoint,
+            "--output", os.path.join(work, f"{step}-out"), "--amp", s.amp, "--no-progress"]
+    args += ["--num-gpus", "1"] if s.device == "cuda" else ["--num-gpus", "0", "--device", "cpu"]
+    summary = run_cli(out, step, args, timeout=150 if s.device == "cuda" else 180)
+    t = summary["timings_seconds"]
+    return {"labelled": summary["labelled"], "errors": summary["errors"], "wall_seconds": summary["wall_seconds"],
+            "images_per_second_end_to_end": round(summary["labelled"] / summary["wall_seconds"], 1),
+            "images_per_second_pipeline": round(summary["labelled"] / t["pipeline"], 1),
+            "images_per_second_after_model_ready": round(
+                summary["labelled"] / max(1e-9, t["pipeline"] + t["list_and_skip"] + t["ray_start_and_resources"]
+                                          - t["inference_ready"]), 1),
+            "timings_seconds": t, "resources": summary["resources"], "log_lines": summary["_log_lines"]}
+
+
+def prepared_images(data: dict, n: int, config_max_side: int = 1024, multiple: int = 32) -> list:
+    from pipeline.decode import decode_image
+    from pipeline.label.canvas import preprocess
+
+    files = sorted(os.listdir(data["images"]))[:n]
+    return [preprocess(decode_image(open(os.path.join(data["images"], f), "rb").read()), config_max_side, multiple)
+            for f in files]
+
+
+def forward_ceiling(checkpoint: str, s: Sizes, items: list, batch_sizes: tuple[int, ...]) -> dict:
+    """Forward passes alone on preprocessed canvases (what the job would need for free input), per batch size;
+    and the share of batch slots the job's grouping fills (canvas sizes of the set, one actor call at a time)."""
+    import torch
+
+    from models import load_checkpoint
+    from pipeline.label.inference import InferenceSettings, Predictor
+
+    ck = load_checkpoint(checkpoint)
+    sync = torch.cuda.synchronize if s.device == "cuda" else (lambda: None)
+    result = {}
+    for b in batch_sizes:
+        predictor = Predictor(ck.model, ck.convention, InferenceSettings(batch_size=b, device=s.device, amp=s.amp))
+        groups: dict = {}
+        for p in items:
+            groups.setdefault(p.canvas.shape, []).append(p.canvas)
+        batches = [np.stack(c[k:k + b]) for c in groups.values() for k in range(0, len(c) - b + 1, b)]
+        for shape in groups:
+            predictor.forward(np.zeros((b, *shape), np.uint8))
+        sync()
+        t = time.perf_counter()
+        images = 0
+        for batch in batches:
+            predictor.forward(batch)
+            images += len(batch)
+        sync()
+        result[str(b)] = round(images / (time.perf_counter() - t), 1)
+    return result
+
+
+def slot_fill(items: list, batch_size: int, rows_per_call: int) -> float:
+    """Share of forward-pass slots holding an image when each actor call groups its rows by canvas."""
+    used = slots = 0
+    for k in range(0, len(items), rows_per_call):
+        groups: dict = {}
+        for p in items[k:k + rows_per_call]:
+            groups[p.canvas.shape] = groups.get(p.canvas.shape, 0) + 1
+        used += sum(groups.values())
+        slots += sum(-(-n // batch_size) * batch_size for n in groups.values())
+    return round(used / max(1, slots), 3)
+
+
+def precision(checkpoint: str, s: Sizes, items: list) -> dict:
+    """bf16 autocast vs fp32 labels of the same images: share of pixels that differ, mean confidence change."""
+    from models import load_checkpoint
+    from pipeline.label.inference import InferenceSettings, Predictor
+
+    ck = load_checkpoint(checkpoint)
+    preds = {}
+    for amp in ("bf16", "off"):
+        predictor = Predictor(ck.model, ck.convention, InferenceSettings(batch_size=8, device=s.device, amp=amp))
+        preds[amp] = predictor.predict(items)
+    differ = total = 0
+    conf = {"bf16": 0.0, "off": 0.0}
+    for a, b in zip(preds["bf16"], preds["off"]):
+        differ += int((a.label != b.label).sum())
+        total += a.label.size
+        conf["bf16"] += float(a.confidence_sum.sum())
+        conf["off"] += float(b.confidence_sum.sum())
+    return {"images": len(items), "pixels_differing_share": round(differ / total, 6),
+            "mean_confidence_bf16": round(conf["bf16"] / total, 6), "mean_confidence_fp32": round(conf["off"] / total, 6),
+            "mean_confidence_difference": round((conf["bf16"] - conf["off"]) / total, 6),
+            "bf16_is_autocast": s.device == "cuda"}
+
+
+def syncs_per_chunk(checkpoint: str, s: Sizes, items: list, batch_size: int) -> dict | None:
+    """Host-device synchronisations while the predictor labels one actor call's rows, per forward pass."""
+    import torch
+
+    from models import load_checkpoint
+    from pipeline.label.inference import InferenceSettings, Predictor
+
+    if s.device != "cuda":
+        return None
+    ck = load_checkpoint(checkpoint)
+    predictor = Predictor(ck.model, ck.convention, InferenceSettings(batch_size=batch_size, device=s.device, amp=s.amp))
+    call = items[:4 * batch_size]
+    predictor.predict(call)  # warm
+    torch.cuda.synchronize()
+    chunks = sum(-(-n // batch_size) for n in _group_counts(call).values())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            predictor.predict(call)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    return {"images": len(call), "chunks": chunks, "syncs": syncs, "syncs_per_chunk": round(syncs / chunks, 2)}
+
+
+def _group_counts(items: list) -> dict:
+    counts: dict = {}
+    for p in items:
+        counts[p.canvas.shape] = counts.get(p.canvas.shape, 0) + 1
+    return counts
+
+
+def same_padding_checkpoint(work: str, s: Sizes, data: dict) -> str:
+    from pipeline.testbed import random_checkpoint
+
+    path = os.path.join(work, "fcn8s-same.pt")
+    random_checkpoint(path, data["class_names"], width_mult=s.width_mult, score_std=0.5, padding="same")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def environment(s: Sizes) -> dict:
+    import torch
+
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "cpus": os.cpu_count(), "device": s.device}
+    try:
+        import ray
+
+        env["ray"] = ray.__version__
+    except ImportError:
+        pass
+    if s.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gb=round(props.total_memory / 1e9, 1),
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    return env
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(REPO, "gpu-check-out"), help="folder for logs and JSON")
+    ap.add_argument("--dry-run", action="store_true", help="the same steps on CPU at tiny sizes")
+    ap.add_argument("--keep-work", action="store_true", help="keep the synthetic data and job outputs (a temporary "
+                    "folder, named in the log)")
+    args = ap.parse_args()
+    s = DRY if args.dry_run else GPU
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="gpu-check-work-")  # thousands of files: never under OUTDIR
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = time.perf_counter()
+    result: dict = {"check": "gpu", "dry_run": args.dry_run, "environment": environment(s), "failed": []}
+    log(f"environment {json.dumps(result['environment'])}; work folder {work}")
+
+    def step(name: str, fn, *a):
+        t = time.perf_counter()
+        log(f"{name} ...")
+        try:
+            value = fn(*a)
+            shown = f"{len(value)} items" if isinstance(value, list) else json.dumps(value, default=str)[:600]
+            log(f"{name} done in {time.perf_counter() - t:.1f} s: {shown}")
+            return value
+        except Exception as e:  # noqa: BLE001 - recorded; the other steps still run
+            result["failed"].append(name)
+            log(f"{name} FAILED after {time.perf_counter() - t:.1f} s: {type(e).__name__}: {e}")
+            with open(os.path.join(out, f"{name}.traceback.txt"), "w") as f:
+                traceback.print_exc(file=f)
+            return None
+
+    data = step("data", make_data, work, s)
+    if data is None:
+        print(json.dumps(result), flush=True)
+        return 1
+    result["data"] = {k: v for k, v in data.items() if k not in ("voc", "images", "class_names")}
+    probe = step("train_probe", train_probe, s, data["num_classes"])
+    result["train_probe"] = probe
+    trained = step("train", train, work, out, s, data, probe) if probe else None
+    result["train"] = trained
+    if trained:
+        result["evaluate"] = step("evaluate", evaluate, out, s, data, trained)
+        if result["evaluate"] and not result["evaluate"]["equal"]:
+            result["failed"].append("evaluate_equals_training")
+    reference_ck = trained["best_checkpoint"] if trained else None
+    if reference_ck is None:  # the labeling steps still measure, on random weights
+        from pipeline.testbed import random_checkpoint
+
+        reference_ck = os.path.join(work, "fcn8s-reference.pt")
+        random_checkpoint(reference_ck, data["class_names"], width_mult=s.width_mult, score_std=0.5)
+    label: dict = {"checkpoint": "trained" if trained else "random"}
+    label["reference"] = step("label_reference", label_job, work, out, s, data, reference_ck, "label_reference")
+    same_ck = step("same_checkpoint", same_padding_checkpoint, work, s, data)
+    if same_ck:
+        label["same"] = step("label_same", label_job, work, out, s, data, same_ck, "label_same")
+    items = step("prepare_images", prepared_images, data, s.ceiling_images) or []
+    if items:
+        batch = (label.get("reference") or {}).get("resources", {}).get("batch_size", 8)
+        label["forward_ceiling_images_per_second_by_batch"] = step(
+            "forward_ceiling", forward_ceiling, reference_ck, s, items, tuple(sorted({1, batch, 2 * batch})))
+        ceiling = (label["forward_ceiling_images_per_second_by_batch"] or {}).get(str(batch))
+        label["batch_size"] = batch
+        label["slot_fill_at_job_settings"] = slot_fill(items, batch, 4 * batch)
+        if ceiling and label.get("reference"):
+            label["reference_vs_ceiling"] = round(label["reference"]["images_per_second_pipeline"] / ceiling, 3)
+        label["precision"] = step("precision", precision, reference_ck, s, items[:s.precision_images])
+        label["syncs"] = step("syncs", syncs_per_chunk, reference_ck, s, items, batch)
+    result["label"] = label
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(result, f, indent=1, sort_keys=True)
+    log(f"finished in {result['seconds']} s; failed steps: {result['failed'] or 'none'}")
+    print(json.dumps(result, sort_keys=True), flush=True)
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Labeling benchmark: the Ray Data job against the bare model and a naive loop, same machine, same images.
 
-    python bench/label_bench.py [--images 48] [--max-side 128] [--batch-size 4]
+    python bench/label_bench.py [--images 48] [--max-side 128] [--batch-size 4] [--device cpu|cuda] [--amp bf16|off]
 
 In one run, on a few dozen images (real photos shipped with scikit-image plus synthetic VOC-style images):
 
@@ -67,14 +67,17 @@ def make_checkpoint(path: str, width_mult: float = 1.0) -> str:
 # ------------------------------------------------------------------------------------------- (a) model
 
 
-def bench_model(ck_path: str, files: list[str], *, max_side: int, batch_size: int, threads: int) -> dict:
+def bench_model(ck_path: str, files: list[str], *, max_side: int, batch_size: int, threads: int, device: str = "cpu",
+                amp: str = "off") -> dict:
     from pipeline.decode import decode_image
     from pipeline.label.canvas import preprocess
     from pipeline.label.inference import InferenceSettings, Predictor
 
     torch.set_num_threads(threads)
     ck = load_checkpoint(ck_path)
-    predictor = Predictor(ck.model, ck.convention, InferenceSettings(max_side=max_side, batch_size=batch_size, device="cpu"))
+    predictor = Predictor(ck.model, ck.convention, InferenceSettings(max_side=max_side, batch_size=batch_size,
+                                                                     device=device, amp=amp))
+    sync = torch.cuda.synchronize if predictor.cuda else (lambda: None)
     prepared = [preprocess(decode_image(open(f, "rb").read()), max_side, 32) for f in files]
     groups: dict[tuple, list[np.ndarray]] = {}
     for p in prepared:
@@ -82,9 +85,11 @@ def bench_model(ck_path: str, files: list[str], *, max_side: int, batch_size: in
     batches = [np.stack(c[k:k + batch_size]) for c in groups.values() for k in range(0, len(c), batch_size)]
     for shape in groups:  # warm-up: one pass per canvas shape (kernel selection), not timed
         predictor.forward(np.zeros((1, *shape), np.uint8))
+    sync()
     t = time.perf_counter()
     for b in batches:
         predictor.forward(b)
+    sync()
     seconds = time.perf_counter() - t
     return {"images": len(files), "seconds": round(seconds, 3), "images_per_second": round(len(files) / seconds, 3),
             "forward_passes": len(batches), "canvases": sorted(f"{s[0]}x{s[1]}" for s in groups)}
@@ -93,29 +98,33 @@ def bench_model(ck_path: str, files: list[str], *, max_side: int, batch_size: in
 # ------------------------------------------------------------------------------------------- (c) naive
 
 
-def bench_naive(ck_path: str, files: list[str], out_dir: str, *, max_side: int, threads: int) -> dict:
+def bench_naive(ck_path: str, files: list[str], out_dir: str, *, max_side: int, threads: int, device: str = "cpu",
+                amp: str = "off") -> dict:
     """What one would write first: a loop over files, batch of one, native size, one output file per image."""
     import torch.nn.functional as F
 
+    from pipeline.amp import autocast
     from pipeline.decode import decode_image
 
     torch.set_num_threads(threads)
     os.makedirs(out_dir, exist_ok=True)
     t = time.perf_counter()
-    ck = load_checkpoint(ck_path)
+    dev = torch.device(device)
+    ck = load_checkpoint(ck_path, map_location=dev)
     for path in files:
         rgb = decode_image(open(path, "rb").read())
         height, width = rgb.shape[:2]
         scale = min(1.0, max_side / max(height, width))
         small = np.asarray(Image.fromarray(rgb).resize((max(1, round(width * scale)), max(1, round(height * scale))),
                                                        Image.BILINEAR)) if scale < 1 else rgb
-        x = ck.convention.normalize(torch.from_numpy(np.array(small)).permute(2, 0, 1))[None]
+        x = ck.convention.normalize(torch.from_numpy(np.array(small)).permute(2, 0, 1).to(dev))[None]
         with torch.inference_mode():
-            logits = ck.model(x)
-            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0]
+            with autocast(dev, amp):
+                logits = ck.model(x)
+            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)[0]
             prob = torch.softmax(logits, 0)
             conf, label = prob.max(0)
-        label = label.to(torch.uint8).numpy()
+        label, conf = label.to(torch.uint8).cpu().numpy(), conf.cpu()
         counts = np.bincount(label.ravel(), minlength=len(ck.class_names))
         conf_sum = np.bincount(label.ravel(), weights=conf.numpy().ravel(), minlength=len(ck.class_names))
         stats = {ck.class_names[c]: {"pixels": int(counts[c]), "mean_confidence": float(conf_sum[c] / counts[c])}
@@ -147,7 +156,8 @@ def upload_to_s3(files: list[str]) -> object:
     return server
 
 
-def bench_pipeline(work: str, files: list[str], ck_path: str, *, max_side: int, batch_size: int, cpus: int) -> dict:
+def bench_pipeline(work: str, files: list[str], ck_path: str, *, max_side: int, batch_size: int, cpus: int,
+                   device: str = "cpu", amp: str = "off") -> dict:
     """The job end to end from a local folder and from S3, on a Ray started (and warmed by one small job) first."""
     import ray
 
@@ -157,6 +167,7 @@ def bench_pipeline(work: str, files: list[str], ck_path: str, *, max_side: int, 
 
     result: dict = {}
     t = time.perf_counter()
+    gpus = {"num_gpus": 1, "device": "cuda"} if device == "cuda" else {"num_gpus": 0, "device": "cpu"}
     init_ray("local", num_cpus=cpus, log_to_driver=False)  # the jobs' own local-Ray setup
     result["ray_init_seconds"] = round(time.perf_counter() - t, 2)
     # A nightly job runs on a cluster that has run jobs before: one small job first warms Ray's worker
@@ -166,12 +177,12 @@ def bench_pipeline(work: str, files: list[str], ck_path: str, *, max_side: int, 
     shutil.copy(files[-1], warm_dir)
     t = time.perf_counter()
     label_images(LabelConfig(images=warm_dir, checkpoint=ck_path, output=os.path.join(work, "warmup-out"),
-                             max_side=max_side, batch_size=batch_size, progress=False))
+                             max_side=max_side, batch_size=batch_size, progress=False, amp=amp, **gpus))
     result["warmup_job_seconds"] = round(time.perf_counter() - t, 2)
     for name, images, output in [("pipeline_local", os.path.join(work, "images"), os.path.join(work, "out")),
                                  ("pipeline_s3", "s3://bench/images", "s3://bench/out")]:
         config = LabelConfig(images=images, checkpoint=ck_path, output=output, max_side=max_side,
-                             batch_size=batch_size, progress=False)
+                             batch_size=batch_size, progress=False, amp=amp, **gpus)
         t = time.perf_counter()
         summary = label_images(config)
         seconds = time.perf_counter() - t
@@ -244,6 +255,8 @@ def main() -> None:
     ap.add_argument("--memory-images", type=int, default=48, help="N of the memory runs (N and 4N)")
     ap.add_argument("--memory-width", type=float, default=0.25, help="width multiplier of the memory runs' model")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs, on every side")
+    ap.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off", help="autocast on CUDA, every side")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -253,16 +266,17 @@ def main() -> None:
     ck_path = os.path.join(work, "fcn8s.pt")
     make_checkpoint(ck_path)
     sizes = {"max_side": args.max_side, "batch_size": args.batch_size}
+    on = {"device": args.device, "amp": args.amp}
     result: dict = {"machine": {"cpus": cpus, "torch": torch.__version__, "load_average_at_start": os.getloadavg()},
-                    "images": len(files), **sizes, "model": "fcn8s width 1.0 (reference padding)"}
+                    "images": len(files), **sizes, **on, "model": "fcn8s width 1.0 (reference padding)"}
 
     server = upload_to_s3(files)  # before Ray starts: its workers inherit the environment of that moment
-    result["model"] = {"fcn8s": "width 1.0", **bench_model(ck_path, files, **sizes, threads=cpus)}
+    result["model"] = {"fcn8s": "width 1.0", **bench_model(ck_path, files, **sizes, threads=cpus, **on)}
     result["naive"] = bench_naive(ck_path, files, os.path.join(work, "naive-out"), max_side=args.max_side,
-                                  threads=cpus)
-    result.update(bench_pipeline(work, files, ck_path, **sizes, cpus=cpus))
+                                  threads=cpus, **on)
+    result.update(bench_pipeline(work, files, ck_path, **sizes, cpus=cpus, **on))
     server.stop()
-    result["model_repeat"] = bench_model(ck_path, files, **sizes, threads=cpus)
+    result["model_repeat"] = bench_model(ck_path, files, **sizes, threads=cpus, **on)
     result.update(ratios(result))
     if not args.skip_memory:
         result.update(bench_memory(work, files, n=args.memory_images, width_mult=args.memory_width, **sizes))

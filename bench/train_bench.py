@@ -7,9 +7,11 @@ i.e. the time inside each epoch's training loop (input waits included, the Ray j
 checkpoint excluded; the plain loop has neither). The plain loop runs before and after the Ray job and the ratio
 uses the mean of the two (a shared 2-core machine drifts by several per cent within minutes; ABA cancels a
 linear drift); the ratio against the faster plain run is printed too. For context it also prints each side's
-end-to-end wall time (the Ray job's includes starting the worker group, validating and checkpointing).
+end-to-end wall time (the Ray job's includes starting the worker group, validating and checkpointing), and a
+ceiling in the same run: training steps alone on one batch already in memory (`ray_vs_step_ceiling`).
 
     python bench/train_bench.py [--images 192] [--epochs 6] [--width-mult 0.25] [--crop 128]
+                                [--device cpu|cuda] [--amp bf16|fp16|off] [--loader-workers 1]
 """
 from __future__ import annotations
 
@@ -48,26 +50,63 @@ class PairDataset(torch.utils.data.Dataset):
         return torch.from_numpy(image), torch.from_numpy(mask)
 
 
-def plain_loop(samples, args) -> list[float]:
-    torch.set_num_threads(1)
+def _model_and_step(args):
+    from pipeline.amp import autocast
+
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_model("fcn8s", 6, width_mult=args.width_mult, padding="same")
+    model = build_model("fcn8s", 6, width_mult=args.width_mult, padding="same").to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     crit = nn.CrossEntropyLoss(ignore_index=255)
+    normalize = TORCHVISION.normalizer(device)
+
+    def step(image, mask):
+        x = to_input(image, normalize, device, channels_last=device.type == "cuda")
+        with autocast(device, args.amp):
+            loss = crit(model(x).float(), mask.to(device, non_blocking=True).long())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return device, step
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_loop(samples, args) -> list[float]:
+    torch.set_num_threads(1)
+    device, step = _model_and_step(args)
     loader = torch.utils.data.DataLoader(PairDataset(samples, TrainTransform(args.crop), 6), batch_size=args.batch,
-                                         shuffle=True, num_workers=1, persistent_workers=True)
+                                         shuffle=True, num_workers=args.loader_workers, persistent_workers=True,
+                                         pin_memory=device.type == "cuda")
     rates = []
     for _ in range(args.epochs):
         t0, n = time.perf_counter(), 0
         for image, mask in loader:
-            x = to_input(image, TORCHVISION, torch.device("cpu"))
-            loss = crit(model(x), mask.long())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            step(image, mask)
             n += len(image)
+        _sync(device)
         rates.append(n / (time.perf_counter() - t0))
     return rates
+
+
+def step_ceiling(args, steps: int = 20) -> float:
+    """Training steps alone, on one batch already in memory (no input pipeline): images/s."""
+    device, step = _model_and_step(args)
+    image = torch.randint(0, 255, (args.batch, args.crop, args.crop, 3), dtype=torch.uint8)
+    mask = torch.randint(0, 6, (args.batch, args.crop, args.crop), dtype=torch.uint8)
+    step(image, mask)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step(image, mask)
+    _sync(device)
+    return steps * args.batch / (time.perf_counter() - t)
 
 
 def ray_job(data, args) -> tuple[list[float], float]:
@@ -78,11 +117,13 @@ def ray_job(data, args) -> tuple[list[float], float]:
     from pipeline.train.run import run_training
     from pipeline.train.run_state import run_location, scan_checkpoints
 
-    init_ray("local", num_cpus=2, log_to_driver=False)  # the jobs' own local-Ray setup
+    gpu = args.device == "cuda"
+    init_ray("local", num_cpus=1 + args.loader_workers, num_gpus=1 if gpu else 0, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="trainbench")
     cfg = TrainConfig(data=data, storage=storage, name="bench", num_classes=6, width_mult=args.width_mult,
-                      padding="same", epochs=args.epochs, batch_size=args.batch, crop_size=args.crop, amp="off",
-                      num_workers=1, cpus_per_worker=1.0, keep_best=args.epochs, max_failures=0)
+                      padding="same", epochs=args.epochs, batch_size=args.batch, crop_size=args.crop,
+                      amp=args.amp if gpu else "off", use_gpu=gpu, num_workers=1, cpus_per_worker=1.0,
+                      keep_best=args.epochs, max_failures=0)
     t0 = time.perf_counter()
     run_training(cfg)
     wall = time.perf_counter() - t0
@@ -97,7 +138,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--width-mult", type=float, default=0.25)
     p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off", help="autocast on CUDA (CPU: fp32)")
+    p.add_argument("--loader-workers", type=int, default=1,
+                   help="decode/augment processes of the plain loop; the Ray job gets as many CPUs for Ray Data")
     args = p.parse_args()
+    if args.device == "cpu":
+        args.amp = "off"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     data = os.path.join(tempfile.mkdtemp(prefix="trainbench-data"), "syn")
     synthesize_voc(data, args.images + 8, size=(160, 120), seed=0, val_fraction=8 / (args.images + 8))
@@ -107,9 +154,12 @@ def main() -> None:
     plain_wall = time.perf_counter() - t0
     ray_rates, ray_wall = ray_job(data, args)
     plain_after = plain_loop(samples, args)
+    ceiling = step_ceiling(args)
     before, after = float(np.mean(plain[1:])), float(np.mean(plain_after[1:]))
     plain_ips, ray_ips = (before + after) / 2, float(np.mean(ray_rates[1:]))
-    print(json.dumps({"bench": "train", "device": "cpu", "model": "fcn8s", "width_mult": args.width_mult,
+    print(json.dumps({"bench": "train", "device": args.device, "amp": args.amp, "model": "fcn8s",
+                      "step_ceiling_images_per_second": round(ceiling, 2),
+                      "ray_vs_step_ceiling": round(ray_ips / ceiling, 3), "width_mult": args.width_mult,
                       "padding": "same", "crop": args.crop, "batch": args.batch, "train_images": len(samples),
                       "epochs_measured": args.epochs - 1, "plain_images_per_second": round(plain_ips, 2),
                       "plain_before_after": [round(before, 2), round(after, 2)],

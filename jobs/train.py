@@ -15,7 +15,7 @@ import argparse  # noqa: E402
 from models import ARCHITECTURES, PADDINGS  # noqa: E402
 from pipeline.amp import AMP_CHOICES  # noqa: E402
 from pipeline.cli import JobArgumentParser, print_summary, run_job  # noqa: E402
-from pipeline.train.config import OPTIMIZERS, TrainConfig  # noqa: E402
+from pipeline.train.config import GRAD_COMPRESSIONS, OPTIMIZERS, TrainConfig  # noqa: E402
 
 DEFAULTS = TrainConfig(data="", storage="", name="")
 
@@ -57,10 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
     g.add_argument("--poly-power", type=float, default=d.poly_power, help="poly learning-rate schedule power")
     g.add_argument("--amp", default=d.amp, choices=AMP_CHOICES, help="mixed precision on GPU (CPU: always fp32)")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="N",
+                   help="sum the gradients of N batches before one all-reduce and optimizer step (an effective "
+                        "batch of N x --batch-size x --num-workers; see README 'Scaling')")
+    g.add_argument("--grad-compression", default=d.grad_compression, choices=GRAD_COMPRESSIONS,
+                   help="all-reduce gradients in this dtype across workers (bf16 halves the bytes)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed of the initialisation")
     g = p.add_argument_group("cluster")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="data-parallel workers")
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL); otherwise CPU workers (gloo)")
+    g.add_argument("--accelerator-type", default=d.accelerator_type, metavar="TYPE",
+                   help="with --use-gpu: the GPU type every worker needs, as Ray names it (A10G, L4, L40S, A100, "
+                        "H100, ...); on cluster.yaml, L40S puts the workers on the 4-GPU training nodes")
     g.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker,
                    help="CPUs reserved per worker (the rest decode data)")
     g.add_argument("--data-cpus", type=float, default=d.data_cpus, help="CPUs per Ray Data decode/augment task")

@@ -36,13 +36,28 @@ class InputConvention:
 
     def normalize(self, rgb: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) or (3, H, W) RGB pixels (uint8 or float, 0..255) -> normalised float tensor."""
+        return self.normalizer(rgb.device)(rgb)
+
+    def normalizer(self, device: torch.device | str) -> "Normalizer":
+        """`normalize` with its constants made once on `device`: building them per call from Python floats is
+        a blocking host-to-device copy on a GPU, a synchronisation every batch."""
+        return Normalizer(self, torch.device(device))
+
+
+class Normalizer:
+    """value = (pixel * scale - mean) / std with mean and std already on the device (see InputConvention)."""
+
+    def __init__(self, convention: InputConvention, device: torch.device):
+        self.bgr = convention.channel_order == "BGR"
+        self.scale = convention.scale
+        self.mean = torch.tensor(convention.mean, dtype=torch.float32, device=device).view(3, 1, 1)
+        self.std = torch.tensor(convention.std, dtype=torch.float32, device=device).view(3, 1, 1)
+
+    def __call__(self, rgb: torch.Tensor) -> torch.Tensor:
         x = rgb.float()
-        if self.channel_order == "BGR":
+        if self.bgr:
             x = x.flip(-3)
-        shape = (3, 1, 1)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
-        return (x * self.scale - mean) / std
+        return (x * self.scale - self.mean) / self.std
 
 
 # torchvision's ImageNet VGG16 weights.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import VGG16Trunk, crop_like, init_trunk_weights, same_crop, upsampler, zero_init
+from .layers import VGG16Trunk, crop_like, fp32_head, init_trunk_weights, same_crop, upsampler, zero_init
 
 # Reference crop offsets: score_pool4 against upscore2, and the final output.
 REFERENCE_CROP_POOL4 = 5
@@ -27,12 +27,14 @@ class FCN16s(VGG16Trunk):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, pool4, h = self.trunk(x)
-        upscore2 = self.upscore2(self.score_fr(h))
-        score_pool4 = self.score_pool4(pool4)
-        if self.padding == "reference":
-            h = upscore2 + crop_like(score_pool4, REFERENCE_CROP_POOL4, upscore2)
-            h = crop_like(self.upscore16(h), REFERENCE_CROP, x)
-        else:
-            h = crop_like(upscore2, same_crop(2), score_pool4) + score_pool4
-            h = crop_like(self.upscore16(h), same_crop(16), x)
-        return h.contiguous()
+        fp32, (h, pool4) = fp32_head(h, pool4)
+        with fp32:
+            upscore2 = self.upscore2(self.score_fr(h))
+            score_pool4 = self.score_pool4(pool4)
+            if self.padding == "reference":
+                h = upscore2 + crop_like(score_pool4, REFERENCE_CROP_POOL4, upscore2)
+                h = crop_like(self.upscore16(h), REFERENCE_CROP, x)
+            else:
+                h = crop_like(upscore2, same_crop(2), score_pool4) + score_pool4
+                h = crop_like(self.upscore16(h), same_crop(16), x)
+            return h.contiguous()

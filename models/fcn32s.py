@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import VGG16Trunk, crop_like, init_trunk_weights, same_crop, upsampler, zero_init
+from .layers import VGG16Trunk, crop_like, fp32_head, init_trunk_weights, same_crop, upsampler, zero_init
 
 # Reference (conv1_1 padding 100) crop offset of the final output.
 REFERENCE_CROP = 19
@@ -25,5 +25,7 @@ class FCN32s(VGG16Trunk):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h = self.trunk(x)
-        h = self.upscore(self.score_fr(h))
-        return crop_like(h, self.crop, x).contiguous()
+        fp32, (h,) = fp32_head(h)
+        with fp32:
+            h = self.upscore(self.score_fr(h))
+            return crop_like(h, self.crop, x).contiguous()

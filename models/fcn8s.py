@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import VGG16Trunk, crop_like, init_trunk_weights, same_crop, upsampler, zero_init
+from .layers import VGG16Trunk, crop_like, fp32_head, init_trunk_weights, same_crop, upsampler, zero_init
 
 # Reference crop offsets: score_pool4 against upscore2, score_pool3 against upscore_pool4, final output.
 REFERENCE_CROP_POOL4 = 5
@@ -33,18 +33,20 @@ class FCN8s(VGG16Trunk):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pool3, pool4, h = self.trunk(x)
-        upscore2 = self.upscore2(self.score_fr(h))
-        score_pool4 = self.score_pool4(pool4 * self.pool4_scale if self.pool4_scale != 1.0 else pool4)
-        score_pool3 = self.score_pool3(pool3 * self.pool3_scale if self.pool3_scale != 1.0 else pool3)
-        if self.padding == "reference":
-            upscore_pool4 = self.upscore_pool4(upscore2 + crop_like(score_pool4, REFERENCE_CROP_POOL4, upscore2))
-            h = upscore_pool4 + crop_like(score_pool3, REFERENCE_CROP_POOL3, upscore_pool4)
-            h = crop_like(self.upscore8(h), REFERENCE_CROP, x)
-        else:
-            h = crop_like(upscore2, same_crop(2), score_pool4) + score_pool4
-            h = crop_like(self.upscore_pool4(h), same_crop(2), score_pool3) + score_pool3
-            h = crop_like(self.upscore8(h), same_crop(8), x)
-        return h.contiguous()
+        fp32, (pool3, pool4, h) = fp32_head(pool3, pool4, h)
+        with fp32:
+            upscore2 = self.upscore2(self.score_fr(h))
+            score_pool4 = self.score_pool4(pool4 * self.pool4_scale if self.pool4_scale != 1.0 else pool4)
+            score_pool3 = self.score_pool3(pool3 * self.pool3_scale if self.pool3_scale != 1.0 else pool3)
+            if self.padding == "reference":
+                upscore_pool4 = self.upscore_pool4(upscore2 + crop_like(score_pool4, REFERENCE_CROP_POOL4, upscore2))
+                h = upscore_pool4 + crop_like(score_pool3, REFERENCE_CROP_POOL3, upscore_pool4)
+                h = crop_like(self.upscore8(h), REFERENCE_CROP, x)
+            else:
+                h = crop_like(upscore2, same_crop(2), score_pool4) + score_pool4
+                h = crop_like(self.upscore_pool4(h), same_crop(2), score_pool3) + score_pool3
+                h = crop_like(self.upscore8(h), same_crop(8), x)
+            return h.contiguous()
 
 
 class FCN8sAtOnce(FCN8s):

@@ -6,12 +6,15 @@ POINT is a glob over the names the code fires (`fire("label.commit:staged")`):
     label.commit:<step>      each step of the labeling commit protocol (staged, committed, published:<table>)
     label.stage:<table>      a write task, after staging that table of a file set
     label.inference          every call of an inference actor
+    label.forward            every forward pass of the labeling predictor
     train.reported:epoch<N>  rank 0, right after reporting epoch N
 ACTION is one of:
     sleep:SECONDS            pause (widens the windows a kill can hit)
     raise                    raise InjectedFault, a BaseException that no cleanup code catches
     kill                     SIGKILL this process
     kill_once:PATH           SIGKILL this process unless PATH exists; PATH is created first (local file)
+    cuda_error_sticky:PATH   raise the RuntimeError of a CUDA error in the first process that gets here (PATH records
+                             it), and again at every later fire in that process, as a sticky CUDA error does
     wait_for:PATH            pause until PATH exists (a local file the test creates; at most 5 minutes)
 
 Unset in production: `fire` is then one dictionary lookup. Ray workers get the variable through
@@ -59,20 +62,26 @@ def _perform(action: str, point: str) -> None:
         raise InjectedFault(point)
     elif kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    elif kind == "kill_once":
+    elif kind in ("kill_once", "cuda_error_sticky"):
         try:
             fd = os.open(arg, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            return  # fired once already
-        os.write(fd, f"{os.getpid()} {point}\n".encode())
-        os.close(fd)
-        os.kill(os.getpid(), signal.SIGKILL)
+            with open(arg) as f:
+                if kind == "kill_once" or f.read().split()[0] != str(os.getpid()):
+                    return  # fired once already (sticky: in another process)
+        else:
+            os.write(fd, f"{os.getpid()} {point}\n".encode())
+            os.close(fd)
+        if kind == "kill_once":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"CUDA error: an illegal memory access was encountered (injected at {point})")
     elif kind == "wait_for":
         deadline = time.monotonic() + 300
         while not os.path.exists(arg) and time.monotonic() < deadline:
             time.sleep(0.05)
     else:
-        raise ValueError(f"{ENV}: unknown action {action!r} (sleep:S, raise, kill, kill_once:PATH, wait_for:PATH)")
+        raise ValueError(f"{ENV}: unknown action {action!r} (sleep:S, raise, kill, kill_once:PATH, "
+                         "cuda_error_sticky:PATH, wait_for:PATH)")
 
 
 def runtime_env() -> dict | None:

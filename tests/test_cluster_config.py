@@ -28,7 +28,7 @@ INSTANCE_SPECS = {
     "c6i.2xlarge": (8, 16), "c6i.4xlarge": (16, 32), "c6i.8xlarge": (32, 64),
     "g5.xlarge": (4, 16), "g5.2xlarge": (8, 32), "g5.4xlarge": (16, 64),
     "g6.xlarge": (4, 16), "g6.2xlarge": (8, 32), "g6.4xlarge": (16, 64),
-    "g6e.xlarge": (4, 32), "g6e.2xlarge": (8, 64),
+    "g6e.xlarge": (4, 32), "g6e.2xlarge": (8, 64), "g6e.12xlarge": (48, 384),
 }
 OBJECT_STORE_FRACTION = 0.3  # Ray's default object store size: 30% of the node's memory
 
@@ -176,6 +176,18 @@ def test_gpu_worker_type(cfg):
         assert node["min_workers"] == 0, f"{name}: GPUs must scale to zero"
         assert 1 <= node["max_workers"] <= cfg["max_workers"]
         assert is_spot(node), f"{name}: spot expected (training resumes from checkpoints)"
+
+
+def test_training_uses_one_multi_gpu_node_type_and_labeling_single_gpu_nodes(cfg):
+    """DDP's all-reduce stays inside a node on the training type; --accelerator-type selects it."""
+    gpus = gpu_workers(cfg)
+    multi = {k: v for k, v in gpus.items() if v["resources"]["GPU"] >= 4}
+    single = {k: v for k, v in gpus.items() if v["resources"]["GPU"] == 1}
+    assert multi and single
+    accel = lambda node: {k for k in node["resources"] if k.startswith("accelerator_type:")}  # noqa: E731
+    train_types = set().union(*(accel(v) for v in multi.values()))
+    assert train_types and not train_types & set().union(*(accel(v) for v in single.values())), \
+        "the training nodes' accelerator type must be theirs alone, or --accelerator-type cannot pick them"
 
 
 def test_cpu_worker_type(cfg):

@@ -63,9 +63,9 @@ def test_upsampling_matches_torch_bilinear_and_labels_come_back_full_size(ck):
     predictor = Predictor(ck.model, ck.convention, InferenceSettings(device="cpu"))
     torch.manual_seed(0)
     scores = torch.randn(6, 13, 17) * 3
-    d = predictor.labels_and_stats(scores, 40, 51)
+    label, _ = predictor.labels_and_stats(scores[None], 40, 51)
     ref = F.interpolate(scores[None], size=(40, 51), mode="bilinear", align_corners=False)[0]
-    torch.testing.assert_close(d["label"].long(), ref.argmax(0))
+    torch.testing.assert_close(label[0].long(), ref.argmax(0))
     pred = predict_image(ck, None, gradient_rgb(400, 600, 4), max_side=48)
     assert pred.label.shape == (400, 600) and pred.pixel_count.sum() == 400 * 600
 
@@ -74,9 +74,9 @@ def test_statistics_match_numpy_and_bands_change_nothing(ck, monkeypatch):
     predictor = Predictor(ck.model, ck.convention, InferenceSettings(device="cpu"))
     torch.manual_seed(1)
     scores = torch.randn(6, 23, 31) * 2
-    whole = predictor._to_host(predictor.labels_and_stats(scores, 23, 31))
+    whole, = predictor.to_host([predictor.labels_and_stats(scores[None], 23, 31)])
     monkeypatch.setattr(inference, "BAND_ELEMENTS", 6 * 31 * 4)  # bands of 4 rows
-    banded = predictor._to_host(predictor.labels_and_stats(scores, 23, 31))
+    banded, = predictor.to_host([predictor.labels_and_stats(scores[None], 23, 31)])
     prob = torch.softmax(scores.double(), 0).numpy()
     label = prob.argmax(0)
     np.testing.assert_array_equal(whole.label, label)
@@ -101,12 +101,12 @@ def test_a_failing_image_costs_only_itself(ck, monkeypatch):
 
     def flaky(scores, height, width):
         if height == 31:
-            raise RuntimeError("boom")
+            raise ValueError("boom")
         return real(scores, height, width)
 
     monkeypatch.setattr(predictor, "labels_and_stats", flaky)
     preds = predictor.predict([preprocess(im, None, 32) for im in images])
-    assert isinstance(preds[1], RuntimeError)
+    assert isinstance(preds[1], ValueError)
     for i in (0, 2, 3):
         np.testing.assert_array_equal(preds[i].label, predict_image(ck, None, images[i], batch_size=4).label)
 
@@ -133,3 +133,58 @@ def test_checkpoint_from_bytes_equals_models_loader(tiny_checkpoint, tmp_path):
     for bad, message in [(data[:4000], "s3://b/m.pt is truncated or corrupt"), (b"", "s3://b/m.pt is empty")]:
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint_bytes(bad, "s3://b/m.pt")
+
+
+@pytest.mark.parametrize("size", [(23, 31), (40, 51)])  # as the logits, and upsampled from them
+def test_statistics_of_several_images_at_once_match_numpy(ck, size, monkeypatch):
+    """Labels and statistics of 3 images in one call (the sync-free, dense reductions) equal numpy's on each
+    image's own upsampled logits, whatever the bands."""
+    predictor = Predictor(ck.model, ck.convention, InferenceSettings(device="cpu"))
+    torch.manual_seed(2)
+    scores = torch.randn(3, 6, 23, 31) * 2
+    scores[1, 4] += 3  # one image dominated by a class, another with a class absent
+    scores[2, 0] -= 10
+    height, width = size
+    for band_elements in (inference.BAND_ELEMENTS, 3 * 6 * width * 3):
+        monkeypatch.setattr(inference, "BAND_ELEMENTS", band_elements)
+        preds = predictor.to_host([predictor.labels_and_stats(scores, height, width)])
+        assert len(preds) == 3
+        for i, pred in enumerate(preds):
+            up = F.interpolate(scores[i:i + 1], size=size, mode="bilinear", align_corners=False)[0]
+            prob = torch.softmax(up.double(), 0).numpy()
+            label = up.argmax(0).numpy()
+            np.testing.assert_array_equal(pred.label, label)
+            ids, counts = np.unique(label, return_counts=True)
+            np.testing.assert_array_equal(pred.class_id, ids)
+            np.testing.assert_array_equal(pred.pixel_count, counts)
+            for k, c in enumerate(ids):
+                ys, xs = np.nonzero(label == c)
+                assert (pred.x_min[k], pred.y_min[k], pred.x_max[k], pred.y_max[k]) == (xs.min(), ys.min(), xs.max(), ys.max())
+                assert pred.confidence_sum[k] == pytest.approx(prob.max(0)[label == c].sum(), rel=1e-5)
+
+
+def test_out_of_memory_falls_back_per_image_and_a_device_error_raises(ck, monkeypatch):
+    """Out of memory: the batch is retried image by image, so only the image that cannot fit fails. A CUDA
+    error is sticky (every later call would fail too): DeviceFailure, for the actor to end its process."""
+    predictor = Predictor(ck.model, ck.convention, InferenceSettings(max_side=None, batch_size=4, device="cpu"))
+    images = [preprocess(gradient_rgb(h, w, i), None, 32) for i, (h, w) in enumerate([(30, 30), (31, 30), (30, 29)])]
+    real = predictor.labels_and_stats
+
+    def oom(scores, height, width):
+        if height == 31:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(scores, height, width)
+
+    monkeypatch.setattr(predictor, "labels_and_stats", oom)
+    preds = predictor.predict(images)
+    assert isinstance(preds[1], torch.OutOfMemoryError) and preds[0].label.shape == (30, 30)
+
+    def broken(scores, height, width):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(predictor, "labels_and_stats", broken)
+    with pytest.raises(inference.DeviceFailure, match="illegal memory access"):
+        predictor.predict(images)
+    assert inference.is_device_failure(ValueError("bad shape"), on_cuda=True)  # on a GPU: anything but OOM
+    assert not inference.is_device_failure(ValueError("bad shape"), on_cuda=False)
+    assert not inference.is_device_failure(torch.OutOfMemoryError("CUDA out of memory"), on_cuda=True)

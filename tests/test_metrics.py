@@ -101,3 +101,31 @@ def test_large_label_maps_are_fast_enough_to_use_bincount():
     cm.update(torch.from_numpy(gt), torch.from_numpy(gt))
     assert cm.matrix.trace() == gt.size
     assert cm.scores()["mean_iou"] == 1.0
+
+
+def test_validation_batches_of_equal_size_give_the_matrix_of_one_image_at_a_time(tiny_checkpoint):
+    """evaluate_rows groups images by size into fixed-slot batches (8 on a GPU): the confusion matrix equals the
+    one of one image per forward pass, with images of several sizes, partial batches and void pixels."""
+    from models import load_checkpoint
+    from pipeline.train import evaluation
+    from tests.images import gradient_rgb
+
+    ck = load_checkpoint(tiny_checkpoint[0])
+    rng = np.random.default_rng(3)
+    rows = []
+    for i, (h, w) in enumerate([(40, 48)] * 5 + [(33, 47)] * 2 + [(48, 40)]):
+        image = gradient_rgb(h, w, i)
+        mask = rng.integers(0, len(ck.class_names), size=(h, w)).astype(np.uint8)
+        mask[:3] = 255
+        rows.append({"height": h, "width": w, "image": image.tobytes(), "mask": mask.tobytes()})
+    device = torch.device("cpu")
+    one, n1 = evaluation.evaluate_rows(ck.model, ck.convention, rows, len(ck.class_names), device)
+    evaluation_slots = evaluation.eval_slots
+    try:
+        evaluation.eval_slots = lambda device: 3
+        batched, n3 = evaluation.evaluate_rows(ck.model, ck.convention, rows, len(ck.class_names), device)
+    finally:
+        evaluation.eval_slots = evaluation_slots
+    assert n1 == n3 == 8
+    assert one.matrix.sum() == sum(r["height"] * (r["width"]) - 3 * r["width"] for r in rows)
+    np.testing.assert_array_equal(batched.matrix, one.matrix)

@@ -184,3 +184,43 @@ def test_unknown_arch_and_bad_options():
         build_model("fcn8s", 21, width_mult=0)
     with pytest.raises(ValueError, match="num_classes"):
         build_model("fcn8s", 0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_head_runs_in_fp32_under_bf16_autocast(arch):
+    """The score layers, skips and upsamplers (under 1% of the FLOPs) run in fp32 under autocast; the trunk
+    stays in bf16. In bf16 the logits would keep 8 bits and the at-once net's pool3 * 0.0001 skip would
+    mostly round away."""
+    model = build_model(arch, 5, width_mult=1 / 16).eval()
+    seen = {}
+    for name, module in model.named_modules():
+        if name.startswith(("score", "upscore", "conv1_1")):
+            module.register_forward_hook(lambda m, inp, out, name=name: seen.__setitem__(name, (inp[0].dtype, out.dtype)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(1, 3, 64, 64))
+    assert out.dtype == torch.float32
+    assert seen.pop("conv1_1")[1] == torch.bfloat16  # the trunk: autocast still applies
+    assert seen and all(v == (torch.float32, torch.float32) for v in seen.values()), seen
+
+
+def test_atonce_pool3_skip_survives_bf16_autocast():
+    """The at-once net's pool3 branch changes the logits under bf16 autocast as much as it does in fp32 (in a
+    bf16 head the 0.0001-scaled scores would be added to 8-bit logits and mostly rounded away)."""
+    torch.manual_seed(0)
+    model = build_model("fcn8s-atonce", 4, width_mult=1 / 16).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("score"):
+                p.normal_(0, 1.0)
+    x = torch.randn(1, 3, 64, 64) * 50
+    saved = model.score_pool3.weight.detach().clone()
+    effect = {}
+    for amp in (True, False):
+        outs = []
+        for scale in (1.0, 0.0):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                model.score_pool3.weight.copy_(saved * scale)
+                outs.append(model(x))
+        effect[amp] = (outs[0] - outs[1]).abs().mean().item()
+    assert effect[False] > 0
+    assert effect[True] == pytest.approx(effect[False], rel=0.1), effect

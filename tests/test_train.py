@@ -86,15 +86,24 @@ def test_ddp_two_workers_equal_one_worker_double_batch(ray_session, tmp_path, ca
               "--lr", "0.5", "--seed", "7"]
     two = run_in_process("train", [*common, "--name", "two", "--num-workers", "2", "--batch-size", "2"], capsys)
     one = run_in_process("train", [*common, "--name", "one", "--num-workers", "1", "--batch-size", "4"], capsys)
+    # Two batches of 1 per worker, gradients accumulated (DDP no_sync) and all-reduced once in bf16.
+    accum = run_in_process("train", [*common, "--name", "accum", "--num-workers", "2", "--batch-size", "1",
+                                     "--grad-accum", "2", "--grad-compression", "bf16"], capsys)
     w2 = load_checkpoint(two["latest_checkpoint"]).model.state_dict()
     w1 = load_checkpoint(one["latest_checkpoint"]).model.state_dict()
+    wa = load_checkpoint(accum["latest_checkpoint"]).model.state_dict()
     torch.manual_seed(7)
     from models import build_model
     w0 = build_model("fcn8s", 3, width_mult=0.0625, padding="same").state_dict()
     assert not torch.allclose(w1["score_fr.weight"], w0["score_fr.weight"])  # the step did change the weights
     for k in w1:
         assert torch.allclose(w2[k], w1[k], atol=1e-6, rtol=1e-5), k
+        # bf16 keeps 8 bits of each gradient: one step of lr 0.5 moves a weight by at most ~1% more or less.
+        step = (w1[k] - w0[k]).abs().max().item()
+        assert (wa[k] - w1[k]).abs().max().item() <= 0.02 * step + 1e-6, k
+    assert not all(torch.equal(wa[k], w1[k]) for k in w1)  # the compression did round
     assert two["final_metrics"]["loss"] == pytest.approx(one["final_metrics"]["loss"], rel=1e-5)
+    assert accum["final_metrics"]["loss"] == pytest.approx(one["final_metrics"]["loss"], rel=1e-5)
 
 
 def test_worker_killed_after_report_trains_every_epoch_once(ray_session, small_synthetic, tmp_path, capsys, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ import pyarrow as pa
 from .. import faults
 from ..errors import one_line
 from .canvas import Prepared
-from .inference import InferenceSettings, Predictor, from_shippable
+from .inference import DeviceFailure, InferenceSettings, Predictor, from_shippable
 from .stages import list_column, postprocess_stage
 
 
@@ -52,7 +53,14 @@ class InferenceActor:
                 items.append(Prepared(canvas, cols["resized_h"][i], cols["resized_w"][i], cols["height"][i],
                                       cols["width"][i]))
                 todo.append(i)
-        preds = self.predictor.predict(items) if items else []
+        try:
+            preds = self.predictor.predict(items) if items else []
+        except DeviceFailure as e:
+            # A sticky device error fails every later image too: end this process, so Ray restarts the actor
+            # (on a fresh CUDA context) and retries this batch there; nothing lands in errors/ for it.
+            print(f"[label] inference actor {self.info}: {one_line(e)}; exiting so that Ray restarts it",
+                  file=sys.stderr, flush=True)
+            os._exit(70)
         empty_i32 = np.zeros(0, np.int32)
         labels: list[bytes | None] = [None] * n
         per_class = {k: [empty_i32] * n for k in ("class_id", "x_min", "y_min", "x_max", "y_max")}

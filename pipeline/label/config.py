@@ -46,7 +46,7 @@ class LabelConfig:
     # Tuning without a flag: file-set size in bytes, and rows per read task / per inference actor call.
     bytes_per_file: int = 256 * 1024**2
     rows_per_read_task: int = 8
-    rows_per_actor_call: int | None = None  # None: 4 x batch_size (room to fill equal-canvas batches)
+    rows_per_actor_call: int | None = None  # None: 16 (GPU) or 4 (CPU) x batch_size, to fill equal-canvas batches
 
     def validate(self) -> None:
         """Option values alone (no I/O); raises ValueError naming the flag."""

@@ -29,9 +29,17 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
     # each batch; PNG encoding is real CPU work, kept off the (GPU) inference actors in its own small,
     # long-lived actors (tasks would start a worker process, torch import included, per call on small nodes).
     separate = config.label_encoding != "raw"
+    gpu = plan.actor_gpus > 0
+    # On a GPU: calls of 16 forward passes' rows, grouped by canvas size into fixed-shape batches (simulated at
+    # batch 8: with 3 canvas sizes they fill 93% of the slots, against 76% with 4 passes' rows; with 20 sizes
+    # 67% against 25%), and two calls running at once, so one call's host work (unpacking, pinning, building
+    # the result table) overlaps the other's forward passes.
+    rows_per_call = config.rows_per_actor_call or (16 if gpu else 4) * plan.batch_size
     ds = ds.map_batches(
-        InferenceActor, batch_size=config.rows_per_actor_call or 4 * plan.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=plan.pool), num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
+        InferenceActor, batch_size=rows_per_call, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.pool, max_concurrent_calls_per_actor=2 if gpu else None,
+                                           enable_true_multi_threading=gpu),
+        num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
         runtime_env=faults.runtime_env(),
         fn_constructor_kwargs={"checkpoint": [checkpoint_ref], "settings": settings, "threads": plan.threads,
                                "postprocess_encoding": None if separate else config.label_encoding})

@@ -28,6 +28,7 @@ from torch import nn
 
 from models import Checkpoint, InputConvention, ModelConfig, build_from_state
 
+from .. import faults
 from ..amp import autocast
 from .canvas import Prepared, check_canvas_settings, preprocess
 
@@ -89,28 +90,57 @@ class Prediction:
 
 
 def _lerp_index(out_size: int, in_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source indices and weights of bilinear resampling with align_corners=False (PyTorch's convention)."""
-    src = (torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5
+    """Source indices and weights of bilinear resampling with align_corners=False (PyTorch's convention), made
+    on the device (a host-built index would be a blocking copy)."""
+    src = (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * (in_size / out_size) - 0.5
     src = src.clamp(min=0)
     i0 = src.floor().long().clamp(max=in_size - 1)
     i1 = (i0 + 1).clamp(max=in_size - 1)
     t = (src - i0).float()
-    return i0.to(device), i1.to(device), t.to(device)
+    return i0, i1, t
+
+
+# Per-class statistics on the device, one float64 each (exact for integers below 2**53), in this order.
+STATS = ("pixel_count", "confidence_sum", "x_min", "y_min", "x_max", "y_max")
+
+
+class DeviceFailure(RuntimeError):
+    """The device failed in a way that poisons later work (a sticky CUDA error): the process must end so Ray
+    starts a fresh one; retrying image by image would only send every later image to errors/."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+
+
+def is_device_failure(e: BaseException, on_cuda: bool) -> bool:
+    """On a GPU every error but out-of-memory; anywhere, an error that names a CUDA failure."""
+    if is_out_of_memory(e):
+        return False
+    return on_cuda or isinstance(e, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(e)
 
 
 class Predictor:
-    """Runs a segmentation model on prepared images; see the module docstring for the guarantees."""
+    """Runs a segmentation model on prepared images; see the module docstring for the guarantees.
+
+    Safe to call from two threads at once (the actor overlaps one call's host work with another's GPU work).
+    """
 
     def __init__(self, model: nn.Module, convention: InputConvention, settings: InferenceSettings = InferenceSettings()):
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.cuda = self.device.type == "cuda"
         self.convention = convention
+        self.normalize = convention.normalizer(self.device)
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=self.memory_format)
         self.num_classes = int(getattr(model, "num_classes", 0)) or None
         if self.num_classes is not None and self.num_classes > 256:
             raise ValueError(f"label maps are uint8: at most 256 classes, the model has {self.num_classes}")
+        if self.cuda:
+            # The fp32 head (models.layers.fp32_head) in full fp32, not TF32's 10-bit mantissa; under bf16
+            # autocast no other convolution runs in fp32.
+            torch.backends.cudnn.allow_tf32 = False
 
     # ------------------------------------------------------------------------------------------- model
 
@@ -131,7 +161,7 @@ class Predictor:
         if self.cuda:
             x = x.pin_memory().to(self.device, non_blocking=True)
         # NHWC memory seen as NCHW: already channels-last; normalise on the device (uint8 is 4x less to copy).
-        x = self.convention.normalize(x.permute(0, 3, 1, 2)).contiguous(memory_format=self.memory_format)
+        x = self.normalize(x.permute(0, 3, 1, 2)).contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), autocast(self.device, self.settings.amp):
             logits = self.model(x)
         return logits.float()
@@ -139,81 +169,122 @@ class Predictor:
     # --------------------------------------------------------------------------------- labels and stats
 
     @torch.inference_mode()
-    def labels_and_stats(self, scores: torch.Tensor, height: int, width: int) -> dict[str, torch.Tensor]:
-        """Logits (C, h, w) of one image -> label map (height, width) and per-class stats, on the device.
+    def labels_and_stats(self, scores: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (n, C, h, w) of n images of one size -> label maps (n, height, width) uint8 and per-class
+        statistics (n, C, len(STATS)) float64, on the device, without a host synchronisation.
 
-        When (h, w) != (height, width) the logits are bilinearly upsampled first (in row bands).
+        When (h, w) != (height, width) the logits are bilinearly upsampled first. Work goes in row bands, so
+        memory stays bounded for large images. Dense per-class reductions (no atomics, no boolean indexing)
+        make the statistics deterministic.
         """
-        c, h, w = scores.shape
+        n, c, h, w = scores.shape
         dev = scores.device
         resize = (h, w) != (height, width)
         if resize:
             yi0, yi1, yt = _lerp_index(height, h, dev)
             xi0, xi1, xt = _lerp_index(width, w, dev)
-        band_rows = max(1, min(height, BAND_ELEMENTS // max(1, c * width)))
-        label = torch.empty((height, width), dtype=torch.uint8, device=dev)
-        counts = torch.zeros(c, dtype=torch.int64, device=dev)
-        conf_sum = torch.zeros(c, dtype=torch.float64, device=dev)
-        y_min = torch.full((c,), height, dtype=torch.int64, device=dev)
-        x_min = torch.full((c,), width, dtype=torch.int64, device=dev)
-        y_max = torch.full((c,), -1, dtype=torch.int64, device=dev)
-        x_max = torch.full((c,), -1, dtype=torch.int64, device=dev)
+        band_rows = max(1, min(height, BAND_ELEMENTS // max(1, n * c * width)))
+        classes = torch.arange(c, device=dev).view(1, c, 1, 1)
         xs = torch.arange(width, device=dev)
+        label = torch.empty((n, height, width), dtype=torch.uint8, device=dev)
+        counts = torch.zeros((n, c), dtype=torch.int64, device=dev)
+        conf_sum = torch.zeros((n, c), dtype=torch.float64, device=dev)
+        y_min = torch.full((n, c), height, dtype=torch.int64, device=dev)
+        x_min = torch.full((n, c), width, dtype=torch.int64, device=dev)
+        y_max = torch.full((n, c), -1, dtype=torch.int64, device=dev)
+        x_max = torch.full((n, c), -1, dtype=torch.int64, device=dev)
         for r0 in range(0, height, band_rows):
             r1 = min(height, r0 + band_rows)
             if resize:
-                # Work column-major, (C, W, rows): every gather copies whole contiguous rows, and the reductions
-                # over classes below run on contiguous memory; results are transposed back (views).
-                a = scores.index_select(1, yi0[r0:r1])
-                b = scores.index_select(1, yi1[r0:r1])
-                rows = (a + (b - a) * yt[r0:r1].view(1, -1, 1)).transpose(1, 2).contiguous()  # (C, w, rows)
-                a = rows.index_select(1, xi0)
-                b = rows.index_select(1, xi1)
-                band = a + (b - a) * xt.view(1, -1, 1)  # (C, W, rows)
-                top, idx = band.max(0)
-                conf = torch.exp(band - top.unsqueeze(0)).sum(0).reciprocal().t()  # max softmax probability
-                idx = idx.t()
+                a = scores.index_select(2, yi0[r0:r1])
+                b = scores.index_select(2, yi1[r0:r1])
+                rows = a + (b - a) * yt[r0:r1].view(1, 1, -1, 1)  # (n, C, band, w)
+                a = rows.index_select(3, xi0)
+                b = rows.index_select(3, xi1)
+                band = a + (b - a) * xt.view(1, 1, 1, -1)  # (n, C, band, width)
             else:
-                band = scores[:, r0:r1, :]
-                top, idx = band.max(0)
-                conf = torch.exp(band - top.unsqueeze(0)).sum(0).reciprocal()
-            label[r0:r1] = idx.to(torch.uint8)
-            flat = idx.reshape(-1)
-            counts += torch.bincount(flat, minlength=c)
-            conf_sum.scatter_add_(0, flat, conf.reshape(-1).double())
-            ys = torch.arange(r0, r1, device=dev).view(-1, 1).expand(r1 - r0, width).reshape(-1)
-            xb = xs.view(1, -1).expand(r1 - r0, width).reshape(-1)
-            y_min.scatter_reduce_(0, flat, ys, "amin")
-            y_max.scatter_reduce_(0, flat, ys, "amax")
-            x_min.scatter_reduce_(0, flat, xb, "amin")
-            x_max.scatter_reduce_(0, flat, xb, "amax")
-        present = counts > 0
-        return {"label": label, "class_id": present.nonzero().reshape(-1), "pixel_count": counts[present],
-                "confidence_sum": conf_sum[present], "x_min": x_min[present], "y_min": y_min[present],
-                "x_max": x_max[present], "y_max": y_max[present]}
+                band = scores[:, :, r0:r1, :]
+            top, idx = band.max(1)
+            conf = torch.exp(band - top.unsqueeze(1)).sum(1).reciprocal()  # max softmax probability
+            label[:, r0:r1] = idx.to(torch.uint8)
+            onehot = idx.unsqueeze(1) == classes  # (n, C, band, width)
+            counts += onehot.sum((2, 3))
+            conf_sum += torch.where(onehot, conf.unsqueeze(1).double(), 0.0).sum((2, 3))
+            rows_hit, cols_hit = onehot.any(3), onehot.any(2)  # (n, C, band), (n, C, width)
+            ys = torch.arange(r0, r1, device=dev)
+            y_min = torch.minimum(y_min, torch.where(rows_hit, ys, height).amin(2))
+            y_max = torch.maximum(y_max, torch.where(rows_hit, ys, -1).amax(2))
+            x_min = torch.minimum(x_min, torch.where(cols_hit, xs, width).amin(2))
+            x_max = torch.maximum(x_max, torch.where(cols_hit, xs, -1).amax(2))
+        stats = torch.stack([counts.double(), conf_sum, x_min.double(), y_min.double(), x_max.double(),
+                             y_max.double()], dim=-1)
+        return label, stats
+
+    def to_host(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Prediction]:
+        """Results of `labels_and_stats` -> Predictions (in order): one copy into pinned host memory and one
+        synchronisation for all of them."""
+        flat = torch.cat([s.reshape(-1).view(torch.uint8) for _, s in parts] + [lab.reshape(-1) for lab, _ in parts])
+        if self.cuda:
+            host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            done.synchronize()  # waits for this call's work only: another thread's later kernels may still run
+        else:
+            host = flat
+        buf = host.numpy()
+        out: list[Prediction] = []
+        offset = 0
+        stats = []
+        for _, s in parts:
+            size = s.numel() * 8
+            stats.append(np.frombuffer(buf[offset:offset + size].copy(), np.float64).reshape(s.shape))
+            offset += size
+        for (lab, _), st in zip(parts, stats):
+            n, height, width = lab.shape
+            for i in range(n):
+                label = buf[offset:offset + height * width].reshape(height, width).copy()  # off the pinned buffer
+                offset += height * width
+                out.append(self._prediction(label, st[i]))
+        return out
 
     @staticmethod
-    def _to_host(d: dict[str, torch.Tensor]) -> Prediction:
-        return Prediction(
-            label=d["label"].cpu().numpy(), class_id=d["class_id"].cpu().numpy().astype(np.int32),
-            pixel_count=d["pixel_count"].cpu().numpy().astype(np.int64),
-            confidence_sum=d["confidence_sum"].cpu().numpy().astype(np.float64),
-            x_min=d["x_min"].cpu().numpy().astype(np.int32), y_min=d["y_min"].cpu().numpy().astype(np.int32),
-            x_max=d["x_max"].cpu().numpy().astype(np.int32), y_max=d["y_max"].cpu().numpy().astype(np.int32))
+    def _prediction(label: np.ndarray, stats: np.ndarray) -> Prediction:
+        present = np.nonzero(stats[:, 0] > 0)[0]
+        s = stats[present]
+        return Prediction(label=label, class_id=present.astype(np.int32), pixel_count=s[:, 0].astype(np.int64),
+                          confidence_sum=s[:, 1].copy(), x_min=s[:, 2].astype(np.int32), y_min=s[:, 3].astype(np.int32),
+                          x_max=s[:, 4].astype(np.int32), y_max=s[:, 5].astype(np.int32))
 
     # ------------------------------------------------------------------------------------------ batches
 
     def predict_chunk(self, items: list[Prepared]) -> list[Prediction]:
-        """Images sharing one canvas size (at most batch_size of them): one forward pass."""
-        logits = self.forward(np.stack([p.canvas for p in items]))
-        on_device = [self.labels_and_stats(logits[i, :, :p.resized_h, :p.resized_w], p.height, p.width)
-                     for i, p in enumerate(items)]
-        return [self._to_host(d) for d in on_device]
+        """Images sharing one canvas size (at most batch_size of them): one forward pass, one copy back."""
+        faults.fire("label.forward")
+        # Images of one (resized, original) size sit next to each other: their logits are one slice.
+        order = sorted(range(len(items)), key=lambda i: _size_key(items[i]))
+        logits = self.forward(np.stack([items[i].canvas for i in order]))
+        parts, start = [], 0
+        while start < len(order):
+            key = _size_key(items[order[start]])
+            stop = start
+            while stop < len(order) and _size_key(items[order[stop]]) == key:
+                stop += 1
+            rh, rw, height, width = key
+            parts.append(self.labels_and_stats(logits[start:stop, :, :rh, :rw], height, width))
+            start = stop
+        preds = self.to_host(parts)
+        out: list[Prediction | None] = [None] * len(items)
+        for i, pred in zip(order, preds):
+            out[i] = pred
+        return out  # type: ignore[return-value]
 
     def predict(self, items: list[Prepared]) -> list[Prediction | Exception]:
-        """Predictions in input order. Images are grouped by canvas size into fixed-shape batches; a batch
-        that fails is retried image by image, so one failing image costs only itself (its slot holds the
-        exception)."""
+        """Predictions in input order. Images are grouped by canvas size into fixed-shape batches.
+
+        A batch that runs out of memory is retried image by image, so one huge image costs only itself (its
+        slot holds the exception); on CPU any failing batch is. On a GPU any other error raises DeviceFailure:
+        a CUDA error is sticky, and every later image would fail too (see InferenceActor)."""
         out: list[Prediction | Exception | None] = [None] * len(items)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, p in enumerate(items):
@@ -226,8 +297,8 @@ class Predictor:
                     for i, pred in zip(chunk, self.predict_chunk([items[i] for i in chunk])):
                         out[i] = pred
                     continue
-                except Exception as e:  # noqa: BLE001 - retried image by image below
-                    self._recover()
+                except Exception as e:  # noqa: BLE001 - retried image by image below, unless the device failed
+                    self._check_recoverable(e)
                     if len(chunk) == 1:
                         out[chunk[0]] = e
                         continue
@@ -235,13 +306,19 @@ class Predictor:
                     try:
                         out[i] = self.predict_chunk([items[i]])[0]
                     except Exception as e:  # noqa: BLE001 - reported per image
-                        self._recover()
+                        self._check_recoverable(e)
                         out[i] = e
         return out  # type: ignore[return-value]
 
-    def _recover(self) -> None:
+    def _check_recoverable(self, e: Exception) -> None:
+        if is_device_failure(e, self.cuda):
+            raise DeviceFailure(f"{self.device}: {type(e).__name__}: {e}") from e
         if self.cuda:
             torch.cuda.empty_cache()
+
+
+def _size_key(p: Prepared) -> tuple[int, int, int, int]:
+    return p.resized_h, p.resized_w, p.height, p.width
 
 
 def predict_image(checkpoint_or_model: Checkpoint | nn.Module, convention: InputConvention | None, rgb: np.ndarray, *,

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from ..amp import AMP_CHOICES
 
 OPTIMIZERS = ("sgd", "adam")
+GRAD_COMPRESSIONS = ("none", "bf16")
 
 
 @dataclass
@@ -34,8 +35,11 @@ class TrainConfig:
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     amp: str = "bf16"                # one of AMP_CHOICES; GPU only, CPU workers always train in fp32
+    grad_accum: int = 1              # batches whose gradients are summed before one all-reduce and step
+    grad_compression: str = "none"   # one of GRAD_COMPRESSIONS: the dtype of the gradient all-reduce
     num_workers: int = 1
     use_gpu: bool = False
+    accelerator_type: str | None = None  # GPU type the workers need (e.g. L40S): picks cluster.yaml's training nodes
     cpus_per_worker: float = 1.0
     data_cpus: float = 1.0           # CPUs per Ray Data decode/augment task
     keep_best: int = 3               # best K checkpoints by mean IU are kept, plus the latest
@@ -50,11 +54,14 @@ class TrainConfig:
     def validate(self) -> None:
         """Option values alone (no I/O); raises ValueError naming the flag."""
         for name, value in [("epochs", self.epochs), ("batch-size", self.batch_size), ("crop-size", self.crop_size),
-                            ("num-workers", self.num_workers)]:
+                            ("num-workers", self.num_workers), ("grad-accum", self.grad_accum)]:
             if value < 1:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+        if self.grad_compression not in GRAD_COMPRESSIONS:
+            raise ValueError(f"--grad-compression must be one of {', '.join(GRAD_COMPRESSIONS)}, "
+                             f"got {self.grad_compression!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.wait_for_resources is not None and self.wait_for_resources < 0:

@@ -13,6 +13,7 @@ import queue
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 
 import ray
 import ray.train
@@ -160,6 +161,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.num_classes, width_mult=cfg.width_mult, padding=cfg.padding, dropout=cfg.dropout)
+    # Same initial weights on every rank (DDP broadcasts rank 0's anyway), but each rank its own dropout masks:
+    # with one seed, every worker would drop the same channels of its batch.
+    torch.manual_seed(cfg.seed + 1_000_003 * rank)
     resume = _resume_point(run, rank)
     train_state = None
     if resume is not None:
@@ -179,6 +183,12 @@ def train_loop_per_worker(config: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
+    ddp = model is not core
+    if ddp and cfg.grad_compression == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        # Gradients all-reduced in bf16: half the bytes on the wire (see README "Scaling").
+        model.register_comm_hook(dist.group.WORLD, default_hooks.bf16_compress_hook)
     optimizer = _make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda") if use_cuda and cfg.amp == "fp16" else None
     step, start_epoch, history = 0, 1, []
@@ -191,43 +201,66 @@ def train_loop_per_worker(config: dict) -> None:
             if "momentum" in group:
                 group["momentum"] = cfg.momentum
         step, start_epoch, history = train_state["step"], train_state["epoch"] + 1, list(train_state["history"])
-    total_steps = cfg.epochs * config["steps_per_epoch"]
+    accum = cfg.grad_accum
+    steps_per_epoch = -(-config["steps_per_epoch"] // accum)  # optimizer steps
+    total_steps = cfg.epochs * steps_per_epoch
+    normalize = convention.normalizer(device)
     # Sum over pixels divided by the valid pixels of the *global* batch (all workers): DDP's gradient average
     # then equals one process on the whole batch, even when workers hold different numbers of void pixels.
     criterion = nn.CrossEntropyLoss(ignore_index=255, reduction="sum")
     has_val = rank < config["val_shards"]
     shard = ray.train.get_dataset_shard("train")
+    # Pinned batches copy to the GPU asynchronously; two batches prefetched keep the copy ahead of the step.
     batches_for = dict(batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.batch_size * 8,
-                       stall_timeout=cfg.stall_timeout)
+                       stall_timeout=cfg.stall_timeout, pin_memory=use_cuda, prefetch_batches=2)
     next_input = EpochInput(shard, **batches_for) if start_epoch <= cfg.epochs else None
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros(3, dtype=torch.float64)  # summed loss, batches, images
-        # streaming_split(equal=True) gives every worker the same number of rows, hence of steps.
-        for batch in next_input:
-            x = to_input(batch["image"], convention, device, channels_last=use_cuda)
-            y = batch["mask"].to(device, non_blocking=True).long()
-            for group in optimizer.param_groups:
-                group["lr"] = _poly_lr(cfg, step, total_steps)
-            valid = (y != 255).sum().to(torch.float64)
+        # Summed on the device: reading the loss every step (float(loss)) would synchronise every step.
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
+        windows = images = 0
+
+        def train_step(window: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+            """One optimizer step over --grad-accum batches: their gradients are summed locally (DDP's
+            no_sync) and all-reduced once, with the loss normalised by the valid pixels of the whole window
+            on all workers, so N batches of B equal one batch of N x B."""
+            nonlocal loss_total, step
+            valid = torch.stack([(y != 255).sum() for _, y in window]).sum().to(torch.float64)
             if world > 1:
                 dist.all_reduce(valid)
-            with autocast(device, cfg.amp):
-                logits = model(x)
-                loss = criterion(logits.float(), y) * (world / valid.clamp_min(1.0)).float()
-            optimizer.zero_grad(set_to_none=True)
+            scale = (world / valid.clamp_min(1.0)).float()
+            for i, (x, y) in enumerate(window):
+                with autocast(device, cfg.amp):
+                    loss = criterion(model(x).float(), y) * scale
+                with (model.no_sync() if ddp and i < len(window) - 1 else nullcontext()):
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                # Logged loss: this worker's share of the window's global mean, summed over workers below.
+                loss_total += loss.detach().double() / world
+            for group in optimizer.param_groups:
+                group["lr"] = _poly_lr(cfg, step, total_steps)
             if scaler is not None:
-                scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                loss.backward()
                 optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             step += 1
-            # Logged loss: this worker's share of the global mean, summed back over workers below.
-            loss_sum += torch.tensor([float(loss.detach()) / world, 1.0 / world, float(len(x))], dtype=torch.float64)
+
+        # streaming_split(equal=True) gives every worker the same number of rows, hence of steps.
+        window = []
+        for batch in next_input:
+            window.append((to_input(batch["image"], normalize, device, channels_last=use_cuda),
+                           batch["mask"].to(device, non_blocking=True).long()))
+            images += len(window[-1][0])
+            if len(window) == accum:
+                train_step(window)
+                windows, window = windows + 1, []
+        if window:  # the epoch's last, shorter window
+            train_step(window)
+            windows += 1
+        loss_sum = torch.tensor([float(loss_total), windows / world, images], dtype=torch.float64)
         train_seconds = time.perf_counter() - t0
         # Start the next epoch's input now, so its start-up overlaps validation and the checkpoint.
         next_input = EpochInput(shard, **batches_for) if epoch < cfg.epochs else None

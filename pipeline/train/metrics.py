@@ -42,11 +42,17 @@ class ConfusionMatrix:
         pred = pred.to(target.device).reshape(-1).long()
         target = target.reshape(-1).long()
         c = self.num_classes
-        keep = (target >= 0) & (target < c)
-        pred, target = pred[keep], target[keep]
-        if pred.numel() and (pred.min() < 0 or pred.max() >= c):
+        if pred.device.type == "cpu" and pred.numel() and (pred.min() < 0 or pred.max() >= c):
             raise ValueError(f"predictions must lie in [0, {c}), got range [{int(pred.min())}, {int(pred.max())}]")
-        self._hist += torch.bincount(target * c + pred, minlength=c * c)
+        # Without a host synchronisation (bincount and boolean indexing would each make one on a GPU): pixels
+        # of ignored targets go to one extra bin, dropped.
+        keep = (target >= 0) & (target < c)
+        if pred.device.type != "cpu":  # argmax output is in range; never let a bad index assert on the device
+            keep &= (pred >= 0) & (pred < c)
+        index = torch.where(keep, target * c + pred, c * c)
+        hist = torch.zeros(c * c + 1, dtype=torch.int64, device=target.device)
+        hist.index_add_(0, index, torch.ones_like(index))
+        self._hist += hist[:-1]
 
     def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
         """Add another matrix (e.g. another worker's) into this one, exactly. Returns self."""

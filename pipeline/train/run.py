@@ -74,6 +74,11 @@ def check_resumable(cfg: TrainConfig, checkpoints: list[dict]) -> None:
                        "it with the same values, or start a new run with another --name")
 
 
+def accelerator_resource(cfg: TrainConfig) -> str | None:
+    """The Ray resource of --accelerator-type (Ray advertises `accelerator_type:<type>` on GPU nodes)."""
+    return f"accelerator_type:{cfg.accelerator_type}" if cfg.use_gpu and cfg.accelerator_type else None
+
+
 def check_cluster_fits(cfg: TrainConfig) -> None:
     """The workers and at least one decode task of the input pipeline fit the cluster; otherwise the input
     pipeline would wait for a CPU forever. A cluster that is too small now is asked to grow and waited for,
@@ -88,12 +93,18 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
         if cfg.use_gpu and gpus < cfg.num_workers:
             return (f"--use-gpu with {cfg.num_workers} worker(s) needs {cfg.num_workers} GPUs, but the Ray cluster "
                     f"has {gpus:g}: lower --num-workers or add GPU nodes")
+        accel = accelerator_resource(cfg)
+        if accel and resources.get(accel, 0.0) <= 0:
+            return (f"--accelerator-type {cfg.accelerator_type}: the Ray cluster has no node with that GPU "
+                    f"(resource {accel!r}): start one, or pick another type")
         return None
 
     wait_s = default_wait_s(None, cfg.wait_for_resources)
     capacity, known = cluster_capacity()
     if wait_s > 0 or known:
         worker = {"CPU": float(cfg.cpus_per_worker), **({"GPU": 1.0} if cfg.use_gpu else {})}
+        if accelerator_resource(cfg):  # what Ray Train asks for each worker (ScalingConfig.accelerator_type)
+            worker[accelerator_resource(cfg)] = 0.001
         wait_for_resources(problem, [worker] * cfg.num_workers + [{"CPU": float(cfg.data_cpus)}], wait_s,
                            lambda message: print(f"[train] {message}", flush=True))
         return
@@ -121,7 +132,8 @@ def build_trainer(cfg: TrainConfig, train: list, val: list, class_names: list[st
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "class_names": class_names, "convention": convention.to_dict(),
                            "steps_per_epoch": steps_per_epoch, "val_shards": val_shards},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
+                                     accelerator_type=cfg.accelerator_type if cfg.use_gpu else None),
         run_config=RunConfig(
             storage_path=normalize(cfg.storage),
             name=cfg.name,

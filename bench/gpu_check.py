@@ -63,7 +63,7 @@ class Sizes:
     amp: str
 
 
-GPU = Sizes(((500, 375), (375, 500), (500, 333)), 48, 200, 12000, 1.0, 320, 3, (192, 128, 64, 32),
+GPU = Sizes(((500, 375), (375, 500), (500, 333)), 48, 200, 8000, 1.0, 320, 3, (192, 128, 64, 32),
             1024, 96, "cuda", "bf16")
 DRY = Sizes(((80, 60), (60, 80), (80, 53)), 4, 4, 48, 1 / 16, 64, 2, (4, 2), 16, 6, "cpu", "off")
 
@@ -445,7 +445,12 @@ def main() -> int:
     result: dict = {"check": "gpu", "dry_run": args.dry_run, "environment": environment(s), "failed": []}
     log(f"environment {json.dumps(result['environment'])}; work folder {work}")
 
+    def save() -> None:  # after every step: a run cut short still leaves its figures
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(result, f, indent=1, sort_keys=True, default=str)
+
     def step(name: str, fn, *a):
+        save()
         t = time.perf_counter()
         log(f"{name} ...")
         try:
@@ -505,8 +510,7 @@ def main() -> int:
     result["seconds"] = round(time.perf_counter() - started, 1)
     if not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(result, f, indent=1, sort_keys=True)
+    save()
     log(f"finished in {result['seconds']} s; failed steps: {result['failed'] or 'none'}")
     print(json.dumps(result, sort_keys=True), flush=True)
     return 1 if result["failed"] else 0

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images are edge-padded to a canvas whose sides are multiples of this; equal canvases "
                         "are batched together")
     g.add_argument("--batch-size", type=optional_int, default=d.batch_size,
-                   help="images per forward pass (default: 8 with GPUs, 4 on CPU); every pass has exactly this many "
+                   help="images per forward pass (default: 4); every pass has exactly this many "
                         "slots (unused ones are zero), so an image's labels never depend on its neighbours")
     g.add_argument("--max-pixels", type=int, default=d.max_pixels,
                    help="images over this many pixels are rejected from their header (an errors/ row)")

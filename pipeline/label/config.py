@@ -27,7 +27,7 @@ class LabelConfig:
     actors: int | None = None            # CPU inference only; None: cores // threads_per_actor
     threads_per_actor: int | None = None  # None: min(8, cores) on CPU, 2 with GPUs
     cpus_per_actor: float | None = None   # Ray CPU request of an inference actor; None: see plan_resources
-    batch_size: int | None = None        # images per forward pass; None: 8 on GPU, 4 on CPU
+    batch_size: int | None = None        # images per forward pass; None: 4 (see plan_resources)
     max_side: int | None = 1024          # None: never shrink
     canvas_multiple: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS

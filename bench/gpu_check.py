@@ -222,7 +222,6 @@ def train_probe(s: Sizes, num_classes: int) -> dict:
     peak = gpu_peak_flops(device)
     result.update(batch=batch, plain_images_per_second=round(ips, 1),
                   plain_mfu=round(ips * flops_per_image / peak, 4) if peak else None)
-    del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "before giving up (default: 600 on a cluster the job joins ($RAY_ADDRESS), 0 on a local Ray)")
     g.add_argument("--stall-timeout", type=float, default=d.stall_timeout,
                    help="fail with a clear error when no training batch arrives for this many seconds")
+    g.add_argument("--progress", dest="progress", action="store_true", default=d.progress,
+                   help="show Ray Data's progress bars (default: when stderr is a terminal)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     return p
 
 

@@ -49,7 +49,13 @@ def _clean(value: Any) -> Any:
 
 
 def print_summary(summary: dict) -> None:
-    """The job's last stdout line: one JSON object (NaN becomes null, credentials in URIs are redacted)."""
+    """The job's last stdout line: one JSON object (NaN becomes null, credentials in URIs are redacted).
+
+    The Ray this job connected to is left first, so no worker output forwarded late follows the line."""
+    from .ray_setup import disconnect_ray
+
+    disconnect_ray()
+    sys.stderr.flush()
     sys.stdout.flush()
     print(redact(json.dumps(_clean(summary), sort_keys=True)), flush=True)
 

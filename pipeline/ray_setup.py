@@ -31,18 +31,45 @@ def default_wait_s(address: str | None, wait_s: float | None) -> float:
     return 0.0 if address in (None, "local") else 600.0
 
 
+_connected_here = False
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True,
              **kwargs) -> None:
     """Connect to `address` (default: $RAY_ADDRESS, else a running local cluster, else start one); no-op if
     Ray is already initialised in this process."""
+    global _connected_here
     if ray.is_initialized():
         return
+    _connected_here = True
     address = address or os.environ.get("RAY_ADDRESS")
     if address in (None, "local"):  # may start a local Ray, whose raylet inherits this environment
         os.environ.setdefault(IDLE_WORKERS_ENV, str(max(MIN_IDLE_WORKERS, num_cpus or os.cpu_count() or 1)))
         kwargs.setdefault("include_dashboard", False)
         kwargs["num_cpus"] = num_cpus
     ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
+
+
+def disconnect_ray() -> None:
+    """Leave the Ray this process connected to through `init_ray` (a local one stops): the workers' forwarded
+    output is flushed first, so nothing they print lands after the job's summary line. A Ray the caller set up
+    (a test session, the demo) is left alone."""
+    global _connected_here
+    if _connected_here and ray.is_initialized():
+        ray.shutdown()
+    _connected_here = False
+
+
+def configure_progress(progress: bool | None) -> bool:
+    """Ray Data's progress bars on a terminal only (or when asked): on `ray job submit`'s combined log they are
+    thousands of lines of cursor codes. Datasets carry this setting to the workers that run them."""
+    import sys
+
+    progress = sys.stderr.isatty() if progress is None else progress
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.enable_operator_progress_bars = progress
+    return progress
 
 
 def cluster_capacity() -> tuple[dict[str, float], bool]:

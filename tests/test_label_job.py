@@ -307,7 +307,7 @@ def test_incremental_runs_label_only_what_is_new(ray_session, tiny_checkpoint, t
 
 
 @pytest.mark.parametrize("fault", ["label.inference=kill_once", "label.forward=cuda_error_sticky"])
-def test_killed_inference_worker_still_exactly_once(ray_session, tiny_checkpoint, tmp_path, monkeypatch, fault):
+def test_killed_inference_worker_still_exactly_once(ray_session, tiny_checkpoint, tmp_path, monkeypatch, fault, capsys):
     """The inference actor SIGKILLs itself mid-batch once, or its device fails for good (a sticky CUDA error:
     every later forward pass in that process fails too): Ray restarts it and retries; no loss, no duplicate,
     nothing in errors/."""
@@ -316,8 +316,12 @@ def test_killed_inference_worker_still_exactly_once(ray_session, tiny_checkpoint
     write_files(images, {f"k{i:02d}.png": good_image(i, 20 + i, 30 - i) for i in range(10)})
     marker = tmp_path / "killed"
     monkeypatch.setenv(faults.ENV, f"{fault}:{marker}")  # reaches the actor via runtime_env
-    summary = label_images(_config(images, ck_path, output, rows_per_file=3))
+    summary = label_images(_config(images, ck_path, output, rows_per_file=3, progress_interval_s=0.5))
     assert marker.exists()  # the fault did fire
+    # While it waits for the restarted actor, the job still says where it is, at most every interval.
+    progress = re.findall(r"\[label\] progress: (\d+) of 10 images committed \(\d+%\), 0 errors, [\d.]+ images/s over \d+ s",
+                          capsys.readouterr().err)
+    assert progress and all(0 <= int(n) <= 10 for n in progress)
     assert summary["labelled"] == 10 and summary["errors"] == 0
     t = tables(output)
     uris = t["labels"]["image_uri"].to_pylist()

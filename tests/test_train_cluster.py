@@ -1,6 +1,7 @@
 """Training across nodes (ray.cluster_utils.Cluster on this machine) and through `ray job submit`."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -72,6 +73,15 @@ def test_ray_job_submit_train(ray_stopped, tmp_path):
         summary = json.loads(line[line.index("{"):])
         assert summary["epochs"] == 1
         assert load_checkpoint(summary["latest_checkpoint"]).config.arch == "fcn8s"
+        # The job's own log (stdout and stderr together, as `ray job logs` shows it): short, one line per epoch,
+        # no progress-bar cursor codes, and the JSON summary exactly as its last line.
+        job_id = re.search(r"Job '([^']+)' submitted successfully", out).group(1)
+        logs = subprocess.run([ray_cli, "job", "logs", "--address", f"http://127.0.0.1:{dash}", job_id],
+                              capture_output=True, text=True, env=env, timeout=60).stdout
+        lines = logs.strip().splitlines()
+        assert len(lines) <= 40, logs
+        assert "\x1b[A" not in logs and sum("[train] epoch 1/1" in line for line in lines) == 1, logs
+        assert json.loads(lines[-1]) == summary
     finally:
         _stop_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -43,9 +43,10 @@ class LabelConfig:
     wait_for_resources: float | None = None  # seconds; None: 600 on a joined cluster, 0 on a local Ray
     progress: bool | None = None          # None: when stderr is a terminal
     amp: str = "bf16"                     # one of AMP_CHOICES; GPU only
-    # Tuning without a flag: file-set size in bytes, and rows per read task / per inference actor call.
+    # Tuning without a flag: file-set size in bytes, rows per read task / per inference actor call, progress lines.
     bytes_per_file: int = 256 * 1024**2
     rows_per_read_task: int = 8
+    progress_interval_s: float = 30.0     # seconds between progress lines on stderr
     rows_per_actor_call: int | None = None  # None: 16 (GPU) or 4 (CPU) x batch_size, to fill equal-canvas batches
 
     def validate(self) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict
@@ -23,7 +24,7 @@ from models import Checkpoint, CheckpointError, load_checkpoint_bytes
 
 from ..errors import JobError, one_line
 from ..lease import Lease
-from ..ray_setup import default_wait_s, init_ray, release_resource_request, wait_for_resources
+from ..ray_setup import configure_progress, default_wait_s, init_ray, release_resource_request, wait_for_resources
 from ..storage import Location, redact
 from .commit import OWN_FOLDERS, PREVIEWS, RUNS, recover
 from .config import LabelConfig
@@ -67,10 +68,7 @@ def _start_ray(config: LabelConfig):
     # A job submitted to a cluster joins it ($RAY_ADDRESS); otherwise it starts its own local Ray, never a stray one.
     init_ray(config.ray_address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False,
              logging_level=logging.WARNING)
-    ctx = ray.data.DataContext.get_current()
-    progress = sys.stderr.isatty() if config.progress is None else config.progress
-    ctx.enable_progress_bars = progress
-    ctx.enable_operator_progress_bars = progress
+    configure_progress(config.progress)
     return ray
 
 
@@ -185,6 +183,32 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
     return record.summary()
 
 
+class ProgressLog:
+    """One line every `interval` seconds while the pipeline runs: committed counts, images/s, errors so far.
+    From a thread, so a run whose first commit takes minutes (actors starting, autoscaling) still says so."""
+
+    def __init__(self, committer: Committer, to_label: int, interval: float):
+        self.committer, self.to_label, self.interval = committer, to_label, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="label-progress", daemon=True)
+        self._started = time.monotonic()
+
+    def __enter__(self) -> "ProgressLog":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            done = self.committer.labeled + self.committer.errors
+            seconds = time.monotonic() - self._started
+            _say(f"progress: {done:,} of {self.to_label:,} images committed ({100 * done / max(1, self.to_label):.0f}%), "
+                 f"{self.committer.errors:,} errors, {done / seconds:.1f} images/s over {seconds:.0f} s")
+
+
 def _run_pipeline(ray, config: LabelConfig, ck: Checkpoint, todo, to_label: int, listed_by: Location | None,
                   output: Location, run_id: str, run_date: str, plan, committer: Committer, timings: dict, *,
                   previews_folder: Location) -> int:
@@ -194,9 +218,10 @@ def _run_pipeline(ray, config: LabelConfig, ck: Checkpoint, todo, to_label: int,
         t = time.monotonic()
         settings = OutputSettings(output, run_id, run_date, ck.model_id, tuple(ck.class_names), config.bytes_per_file)
         ds = build_dataset(todo, listed_by, checkpoint_ref=ref, plan=plan, config=config, output=settings)
-        for staged in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            timings.setdefault("first_result", time.monotonic() - t)
-            committer.commit(staged)
+        with ProgressLog(committer, to_label, config.progress_interval_s):
+            for staged in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                timings.setdefault("first_result", time.monotonic() - t)
+                committer.commit(staged)
         timings["pipeline"] = time.monotonic() - t
     committer.finish()
     t = time.monotonic()

@@ -48,6 +48,7 @@ class TrainConfig:
     wait_for_resources: float | None = None  # seconds; None: 600 on a joined cluster, 0 on a local Ray
     stall_timeout: float = 900.0      # seconds without a training batch before the run fails with a clear error
     seed: int = 0
+    progress: bool | None = None     # Ray Data progress bars; None: when stderr is a terminal
     train_split: str = "train"
     val_split: str = "val"
 

@@ -21,7 +21,6 @@ from ..amp import autocast
 from .inputs import unpack_whole
 from .metrics import ConfusionMatrix
 
-
 GPU_EVAL_SLOTS = 8
 
 
@@ -120,13 +119,14 @@ def evaluate_checkpoint(data: str, checkpoint_uri: str, *, split: str = "val", a
 
     from ..dataset_formats import list_samples
     from ..decode import DEFAULT_MAX_PIXELS
-    from ..ray_setup import init_ray
+    from ..ray_setup import configure_progress, init_ray
     from .inputs import BadSampleLog, segmentation_dataset
 
     ck = load_checkpoint(checkpoint_uri)  # fails fast, before any cluster work, on a bad file
     num_classes = ck.config.num_classes
     samples = list_samples(data, split)
     init_ray()
+    configure_progress(None)
     bad_log = BadSampleLog.remote()
     ds = segmentation_dataset(samples, num_classes=num_classes, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                               bad_log=bad_log)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import queue
 import tempfile
@@ -143,8 +144,20 @@ def _save_checkpoint_dir(directory: str, model: nn.Module, cfg: TrainConfig, cla
         json.dump(meta, f)
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every report, with its whole metrics dict, per worker and epoch (INFO): with this job's
+    per-class metrics that is most of a run's log. Its warnings and errors still show."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # another Ray version: its own logging stands
+        pass
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg = TrainConfig(**config["cfg"])
+    _quiet_report_log()
     class_names: list[str] = config["class_names"]
     convention = InputConvention.from_dict(config["convention"])
     ctx = ray.train.get_context()

@@ -16,7 +16,14 @@ from .. import faults
 from ..dataset_formats import list_samples, read_class_names
 from ..errors import JobError
 from ..lease import Lease
-from ..ray_setup import cluster_capacity, default_wait_s, init_ray, release_resource_request, wait_for_resources
+from ..ray_setup import (
+    cluster_capacity,
+    configure_progress,
+    default_wait_s,
+    init_ray,
+    release_resource_request,
+    wait_for_resources,
+)
 from ..storage import check_exists, normalize
 from .config import TrainConfig
 from .inputs import BadSampleLog, segmentation_dataset
@@ -192,6 +199,7 @@ def run_training(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, run, train: list, val: list, class_names: list[str], convention: InputConvention) -> dict:
     done_before = {r["epoch"] for r in ledger(run)}
     init_ray()
+    configure_progress(cfg.progress)
     try:
         check_cluster_fits(cfg)
         return _fit(cfg, run, train, val, class_names, convention, done_before)

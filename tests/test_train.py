@@ -61,6 +61,14 @@ def test_two_workers_learn_and_evaluate_matches_from_s3(ray_session, synthetic, 
         assert evaluated[key] == pytest.approx(trained[key], abs=1e-12), key
     assert evaluated["per_class_iou"] == pytest.approx(trained["per_class_iou"], abs=1e-12)
     assert evaluated["images"] == trained["val_images"] == 120
+    # The run's metrics reach S3 too: TensorBoard writes locally and each epoch uploads its event file.
+    from pipeline.train.run_log import read_metrics
+
+    run = Location.of("s3://test-bucket/runs/learn")
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    events = run.fs.ls(run.child("tensorboard").path)
+    assert len(events) == 1 and "tfevents" in events[0] and run.fs.size(events[0]) > 0
+    assert run.child("curves.png").exists()
 
 
 def _uniform_dataset(root, n_train=4):
@@ -179,6 +187,25 @@ def test_stop_and_resume_continues_at_next_epoch(ray_session, small_synthetic, t
     third = _train(capsys, small_synthetic, runs, "resume", "--epochs", "3", *args)
     assert third["epochs"] == 3
     assert [r["epoch"] for r in ledger(Location.of(storage.join(runs, "resume")))] == [1, 2, 2, 3]  # epoch 2 again
+    # metrics.jsonl: one line per epoch across the resumes (epoch 2 trained again replaced its line), with the
+    # learning rate, wall time and images/s; curves.png and TensorBoard events beside it.
+    from pipeline.train.run_log import read_metrics
+
+    run = Location.of(storage.join(runs, "resume"))
+    lines = read_metrics(run)
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert all({"loss", "mean_iou", "per_class_iou", "lr", "epoch_seconds", "images_per_second", "time"} <= set(r)
+               for r in lines)
+    assert lines[2]["mean_iou"] == third["best_mean_iou"] or lines[2]["mean_iou"] <= third["best_mean_iou"]
+    assert open(storage.join(runs, "resume", "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = set()
+    for name in os.listdir(storage.join(runs, "resume", "tensorboard")):
+        events = EventAccumulator(storage.join(runs, "resume", "tensorboard", name))
+        events.Reload()
+        steps |= {e.step for e in events.Scalars("val/mean_iou")}
+    assert steps == {1, 2, 3}
 
 
 def _fails_fast(argv, expect):

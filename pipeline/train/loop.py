@@ -31,6 +31,7 @@ from ..storage import Location, redact_strings
 from .config import TrainConfig
 from .evaluation import evaluate_rows, to_input
 from .metrics import ConfusionMatrix
+from .run_log import RunLog
 from .run_state import (
     META_FILE,
     MODEL_FILE,
@@ -228,6 +229,7 @@ def train_loop_per_worker(config: dict) -> None:
                        stall_timeout=cfg.stall_timeout, pin_memory=use_cuda, prefetch_batches=2)
     next_input = EpochInput(shard, **batches_for) if start_epoch <= cfg.epochs else None
 
+    run_log = None
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -312,11 +314,14 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         history.append({k: v for k, v in metrics.items() if k != "per_class_iou"})
         if rank == 0:
+            if run_log is None:
+                run_log = RunLog(run, class_names)
             with tempfile.TemporaryDirectory() as tmp:
                 _save_checkpoint_dir(tmp, core, cfg, class_names, convention, optimizer, step, epoch, history, metrics)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=epoch_dir_name(epoch))
             write_ledger(run, epoch, attempt, {k: v for k, v in metrics.items() if k != "per_class_iou"})
+            run_log.record(metrics, epoch_seconds=time.perf_counter() - t0)
             print(f"[train] epoch {epoch}/{cfg.epochs} loss {metrics['loss']:.4f} mean_iou {metrics['mean_iou']:.4f} "
                   f"pixel_acc {metrics['pixel_accuracy']:.4f} images/s {metrics['images_per_second']:.1f} "
                   f"(train {metrics['train_images']}, val {metrics['val_images']})", flush=True)

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray on this machine)")
     g.add_argument("--progress", dest="progress", action="store_true", default=d.progress,
                    help="show Ray Data's progress bars (default: when stderr is a terminal)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="hide the progress bars, even on a terminal")
     return p
 
 

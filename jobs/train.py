@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-split", default=d.val_split, help="split evaluated after every epoch")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, choices=list(ARCHITECTURES), help="architecture")
-    g.add_argument("--num-classes", type=int, default=d.num_classes, help="classes including background")
+    g.add_argument("--num-classes", type=int, default=argparse.SUPPRESS,
+                   help="classes including background (default: the number of lines of the dataset's classes.txt, "
+                        "else 21, the VOC classes)")
     g.add_argument("--padding", default=d.padding, choices=PADDINGS,
                    help="'reference' = the paper's conv1_1 padding 100; 'same' = 0.6x the FLOPs")
     g.add_argument("--width-mult", type=float, default=d.width_mult, help="channel width multiplier (<1 for CPU runs)")
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop-size", type=int, default=d.crop_size, help="training crop side (pixels)")
     g.add_argument("--min-scale", type=float, default=d.min_scale, help="smallest random scale")
     g.add_argument("--max-scale", type=float, default=d.max_scale, help="largest random scale")
-    g.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
+    g.add_argument("--no-flip", dest="flip", action="store_false", default=argparse.SUPPRESS,
+                   help="turn off the random horizontal flips (on by default)")
     g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimiser")
     g.add_argument("--lr", type=float, default=d.lr, help="base learning rate (poly schedule to 0)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
@@ -83,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail with a clear error when no training batch arrives for this many seconds")
     g.add_argument("--progress", dest="progress", action="store_true", default=d.progress,
                    help="show Ray Data's progress bars (default: when stderr is a terminal)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="hide the progress bars, even on a terminal")
     return p
 
 

@@ -6,6 +6,7 @@ take half a CPU each so Ray Data keeps a CPU for decoding.
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -311,6 +312,22 @@ def test_clear_errors_before_cluster_work(small_synthetic, tmp_path):
     _fails_fast(["--data", small_synthetic, *base, "--num-classes", "6", "--epochs", "0"], "--epochs must be >= 1")
 
 
+def test_num_classes_defaults_to_the_datasets_classes(small_synthetic, tmp_path):
+    """--num-classes left out: the dataset's classes.txt decides (6 here), else the 21 VOC classes."""
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.run import preflight
+
+    cfg = TrainConfig(data=small_synthetic, storage=str(tmp_path / "runs"), name="n")
+    _, _, class_names, _ = preflight(cfg)
+    assert cfg.num_classes == len(class_names) == 6 and class_names[0] == "background"
+    plain = str(tmp_path / "plain")
+    shutil.copytree(small_synthetic, plain)
+    os.remove(os.path.join(plain, "classes.txt"))
+    cfg = TrainConfig(data=plain, storage=str(tmp_path / "runs"), name="n")
+    preflight(cfg)
+    assert cfg.num_classes == 21
+
+
 def test_help_documents_every_option():
     proc = run_subprocess("train", ["--help"])
     assert proc.returncode == 0
@@ -319,3 +336,5 @@ def test_help_documents_every_option():
                    "--batch-size", "--crop-size", "--amp", "--max-failures", "--keep-best"]:
         assert option in proc.stdout
     assert "(default: 50)" in proc.stdout  # defaults are shown
+    flip = proc.stdout[proc.stdout.index("  --no-flip"):].split("\n  --")[0]
+    assert "on by default" in flip and "(default: True)" not in flip  # a negative flag says what it turns off

@@ -15,7 +15,7 @@ class TrainConfig:
     storage: str
     name: str
     model: str = "fcn8s"
-    num_classes: int = 21
+    num_classes: int | None = None   # None: the dataset's classes.txt, else 21 (VOC)
     padding: str = "reference"
     width_mult: float = 1.0
     backbone_weights: str = "none"  # FILE/URI of a torchvision VGG16 state dict, "imagenet", or "none"

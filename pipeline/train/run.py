@@ -36,13 +36,16 @@ RESUME_FIELDS = ("model", "num_classes", "width_mult", "padding", "optimizer")
 
 
 def preflight(cfg: TrainConfig) -> tuple[list, list, list[str], InputConvention]:
-    """Validate options, dataset, initialisation source and storage; raise one clear error otherwise."""
-    ModelConfig(cfg.model, cfg.num_classes, cfg.width_mult, cfg.padding)  # raises ValueError on bad choices
+    """Validate options, dataset, initialisation source and storage; raise one clear error otherwise.
+    Sets cfg.num_classes when it was left to the dataset."""
     cfg.validate()
     train = list_samples(cfg.data, cfg.train_split)
     val = list_samples(cfg.data, cfg.val_split)
 
     class_names = read_class_names(cfg.data)
+    if cfg.num_classes is None:
+        cfg.num_classes = len(class_names) if class_names is not None else len(VOC_CLASSES)
+    ModelConfig(cfg.model, cfg.num_classes, cfg.width_mult, cfg.padding)  # raises ValueError on bad choices
     if class_names is not None and len(class_names) != cfg.num_classes:
         raise JobError(f"--num-classes {cfg.num_classes} does not match the {len(class_names)} classes in "
                        f"{normalize(cfg.data)}/classes.txt ({', '.join(class_names[:6])}...)")

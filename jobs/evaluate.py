@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per inference actor")
     p.add_argument("--use-gpu", action="store_true", help="run inference on GPUs")
     p.add_argument("--amp", default="bf16", choices=AMP_CHOICES, help="mixed precision on GPU (CPU: always fp32)")
+    p.add_argument("--report", metavar="DIR", default=None,
+                   help="also write confusion.png (rows normalised, class names), per_class.csv/.json (IU, accuracy, "
+                        "pixel counts) and confusion.json here, local or s3://")
     return p
 
 
@@ -40,9 +43,18 @@ def main(argv: list[str] | None = None) -> int:
         raise JobError(f"--actors must be >= 1, got {args.actors}")
     from pipeline.train.evaluation import evaluate_checkpoint
 
+    if args.report:
+        from pipeline.storage import check_writable
+
+        check_writable(args.report)  # before any cluster work
     summary = evaluate_checkpoint(args.data, args.checkpoint, split=args.split, actors=args.actors,
                                   cpus_per_actor=args.cpus_per_actor, use_gpu=args.use_gpu,
                                   amp=args.amp if args.use_gpu else "off")
+    matrix = summary.pop("confusion_matrix")
+    if args.report:
+        from pipeline.train.report import write_report
+
+        summary["report"] = write_report(args.report, matrix, summary["class_names"], summary)
     print_summary(summary)
     return 0
 

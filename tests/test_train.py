@@ -44,7 +44,7 @@ def _train(capsys, data, storage_uri, name, *extra):
     return run_in_process("train", ["--data", data, "--storage", storage_uri, "--name", name, *TINY, *extra], capsys)
 
 
-def test_two_workers_learn_and_evaluate_matches_from_s3(ray_session, synthetic, bucket, capsys):
+def test_two_workers_learn_and_evaluate_matches_from_s3(ray_session, synthetic, bucket, capsys, tmp_path):
     # Chance here: predicting background everywhere gives mean IU ~0.15 on this set (6 classes).
     summary = _train(capsys, synthetic, "s3://test-bucket/runs", "learn", "--epochs", "6", "--batch-size", "4",
                      "--crop-size", "48")
@@ -57,11 +57,24 @@ def test_two_workers_learn_and_evaluate_matches_from_s3(ray_session, synthetic, 
     # evaluate.py from the S3 checkpoint reproduces training's validation of that epoch exactly.
     latest = load_checkpoint(summary["latest_checkpoint"])
     trained = latest.metadata["metrics"]
-    evaluated = run_in_process("evaluate", ["--data", synthetic, "--checkpoint", summary["latest_checkpoint"]], capsys)
+    report = tmp_path / "report"
+    evaluated = run_in_process("evaluate", ["--data", synthetic, "--checkpoint", summary["latest_checkpoint"],
+                                            "--report", str(report)], capsys)
     for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"):
         assert evaluated[key] == pytest.approx(trained[key], abs=1e-12), key
     assert evaluated["per_class_iou"] == pytest.approx(trained["per_class_iou"], abs=1e-12)
     assert evaluated["images"] == trained["val_images"] == 120
+    # --report: per-class CSV/JSON and a row-normalised confusion heatmap, consistent with the scores.
+    import csv
+
+    assert sorted(os.listdir(report)) == ["confusion.json", "confusion.png", "per_class.csv", "per_class.json"]
+    rows = list(csv.DictReader(open(report / "per_class.csv")))
+    assert [r["class_name"] for r in rows] == latest.class_names
+    for row, iou in zip(rows, evaluated["per_class_iou"]):
+        assert (float(row["iou"]) if row["iou"] else None) == pytest.approx(iou)
+    matrix = np.array(json.loads((report / "confusion.json").read_text())["matrix"])
+    assert matrix.sum() == sum(int(r["gt_pixels"]) for r in rows) > 0
+    assert (report / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     # The run's metrics reach S3 too: TensorBoard writes locally and each epoch uploads its event file.
     from pipeline.train.run_log import read_metrics
 

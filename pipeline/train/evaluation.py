@@ -111,7 +111,8 @@ def evaluate_checkpoint(data: str, checkpoint_uri: str, *, split: str = "val", a
                         max_pixels: int | None = None) -> dict:
     """Evaluate a checkpoint on a dataset split, distributed over a Ray Data actor pool.
 
-    Returns the scores of `ConfusionMatrix.scores()` plus images, bad samples, checkpoint and model_id.
+    Returns the scores of `ConfusionMatrix.scores()` plus images, bad samples, checkpoint, model_id and the
+    confusion matrix (rows = ground truth).
     """
     import ray
 
@@ -148,4 +149,5 @@ def evaluate_checkpoint(data: str, checkpoint_uri: str, *, split: str = "val", a
             images += int(n)
     bad = ray.get(bad_log.rows.remote())
     return {**total.scores(), "images": images, "split": split, "checkpoint": checkpoint_uri,
-            "model_id": ck.model_id, "class_names": ck.class_names, "bad_samples": bad}
+            "model_id": ck.model_id, "class_names": ck.class_names, "bad_samples": bad,
+            "confusion_matrix": total.matrix.tolist()}

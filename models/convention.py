@@ -50,17 +50,19 @@ class Normalizer:
     def __init__(self, convention: InputConvention, device: torch.device):
         self.bgr = convention.channel_order == "BGR"
         self.scale = convention.scale
-        self.mean = torch.tensor(convention.mean, dtype=torch.float32, device=device).view(3, 1, 1)
-        self.std = torch.tensor(convention.std, dtype=torch.float32, device=device).view(3, 1, 1)
+        self.mean = torch.tensor(convention.mean, dtype=torch.float64, device=device).view(3, 1, 1)
+        self.std = torch.tensor(convention.std, dtype=torch.float64, device=device).view(3, 1, 1)
 
     def __call__(self, rgb: torch.Tensor) -> torch.Tensor:
-        x = rgb.float()
+        # In float64, rounded once to float32 at the end: as the reference ports do (numpy float64, then
+        # .float()), so published weights see the very inputs they were converted with.
+        x = rgb.double()
         if self.bgr:
             x = x.flip(-3)
-        return (x * self.scale - self.mean) / self.std
+        return ((x * self.scale - self.mean) / self.std).float()
 
 
 # torchvision's ImageNet VGG16 weights.
 TORCHVISION = InputConvention()
 # The original Caffe FCN / VGG16 weights: BGR, 0..255, mean subtracted.
-CAFFE = InputConvention("BGR", 1.0, (104.00699, 116.66877, 122.67891), (1.0, 1.0, 1.0))
+CAFFE = InputConvention("BGR", 1.0, (104.00698793, 116.66876762, 122.67891434), (1.0, 1.0, 1.0))

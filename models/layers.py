@@ -4,6 +4,8 @@ Layer names follow the reference FCN port (conv1_1 ... fc7) so reference checkpo
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -116,7 +118,12 @@ def fp32_head(*features: torch.Tensor):
     net's `pool3 * 0.0001` skip is largely rounded away). Returns (autocast-off context, features as fp32);
     without autocast the features are fp32 already and `.float()` returns them unchanged."""
     device_type = features[0].device.type
-    return torch.autocast(device_type, enabled=False), tuple(f.float() for f in features)
+    try:
+        active = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast (meta: FLOP counting)
+        active = False
+    off = torch.autocast(device_type, enabled=False) if active else nullcontext()
+    return off, tuple(f.float() for f in features)
 
 
 def zero_init(layer: nn.Conv2d) -> nn.Conv2d:

@@ -172,11 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     labeled = label(images, trained["best_checkpoint"], out, args.previews)
     coverage, errors = query(out, labeled["run_date"], labeled["run_id"])
     previews = newest_previews(out, workdir)
-    report(trained, coverage, errors, {"dataset": data, "checkpoints": storage.join(runs, "demo"),
-                                       "labels (Parquet)": out, "previews": previews})
+    run = storage.join(runs, "demo")
+    curves = storage.join(run, "curves.png")
+    if args.s3:  # a local copy to open
+        curves = os.path.join(workdir, "curves.png")
+        storage.write_bytes(curves, storage.read_bytes(storage.join(run, "curves.png")))
+    report(trained, coverage, errors, {"dataset": data, "checkpoints": run, "labels (Parquet)": out,
+                                       "metrics (one line per epoch)": storage.join(run, "metrics.jsonl"),
+                                       "curves": curves,
+                                       "TensorBoard": f"tensorboard --logdir {storage.join(run, 'tensorboard')}",
+                                       "previews": previews})
     print_summary({"demo": "s3" if args.s3 else "local", "base": base, "train": {k: trained[k] for k in (
         "best_mean_iou", "best_checkpoint", "epochs")}, "label": labeled, "coverage_rows": len(coverage),
-        "error_rows": len(errors), "previews": previews, "seconds": round(time.perf_counter() - started, 1)})
+        "error_rows": len(errors), "curves": curves, "tensorboard": storage.join(run, "tensorboard"),
+        "previews": previews, "seconds": round(time.perf_counter() - started, 1)})
     return 0
 
 

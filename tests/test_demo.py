@@ -21,6 +21,10 @@ def test_demo_flow_small_and_rerunnable(ray_session, tmp_path, capsys):
     for name in previews:
         with Image.open(os.path.join(first["previews"], name)) as im:
             im.verify()
+    # It ends by pointing at the curves, the TensorBoard folder and the previews.
+    with Image.open(first["curves"]) as im:
+        assert im.format == "PNG" and im.size[0] > 600
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(first["tensorboard"]))
     second = run_in_process("demo", args, capsys)  # reuses data and run; labels nothing new
     assert second["label"]["labelled"] == 0 and second["label"]["skipped"] == label["labelled"]
     assert second["train"]["best_checkpoint"] == first["train"]["best_checkpoint"]

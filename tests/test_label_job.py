@@ -384,3 +384,26 @@ def test_fail_fast_with_one_line(tiny_checkpoint, tmp_path, capsys, s3, monkeypa
     s3fs.S3FileSystem.clear_instance_cache()
     lines = stderr.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "cannot reach the storage endpoint" in lines[0], stderr
+
+
+def test_cli_log_with_both_streams_together_is_short_and_ends_with_the_json(tiny_checkpoint, tmp_path):
+    """As `ray job submit` collects it (stdout and stderr in one file, not a terminal): a few lines, the progress
+    line no more often than asked, and the summary as the very last line."""
+    import subprocess
+    import sys
+
+    ck_path, _ = tiny_checkpoint
+    images = str(tmp_path / "imgs")
+    write_files(images, {**{f"g{i}.png": good_image(i, 20 + i, 24) for i in range(6)}, "bad.jpg": b"\xff\xd8broken"})
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(tmp_path / "job.log", "wb") as log:
+        code = subprocess.run([sys.executable, os.path.join(root, "jobs", "label.py"), "--images", images,
+                               "--checkpoint", ck_path, "--output", str(tmp_path / "out"), "--actors", "1",
+                               "--threads-per-actor", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                              timeout=300).returncode
+    lines = (tmp_path / "job.log").read_text().strip().splitlines()
+    assert code == 0 and len(lines) <= 30, "\n".join(lines)
+    assert not any("\x1b[" in line for line in lines)  # no progress-bar cursor codes off a terminal
+    summary = json.loads(lines[-1])
+    assert (summary["labelled"], summary["errors"]) == (6, 1)

@@ -81,18 +81,19 @@ def model_id_of(data: bytes) -> str:
 
 def read_checkpoint_payload(uri: str) -> tuple[dict, str]:
     """Read and validate a checkpoint's dict without building the model. Returns (payload, model_id)."""
-    return parse_checkpoint(_read_file(uri), uri)
+    return parse_checkpoint(read_model_file(uri), uri)
 
 
-def _read_file(uri: str) -> bytes:
+def read_model_file(uri: str, what: str = "checkpoint") -> bytes:
+    """The bytes of a model file; CheckpointError names `what` and the problem when it cannot be read."""
     try:
         data = read_bytes(uri)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {uri}") from None
+        raise CheckpointError(f"{what} not found: {uri}") from None
     except IsADirectoryError:
-        raise CheckpointError(f"checkpoint {uri} is a directory, not a file") from None
+        raise CheckpointError(f"{what} {uri} is a directory, not a file") from None
     except PermissionError:
-        raise CheckpointError(f"checkpoint {uri} cannot be read: permission denied") from None
+        raise CheckpointError(f"{what} {uri} cannot be read: permission denied") from None
     return data
 
 
@@ -135,7 +136,7 @@ def load_checkpoint(uri: str, *, map_location: str | torch.device = "cpu", num_c
     Raises CheckpointError with the file and the problem for a missing, empty, truncated, foreign or
     mismatched file, or when `num_classes` is given and differs from the checkpoint's.
     """
-    return load_checkpoint_bytes(_read_file(uri), uri, map_location=map_location, num_classes=num_classes)
+    return load_checkpoint_bytes(read_model_file(uri), uri, map_location=map_location, num_classes=num_classes)
 
 
 def load_checkpoint_bytes(data: bytes, uri: str, *, map_location: str | torch.device = "cpu",

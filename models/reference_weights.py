@@ -13,19 +13,13 @@ import torch
 from torch import nn
 
 from .build import ModelConfig
-from .checkpoint import CheckpointError, build_from_state
-from .storage_io import read_bytes
+from .checkpoint import CheckpointError, build_from_state, read_model_file
 
 
 def read_state_dict(uri: str) -> tuple[dict[str, torch.Tensor], str]:
     """A state dict of tensors from a local path or URI (also one wrapped as {"state_dict": ...} or
     {"model_state_dict": ...}), and the file's md5. Raises CheckpointError naming the file and the problem."""
-    try:
-        data = read_bytes(uri)
-    except FileNotFoundError:
-        raise CheckpointError(f"weights file not found: {uri}") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"weights file {uri} is a directory") from None
+    data = read_model_file(uri, "weights file")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is one message

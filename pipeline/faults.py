@@ -7,6 +7,7 @@ POINT is a glob over the names the code fires (`fire("label.commit:staged")`):
     label.stage:<table>      a write task, after staging that table of a file set
     label.inference          every call of an inference actor
     label.forward            every forward pass of the labeling predictor
+    label.device_check       the labeling predictor's device check after a failed batch
     train.reported:epoch<N>  rank 0, right after reporting epoch N
 ACTION is one of:
     sleep:SECONDS            pause (widens the windows a kill can hit)
@@ -67,7 +68,8 @@ def _perform(action: str, point: str) -> None:
             fd = os.open(arg, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             with open(arg) as f:
-                if kind == "kill_once" or f.read().split()[0] != str(os.getpid()):
+                owner = f.read().split()[:1]  # empty while its creator is still writing it
+                if kind == "kill_once" or owner != [str(os.getpid())]:
                     return  # fired once already (sticky: in another process)
         else:
             os.write(fd, f"{os.getpid()} {point}\n".encode())

@@ -31,7 +31,7 @@ def default_wait_s(address: str | None, wait_s: float | None) -> float:
     return 0.0 if address in (None, "local") else 600.0
 
 
-_connected_here = False
+_connected_here: str | None = None  # the job id of the connection init_ray made, if it made one
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True,
@@ -41,13 +41,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
     global _connected_here
     if ray.is_initialized():
         return
-    _connected_here = True
     address = address or os.environ.get("RAY_ADDRESS")
     if address in (None, "local"):  # may start a local Ray, whose raylet inherits this environment
         os.environ.setdefault(IDLE_WORKERS_ENV, str(max(MIN_IDLE_WORKERS, num_cpus or os.cpu_count() or 1)))
         kwargs.setdefault("include_dashboard", False)
         kwargs["num_cpus"] = num_cpus
     ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
+    _connected_here = ray.get_runtime_context().get_job_id()
 
 
 def disconnect_ray() -> None:
@@ -55,9 +55,9 @@ def disconnect_ray() -> None:
     output is flushed first, so nothing they print lands after the job's summary line. A Ray the caller set up
     (a test session, the demo) is left alone."""
     global _connected_here
-    if _connected_here and ray.is_initialized():
+    if _connected_here and ray.is_initialized() and ray.get_runtime_context().get_job_id() == _connected_here:
         ray.shutdown()
-    _connected_here = False
+    _connected_here = None
 
 
 def configure_progress(progress: bool | None) -> bool:

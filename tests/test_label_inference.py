@@ -163,28 +163,25 @@ def test_statistics_of_several_images_at_once_match_numpy(ck, size, monkeypatch)
                 assert pred.confidence_sum[k] == pytest.approx(prob.max(0)[label == c].sum(), rel=1e-5)
 
 
-def test_out_of_memory_falls_back_per_image_and_a_device_error_raises(ck, monkeypatch):
-    """Out of memory: the batch is retried image by image, so only the image that cannot fit fails. A CUDA
-    error is sticky (every later call would fail too): DeviceFailure, for the actor to end its process."""
+def test_a_failed_batch_falls_back_per_image_unless_the_device_is_gone(ck, monkeypatch):
+    """Out of memory, or an error of one image (an unsupported shape): the batch is retried image by image, so
+    only that image fails and nothing is retried forever. When the device no longer works after the error (a
+    sticky CUDA error: every later call would fail too): DeviceFailure, for the actor to end its process."""
     predictor = Predictor(ck.model, ck.convention, InferenceSettings(max_side=None, batch_size=4, device="cpu"))
     images = [preprocess(gradient_rgb(h, w, i), None, 32) for i, (h, w) in enumerate([(30, 30), (31, 30), (30, 29)])]
     real = predictor.labels_and_stats
+    for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                  RuntimeError("CUDA error: an illegal memory access was encountered")):
+        def failing(scores, height, width, error=error):
+            if height == 31:
+                raise error
+            return real(scores, height, width)
 
-    def oom(scores, height, width):
-        if height == 31:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(scores, height, width)
+        monkeypatch.setattr(predictor, "labels_and_stats", failing)
+        preds = predictor.predict(images)
+        assert preds[1] is error and preds[0].label.shape == (30, 30) and preds[2].label.shape == (30, 29)
 
-    monkeypatch.setattr(predictor, "labels_and_stats", oom)
-    preds = predictor.predict(images)
-    assert isinstance(preds[1], torch.OutOfMemoryError) and preds[0].label.shape == (30, 30)
-
-    def broken(scores, height, width):
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    monkeypatch.setattr(predictor, "labels_and_stats", broken)
+    assert inference.device_works(torch.device("cpu"))
+    monkeypatch.setattr(inference, "device_works", lambda device: False)
     with pytest.raises(inference.DeviceFailure, match="illegal memory access"):
         predictor.predict(images)
-    assert inference.is_device_failure(ValueError("bad shape"), on_cuda=True)  # on a GPU: anything but OOM
-    assert not inference.is_device_failure(ValueError("bad shape"), on_cuda=False)
-    assert not inference.is_device_failure(torch.OutOfMemoryError("CUDA out of memory"), on_cuda=True)

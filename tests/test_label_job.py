@@ -306,7 +306,7 @@ def test_incremental_runs_label_only_what_is_new(ray_session, tiny_checkpoint, t
     assert set(stats["run_id"].to_pylist()) == {first["run_id"], third["run_id"], forced["run_id"]}
 
 
-@pytest.mark.parametrize("fault", ["label.inference=kill_once", "label.forward=cuda_error_sticky"])
+@pytest.mark.parametrize("fault", ["label.inference=kill_once", "label.forward=cuda_error_sticky:{m};label.device_check=cuda_error_sticky"])
 def test_killed_inference_worker_still_exactly_once(ray_session, tiny_checkpoint, tmp_path, monkeypatch, fault, capsys):
     """The inference actor SIGKILLs itself mid-batch once, or its device fails for good (a sticky CUDA error:
     every later forward pass in that process fails too): Ray restarts it and retries; no loss, no duplicate,
@@ -315,7 +315,7 @@ def test_killed_inference_worker_still_exactly_once(ray_session, tiny_checkpoint
     images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
     write_files(images, {f"k{i:02d}.png": good_image(i, 20 + i, 30 - i) for i in range(10)})
     marker = tmp_path / "killed"
-    monkeypatch.setenv(faults.ENV, f"{fault}:{marker}")  # reaches the actor via runtime_env
+    monkeypatch.setenv(faults.ENV, f"{fault}:{marker}".replace("{m}", str(marker)))  # reaches the actor via runtime_env
     summary = label_images(_config(images, ck_path, output, rows_per_file=3, progress_interval_s=0.5))
     assert marker.exists()  # the fault did fire
     # While it waits for the restarted actor, the job still says where it is, at most every interval.

@@ -40,6 +40,9 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
         compute=ray.data.ActorPoolStrategy(size=plan.pool, max_concurrent_calls_per_actor=2 if gpu else None,
                                            enable_true_multi_threading=gpu),
         num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
+        # A batch whose actor died (spot reclaim, a sticky CUDA error) is retried on a restarted actor, at most 3
+        # times: a batch that kills every actor ends the run with an error instead of looping.
+        max_task_retries=3,
         runtime_env=faults.runtime_env(),
         fn_constructor_kwargs={"checkpoint": [checkpoint_ref], "settings": settings, "threads": plan.threads,
                                "postprocess_encoding": None if separate else config.label_encoding})

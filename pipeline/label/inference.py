@@ -32,8 +32,9 @@ from .. import faults
 from ..amp import autocast
 from .canvas import Prepared, check_canvas_settings, preprocess
 
-# Elements (classes x rows x width) of one band of upsampled logits: bounds memory for large images.
-BAND_ELEMENTS = 8_000_000
+# Elements (classes x rows x width) of one band of one image's upsampled logits: bounds memory for large images.
+# Per image, never per chunk: the band split orders the float sums, and must not depend on the neighbours.
+BAND_ELEMENTS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,18 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
 
 
-def is_device_failure(e: BaseException, on_cuda: bool) -> bool:
-    """On a GPU every error but out-of-memory; anywhere, an error that names a CUDA failure."""
-    if is_out_of_memory(e):
+def device_works(device: torch.device) -> bool:
+    """Whether the device still runs a kernel and synchronises: after a sticky CUDA error (illegal address, Xid)
+    nothing does, while an error of one batch (an unsupported shape, a transient allocation failure) leaves
+    the device usable."""
+    try:
+        faults.fire("label.device_check")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            return bool((torch.ones(4, device=device).sum() == 4).item())
+        return True
+    except Exception:  # noqa: BLE001 - any failure here means the device is gone
         return False
-    return on_cuda or isinstance(e, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(e)
 
 
 class Predictor:
@@ -183,7 +191,7 @@ class Predictor:
         if resize:
             yi0, yi1, yt = _lerp_index(height, h, dev)
             xi0, xi1, xt = _lerp_index(width, w, dev)
-        band_rows = max(1, min(height, BAND_ELEMENTS // max(1, n * c * width)))
+        band_rows = max(1, min(height, BAND_ELEMENTS // max(1, c * width)))
         classes = torch.arange(c, device=dev).view(1, c, 1, 1)
         xs = torch.arange(width, device=dev)
         label = torch.empty((n, height, width), dtype=torch.uint8, device=dev)
@@ -228,7 +236,7 @@ class Predictor:
             host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
             host.copy_(flat, non_blocking=True)
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(self.device))  # the stream the copy went to (cuda:N too)
             done.synchronize()  # waits for this call's work only: another thread's later kernels may still run
         else:
             host = flat
@@ -282,9 +290,9 @@ class Predictor:
     def predict(self, items: list[Prepared]) -> list[Prediction | Exception]:
         """Predictions in input order. Images are grouped by canvas size into fixed-shape batches.
 
-        A batch that runs out of memory is retried image by image, so one huge image costs only itself (its
-        slot holds the exception); on CPU any failing batch is. On a GPU any other error raises DeviceFailure:
-        a CUDA error is sticky, and every later image would fail too (see InferenceActor)."""
+        A batch that fails is retried image by image, so one image that cannot be labeled costs only itself
+        (its slot holds the exception). When the device itself no longer works after the error (a sticky CUDA
+        error: every later image would fail too) DeviceFailure is raised instead (see InferenceActor)."""
         out: list[Prediction | Exception | None] = [None] * len(items)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, p in enumerate(items):
@@ -311,7 +319,9 @@ class Predictor:
         return out  # type: ignore[return-value]
 
     def _check_recoverable(self, e: Exception) -> None:
-        if is_device_failure(e, self.cuda):
+        """Raise DeviceFailure when the device no longer works after `e`; otherwise the caller retries the
+        batch image by image (an error that follows a batch or an image lands in errors/, never loops)."""
+        if not is_out_of_memory(e) and not device_works(self.device):
             raise DeviceFailure(f"{self.device}: {type(e).__name__}: {e}") from e
         if self.cuda:
             torch.cuda.empty_cache()

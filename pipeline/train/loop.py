@@ -214,10 +214,12 @@ def train_loop_per_worker(config: dict) -> None:
             group["weight_decay"] = cfg.weight_decay
             if "momentum" in group:
                 group["momentum"] = cfg.momentum
-        step, start_epoch, history = train_state["step"], train_state["epoch"] + 1, list(train_state["history"])
+        start_epoch, history = train_state["epoch"] + 1, list(train_state["history"])
     accum = cfg.grad_accum
     steps_per_epoch = -(-config["steps_per_epoch"] // accum)  # optimizer steps
     total_steps = cfg.epochs * steps_per_epoch
+    # The poly schedule goes by epochs done: a resume with another --grad-accum or --batch-size stays on it.
+    step = (start_epoch - 1) * steps_per_epoch
     normalize = convention.normalizer(device)
     # Sum over pixels divided by the valid pixels of the *global* batch (all workers): DDP's gradient average
     # then equals one process on the whole batch, even when workers hold different numbers of void pixels.
@@ -247,9 +249,10 @@ def train_loop_per_worker(config: dict) -> None:
                 dist.all_reduce(valid)
             scale = (world / valid.clamp_min(1.0)).float()
             for i, (x, y) in enumerate(window):
-                with autocast(device, cfg.amp):
-                    loss = criterion(model(x).float(), y) * scale
+                # DDP decides in the forward pass whether the backward all-reduces: both go inside no_sync.
                 with (model.no_sync() if ddp and i < len(window) - 1 else nullcontext()):
+                    with autocast(device, cfg.amp):
+                        loss = criterion(model(x).float(), y) * scale
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 # Logged loss: this worker's share of the window's global mean, summed over workers below.
                 loss_total += loss.detach().double() / world
@@ -321,7 +324,11 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=epoch_dir_name(epoch))
             write_ledger(run, epoch, attempt, {k: v for k, v in metrics.items() if k != "per_class_iou"})
-            run_log.record(metrics, epoch_seconds=time.perf_counter() - t0)
+            try:
+                run_log.record(metrics, epoch_seconds=time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001 - the checkpoint is committed; metrics files are a view of it
+                print(f"[train] warning: could not write metrics.jsonl/curves.png/tensorboard for epoch {epoch}: "
+                      f"{type(e).__name__}: {e}", flush=True)
             print(f"[train] epoch {epoch}/{cfg.epochs} loss {metrics['loss']:.4f} mean_iou {metrics['mean_iou']:.4f} "
                   f"pixel_acc {metrics['pixel_accuracy']:.4f} images/s {metrics['images_per_second']:.1f} "
                   f"(train {metrics['train_images']}, val {metrics['val_images']})", flush=True)

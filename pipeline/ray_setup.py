@@ -69,6 +69,7 @@ def configure_progress(progress: bool | None) -> bool:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.enable_operator_progress_bars = progress
+    ctx.print_on_execution_start = progress  # two lines per execution: per epoch, per dataset, in training
     return progress
 
 

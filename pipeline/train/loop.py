@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -44,6 +45,13 @@ from .run_state import (
     verify_checkpoint,
     write_ledger,
 )
+
+
+def _say(line: str) -> None:
+    """One line on the worker's stdout, which Ray forwards to the job's log. Not print(): Ray Train patches it
+    in workers to also log through the root logger, and every line reached the job's log twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class InputStalled(RuntimeError):
@@ -110,15 +118,15 @@ def _resume_point(run: Location, rank: int) -> dict | None:
     if rank == 0:
         found = scan_checkpoints(run)
         while found and not verify_checkpoint(run, found[-1]):
-            print(f"[train] {found[-1]['uri']} does not match the hashes in its state.json: skipped", flush=True)
+            _say(f"[train] {found[-1]['uri']} does not match the hashes in its state.json: skipped")
             found.pop()
         latest = found[-1] if found else None
         ray_ck = ray.train.get_checkpoint()
         if latest is not None and ray_ck is not None:
             ray_name = os.path.basename(ray_ck.path.rstrip("/"))
             if ray_name != os.path.basename(latest["uri"]):
-                print(f"[train] Ray's latest checkpoint is {ray_name}, storage holds a complete "
-                      f"{os.path.basename(latest['uri'])} (reported just before a failure): resuming after it", flush=True)
+                _say(f"[train] Ray's latest checkpoint is {ray_name}, storage holds a complete "
+                     f"{os.path.basename(latest['uri'])} (reported just before a failure): resuming after it")
         decision[0] = latest
     if dist.is_initialized():
         dist.broadcast_object_list(decision, src=0)
@@ -145,20 +153,27 @@ def _save_checkpoint_dir(directory: str, model: nn.Module, cfg: TrainConfig, cla
         json.dump(meta, f)
 
 
-def _quiet_report_log() -> None:
-    """Ray Train logs every report, with its whole metrics dict, per worker and epoch (INFO): with this job's
-    per-class metrics that is most of a run's log. Its warnings and errors still show."""
+def _quiet_per_epoch_info() -> None:
+    """Per-epoch INFO lines this job causes in every worker, kept out of the job's log (Ray's own log files
+    still have them; warnings and errors still show): Ray Train's report line (per worker and epoch, with
+    the whole metrics dict) and its checkpoint line, and Ray Data's start/plan/finish lines of each epoch's
+    validation pass."""
     try:
         from ray.train.v2._internal.execution import context as train_context
+        from ray.train.v2._internal.execution import storage as train_storage
 
         train_context.logger.setLevel(logging.WARNING)
+        train_storage.logger.setLevel(logging.WARNING)
     except (ImportError, AttributeError):  # another Ray version: its own logging stands
         pass
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler":  # the console; the ray-data.log file keeps everything
+            handler.setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(config: dict) -> None:
     cfg = TrainConfig(**config["cfg"])
-    _quiet_report_log()
+    _quiet_per_epoch_info()
     class_names: list[str] = config["class_names"]
     convention = InputConvention.from_dict(config["convention"])
     ctx = ray.train.get_context()
@@ -327,11 +342,11 @@ def train_loop_per_worker(config: dict) -> None:
             try:
                 run_log.record(metrics, epoch_seconds=time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001 - the checkpoint is committed; metrics files are a view of it
-                print(f"[train] warning: could not write metrics.jsonl/curves.png/tensorboard for epoch {epoch}: "
-                      f"{type(e).__name__}: {e}", flush=True)
-            print(f"[train] epoch {epoch}/{cfg.epochs} loss {metrics['loss']:.4f} mean_iou {metrics['mean_iou']:.4f} "
-                  f"pixel_acc {metrics['pixel_accuracy']:.4f} images/s {metrics['images_per_second']:.1f} "
-                  f"(train {metrics['train_images']}, val {metrics['val_images']})", flush=True)
+                _say(f"[train] warning: could not write metrics.jsonl/curves.png/tensorboard for epoch {epoch}: "
+                     f"{type(e).__name__}: {e}")
+            _say(f"[train] epoch {epoch}/{cfg.epochs} loss {metrics['loss']:.4f} mean_iou {metrics['mean_iou']:.4f} "
+                 f"pixel_acc {metrics['pixel_accuracy']:.4f} images/s {metrics['images_per_second']:.1f} "
+                 f"(train {metrics['train_images']}, val {metrics['val_images']})")
             faults.fire(f"train.reported:epoch{epoch}")
         else:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=epoch_dir_name(epoch))

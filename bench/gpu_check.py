@@ -336,9 +336,7 @@ def slot_fill(items: list, batch_size: int, rows_per_call: int) -> float:
     """Share of forward-pass slots holding an image when each actor call groups its rows by canvas."""
     used = slots = 0
     for k in range(0, len(items), rows_per_call):
-        groups: dict = {}
-        for p in items[k:k + rows_per_call]:
-            groups[p.canvas.shape] = groups.get(p.canvas.shape, 0) + 1
+        groups = _group_counts(items[k:k + rows_per_call])
         used += sum(groups.values())
         slots += sum(-(-n // batch_size) * batch_size for n in groups.values())
     return round(used / max(1, slots), 3)

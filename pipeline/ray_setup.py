@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Callable
 
@@ -63,8 +64,6 @@ def disconnect_ray() -> None:
 def configure_progress(progress: bool | None) -> bool:
     """Ray Data's progress bars on a terminal only (or when asked): on `ray job submit`'s combined log they are
     thousands of lines of cursor codes. Datasets carry this setting to the workers that run them."""
-    import sys
-
     progress = sys.stderr.isatty() if progress is None else progress
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress

@@ -20,6 +20,7 @@ On CUDA: bf16 autocast, channels-last, pinned host memory and non-blocking copie
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -270,15 +271,12 @@ class Predictor:
         """Images sharing one canvas size (at most batch_size of them): one forward pass, one copy back."""
         faults.fire("label.forward")
         # Images of one (resized, original) size sit next to each other: their logits are one slice.
-        order = sorted(range(len(items)), key=lambda i: _size_key(items[i]))
+        key = lambda i: _size_key(items[i])  # noqa: E731
+        order = sorted(range(len(items)), key=key)
         logits = self.forward(np.stack([items[i].canvas for i in order]))
         parts, start = [], 0
-        while start < len(order):
-            key = _size_key(items[order[start]])
-            stop = start
-            while stop < len(order) and _size_key(items[order[stop]]) == key:
-                stop += 1
-            rh, rw, height, width = key
+        for (rh, rw, height, width), group in itertools.groupby(order, key=key):
+            stop = start + len(list(group))
             parts.append(self.labels_and_stats(logits[start:stop, :, :rh, :rw], height, width))
             start = stop
         preds = self.to_host(parts)

@@ -24,13 +24,11 @@ from .metrics import ConfusionMatrix
 GPU_EVAL_SLOTS = 8
 
 
-def to_input(images: torch.Tensor, convention: InputConvention | Normalizer, device: torch.device,
+def to_input(images: torch.Tensor, normalize: Normalizer, device: torch.device,
              channels_last: bool = False) -> torch.Tensor:
-    """(N, H, W, 3) uint8 RGB -> normalised (N, 3, H, W) float on `device` (normalisation on the device).
-
-    Pass `convention.normalizer(device)` when calling per batch: its constants are then made once."""
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
-    x = convention(x) if isinstance(convention, Normalizer) else convention.normalize(x)
+    """(N, H, W, 3) uint8 RGB -> normalised (N, 3, H, W) float on `device`, normalised there by
+    `convention.normalizer(device)` (its constants made once, not per batch)."""
+    x = normalize(images.to(device, non_blocking=True).permute(0, 3, 1, 2))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 

@@ -220,7 +220,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.register_comm_hook(dist.group.WORLD, default_hooks.bf16_compress_hook)
     optimizer = _make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda") if use_cuda and cfg.amp == "fp16" else None
-    step, start_epoch, history = 0, 1, []
+    start_epoch, history = 1, []
     if train_state is not None:
         optimizer.load_state_dict(train_state["optimizer"])
         # The saved state brings its buffers (momentum, Adam moments); this run's flags set the hyperparameters
@@ -246,7 +246,7 @@ def train_loop_per_worker(config: dict) -> None:
                        stall_timeout=cfg.stall_timeout, pin_memory=use_cuda, prefetch_batches=2)
     next_input = EpochInput(shard, **batches_for) if start_epoch <= cfg.epochs else None
 
-    run_log = None
+    run_log = RunLog(run, class_names) if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -332,8 +332,6 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         history.append({k: v for k, v in metrics.items() if k != "per_class_iou"})
         if rank == 0:
-            if run_log is None:
-                run_log = RunLog(run, class_names)
             with tempfile.TemporaryDirectory() as tmp:
                 _save_checkpoint_dir(tmp, core, cfg, class_names, convention, optimizer, step, epoch, history, metrics)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),

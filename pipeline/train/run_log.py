@@ -42,14 +42,18 @@ class RunLog:
         self._tb_dir = run.child(TENSORBOARD_DIR).path if run.is_local else tempfile.mkdtemp(prefix="tensorboard-")
         self._upload = not run.is_local
         self._writer = None
+        self._rows: list[dict] | None = None  # metrics.jsonl, read once (a resumed run's earlier epochs)
 
     def record(self, metrics: dict, *, epoch_seconds: float) -> None:
         line = {**metrics, "epoch_seconds": round(epoch_seconds, 3),
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        rows = [r for r in read_metrics(self.run) if r["epoch"] < metrics["epoch"]] + [line]
-        self.run.child(METRICS_FILE).write_bytes("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+        if self._rows is None:
+            self._rows = read_metrics(self.run)
+        self._rows = [r for r in self._rows if r["epoch"] < metrics["epoch"]] + [line]
+        self.run.child(METRICS_FILE).write_bytes(
+            "".join(json.dumps(r, sort_keys=True) + "\n" for r in self._rows).encode())
         self._tensorboard(line)
-        self.run.child(CURVES_FILE).write_bytes(curves_png(rows, self.class_names))
+        self.run.child(CURVES_FILE).write_bytes(curves_png(self._rows, self.class_names))
 
     def _tensorboard(self, line: dict) -> None:
         from torch.utils.tensorboard import SummaryWriter

@@ -241,9 +241,10 @@ def train_loop_per_worker(config: dict) -> None:
     criterion = nn.CrossEntropyLoss(ignore_index=255, reduction="sum")
     has_val = rank < config["val_shards"]
     shard = ray.train.get_dataset_shard("train")
-    # Pinned batches copy to the GPU asynchronously; two batches prefetched keep the copy ahead of the step.
+    # On a GPU: pinned batches copy asynchronously, and two prefetched keep the copy ahead of the step (on CPU
+    # workers Ray's default, one, as before: a second prefetch thread only competes for the worker's cores).
     batches_for = dict(batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.batch_size * 8,
-                       stall_timeout=cfg.stall_timeout, pin_memory=use_cuda, prefetch_batches=2)
+                       stall_timeout=cfg.stall_timeout, pin_memory=use_cuda, prefetch_batches=2 if use_cuda else 1)
     next_input = EpochInput(shard, **batches_for) if start_epoch <= cfg.epochs else None
 
     run_log = RunLog(run, class_names) if rank == 0 else None

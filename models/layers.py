@@ -49,6 +49,20 @@ def upsampler(channels: int, factor: int) -> nn.ConvTranspose2d:
     return layer
 
 
+def upsamplers(model: nn.Module) -> dict[str, nn.ConvTranspose2d]:
+    """The model's upsampling layers by name (upscore2, upscore_pool4, upscore8 / upscore16 / upscore)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.ConvTranspose2d)}
+
+
+def is_bilinear(layer: nn.ConvTranspose2d) -> bool:
+    """Whether the layer's weight is exactly (bit for bit) the reference bilinear kernel on the class diagonal,
+    as in published weights and in checkpoints trained with frozen upsampling."""
+    w = layer.weight
+    if w.is_meta or w.dim() != 4 or w.shape[0] != w.shape[1] or w.shape[2] != w.shape[3]:
+        return False
+    return bool(torch.equal(w.detach().float().cpu(), bilinear_kernel(w.shape[0], w.shape[2])))
+
+
 def crop_like(x: torch.Tensor, offset: int, like: torch.Tensor | tuple[int, int]) -> torch.Tensor:
     """Crop x spatially to the size of `like`, starting at (offset, offset), as Caffe's Crop layer."""
     h, w = like.shape[-2:] if isinstance(like, torch.Tensor) else like

@@ -5,6 +5,7 @@
 POINT is a glob over the names the code fires (`fire("label.commit:staged")`):
     label.commit:<step>      each step of the labeling commit protocol (staged, committed, published:<table>)
     label.stage:<table>      a write task, after staging that table of a file set
+    label.upgrade:<step>:<table>  the one-time schema upgrade, per file (staged: new bytes written, replaced: swapped in)
     label.inference          every call of an inference actor
     label.forward            every forward pass of the labeling predictor
     label.device_check       the labeling predictor's device check after a failed batch

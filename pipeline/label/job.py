@@ -35,6 +35,7 @@ from .previews import preview_sources, write_previews
 from .resources import InsufficientResources, plan_resources, resource_request
 from .run_record import RunRecord
 from .skip import drop_labeled, ensure_index
+from .upgrade import upgrade_tables
 from .writer import Committer, OutputSettings
 
 MAX_TODO_BLOCKS = 2_000  # blocks of rows to label: enough to spread reads, few enough references for the driver
@@ -147,6 +148,7 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
         plan = _plan_when_ready(config)
         timings["ray_start_and_resources"] = time.monotonic() - t0
         t = time.monotonic()
+        upgrade_tables(output, run_id)  # older files get today's columns before this run adds any (once per output)
         ensure_index(output)
         todo, listed, to_label = list_todo(listing, output, ck.model_id, force=config.force,
                                            rows_per_file=config.rows_per_file,

@@ -1,7 +1,12 @@
 """The labeling job's output tables (the Parquet contract) and how the pipeline's result rows become them.
 
 `labels/` has one row per labeled image, `class_stats/` one per (image, class present), `errors/` one per image
-that could not be labeled; README.md documents every column. Column names and types never change.
+that could not be labeled; README.md documents every column.
+
+Every file of a table has exactly its schema here, so readers with default options (Spark, Athena, pandas,
+polars, DuckDB without `union_by_name`) read any output whole. A change to a table's columns therefore comes with
+a step in pipeline.label.upgrade, which rewrites the files written before, once per output; a test replays that
+history and fails until the step is there.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ CLASS_STATS_SCHEMA = pa.schema([
     pa.field("bbox_y_max", pa.int32(), nullable=False),
     pa.field("model_id", pa.string(), nullable=False),
     pa.field("run_id", pa.string(), nullable=False),
-    # Added after the first release (files written before lack it): the labels row's labeled_at.
+    # Added after the first release: the labels row's labeled_at (upgrade step 2 gives older files the column).
     pa.field("labeled_at", UTC_TS, nullable=True),
 ])
 

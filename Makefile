@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # on disk; PyPI's CPU-only torch cannot import torchvision there. Elsewhere the resolver picks.
 TORCH_PIN := $(shell test -f /etc/xdg/pip/constraints.txt && echo "torch==2.14.1 torchvision==0.29.1")
 
-.PHONY: test lint demo demo-s3 venv clean-venv
+.PHONY: test test-spark lint demo demo-s3 venv clean-venv
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ lint: venv
 
 test: venv lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# docs/queries.md's Spark SQL forms run by Spark against DuckDB's answers: pyspark (the 'spark' extra) and Java 17.
+test-spark: venv
+	$(PY) -m pip install --quiet -e '.[dev,spark]' $(TORCH_PIN)
+	$(PY) -m pytest -m spark tests/test_engines.py $(PYTEST_ARGS)
 
 # The whole product on this machine: synthesize -> train -> label -> query (local files, then S3 on loopback).
 demo: venv

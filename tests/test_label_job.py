@@ -138,7 +138,7 @@ def test_mixed_bucket_rows_schema_and_exact_labels(ray_session, tiny_checkpoint,
         img = png_ok(fs.cat_file(p))
         assert img.width >= 256 or img.height >= 256  # small images are enlarged for a person to see
 
-    # The README's DuckDB queries run on this output and give the numbers computed from the label maps.
+    # The DuckDB queries of docs/queries.md run on this output and give the numbers computed from the label maps.
     _check_queries(output, labels, stats, errors, run_date="2026-01-02")
 
 
@@ -172,12 +172,12 @@ def _check_queries(output, labels, stats, errors, run_date):
     assert all(r[1] == "decode" for r in rows) and str(rows[0][0]) == run_date
 
 
-def test_readme_shows_the_example_queries():
-    """The README documents exactly the queries the test above runs."""
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+def test_docs_show_the_example_queries():
+    """docs/queries.md documents exactly the queries the test above runs."""
+    docs = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "queries.md")).read()
     squash = lambda s: re.sub(r"\s+", " ", s).strip()  # noqa: E731
     for name, query in EXAMPLE_QUERIES.items():
-        assert squash(query) in squash(readme), f"README.md lacks the {name} query of pipeline.label.queries"
+        assert squash(query) in squash(docs), f"docs/queries.md lacks the {name} query of pipeline.label.queries"
 
 
 def test_labels_do_not_depend_on_batch_neighbours(ray_session, tiny_checkpoint, tmp_path):
@@ -219,7 +219,7 @@ def _write_first_release_rows(output: str, image_uri: str) -> None:
 
 
 def test_readme_queries_count_each_image_once_after_relabels(ray_session, tiny_checkpoint, tmp_path):
-    """Every README query on an output holding a first-release file, a forced relabel, a changed image, an image
+    """Every DuckDB query of docs/queries.md on an output holding a first-release file, a forced relabel, a changed image, an image
     that failed and was repaired, and one that always fails."""
     ck_path, _ = tiny_checkpoint
     images, output = str(tmp_path / "imgs"), str(tmp_path / "out")

@@ -21,7 +21,8 @@ import argparse  # noqa: E402
 from pipeline.amp import AMP_CHOICES  # noqa: E402
 from pipeline.cli import JobArgumentParser, optional_int, print_summary, run_job  # noqa: E402
 from pipeline.label.codec import ENCODINGS  # noqa: E402
-from pipeline.label.config import DEVICES, LabelConfig  # noqa: E402
+from pipeline.label.config import COMPILED_CANVAS_MULTIPLE, DEFAULT_CANVAS_MULTIPLE, DEVICES, LabelConfig  # noqa: E402
+from pipeline.label.inference_settings import COMPILE_MODES, CUDNN_MODES  # noqa: E402
 
 DEFAULTS = LabelConfig(images="", checkpoint="", output="")
 
@@ -62,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-side", type=int, default=d.max_side,
                    help="shrink images so the long side is at most this before inference (0: never); label "
                         "maps are returned at the original resolution")
-    g.add_argument("--canvas-multiple", type=int, default=d.canvas_multiple,
+    g.add_argument("--canvas-multiple", type=optional_int, default=d.canvas_multiple,
                    help="images are edge-padded to a canvas whose sides are multiples of this; equal canvases "
-                        "are batched together")
+                        f"are batched together (default: {DEFAULT_CANVAS_MULTIPLE}; {COMPILED_CANVAS_MULTIPLE} with "
+                        "--compile, so few shapes are compiled)")
     g.add_argument("--batch-size", type=optional_int, default=d.batch_size,
                    help="images per forward pass (default: 4); every pass has exactly this many "
                         "slots (unused ones are zero), so an image's labels never depend on its neighbours")
@@ -75,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "ever read of a file (default: max(256 MiB, 8 x --max-pixels))")
     g.add_argument("--amp", choices=AMP_CHOICES, default=d.amp, help="mixed precision on GPUs (CPU: always fp32)")
     g.add_argument("--no-amp", dest="amp", action="store_const", const="off", help=argparse.SUPPRESS)  # = --amp off
+    g.add_argument("--reproducible", action="store_true",
+                   help="only kernel levers with a fixed kernel choice (no --cudnn benchmark, no --compile): two "
+                        "processes give bit-identical labels; an image's labels never depend on its batch "
+                        "neighbours in any mode")
+    g.add_argument("--cudnn", choices=CUDNN_MODES, default=d.cudnn,
+                   help="how cuDNN picks convolution kernels on GPUs: its instant heuristic, heuristic mode B, or by "
+                        "timing candidates once per shape and process (benchmark; not with --reproducible)")
+    g.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, default=d.compile,
+                   help="torch.compile the model, one static graph per canvas shape (compile seconds in the "
+                        "summary; reduce-overhead adds CUDA graphs); not with --reproducible")
+    g.add_argument("--no-grouped-upsampling", dest="grouped_upsampling", action="store_false",
+                   help="run bilinear upsamplers as dense transposed convs (by default a checkpoint whose upsamplers "
+                        "hold the exact bilinear kernel runs them per class, 1/C of the work)")
+    g.add_argument("--no-cast-weights", dest="cast_weights", action="store_false",
+                   help="keep the trunk's weights in fp32 and let autocast cast them every forward pass (by default "
+                        "they are stored in the --amp dtype once: the same logits, less traffic)")
 
     g = p.add_argument_group("resources")
     g.add_argument("--num-gpus", type=optional_int, default=d.num_gpus,

@@ -87,7 +87,8 @@ def _perform(action: str, point: str) -> None:
                          "cuda_error_sticky:PATH, wait_for:PATH)")
 
 
-def runtime_env() -> dict | None:
-    """A Ray runtime_env that carries the variable to workers, or None when no fault is set."""
+def runtime_env(env_vars: dict[str, str] | None = None) -> dict | None:
+    """A Ray runtime_env that carries the variable (and `env_vars`) to workers, or None when there is neither."""
     spec = os.environ.get(ENV)
-    return {"env_vars": {ENV: spec}} if spec else None
+    env = {**(env_vars or {}), **({ENV: spec} if spec else {})}
+    return {"env_vars": env} if env else None

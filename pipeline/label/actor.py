@@ -1,5 +1,10 @@
 """The inference actor of the labeling pipeline: one model replica in a Ray Data actor pool (one per GPU, or
-CPU actors), turning prepared canvases into label maps and per-class statistics (see `inference`)."""
+CPU actors), turning prepared canvases into label maps and per-class statistics (see `inference`).
+
+The host side works on whole columns: canvases are views of Arrow's buffer, copied once into the (pinned)
+batch; label maps come back as views of one host buffer and are copied once into the result column; nothing
+goes through a Python object per pixel or per class (README "Inference": host microseconds per image).
+"""
 from __future__ import annotations
 
 import json
@@ -13,11 +18,68 @@ import pyarrow as pa
 from .. import faults
 from ..errors import one_line
 from .canvas import Prepared
-from .inference import DeviceFailure, InferenceSettings, Predictor, from_shippable
-from .stages import list_column, postprocess_stage
+from .columns import binary_column, binary_views, list_column
+from .inference import DeviceFailure, InferenceSettings, Prediction, Predictor, from_shippable
+from .stages import postprocess_stage
+
+_SIZES = ("width", "height", "resized_h", "resized_w", "canvas_h", "canvas_w")
+_PER_CLASS_I32 = ("class_id", "x_min", "y_min", "x_max", "y_max")
 
 
-class InferenceActor:
+class BatchLabeler:
+    """Decoded rows (`stages.decode_stage`'s columns) -> result rows with raw label maps and statistics (or,
+    with `postprocess_encoding`, rows already in RESULT_SCHEMA). The actor's work, without Ray."""
+
+    def __init__(self, predictor: Predictor, info: dict, postprocess_encoding: str | None = None):
+        self.predictor = predictor
+        self.info = info
+        self.postprocess_encoding = postprocess_encoding
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        errors = batch["error"].to_pylist()
+        stages = batch["stage"].to_pylist()
+        sizes = {k: batch[k].to_numpy() for k in _SIZES}
+        canvases = binary_views(batch["canvas"])
+        todo = [i for i in range(n) if errors[i] is None]
+        items = [Prepared(canvases[i].reshape(int(sizes["canvas_h"][i]), int(sizes["canvas_w"][i]), 3),
+                          int(sizes["resized_h"][i]), int(sizes["resized_w"][i]), int(sizes["height"][i]),
+                          int(sizes["width"][i])) for i in todo]
+        preds = self.predictor.predict(items) if items else []
+        done: list[Prediction | None] = [None] * n
+        for i, pred in zip(todo, preds):
+            if isinstance(pred, Exception):
+                stages[i], errors[i] = "inference", one_line(pred)
+            else:
+                done[i] = pred
+        result = self._result(batch, done, stages, errors)
+        if self.postprocess_encoding is not None:  # fused: see pipeline.label.dataset
+            return postprocess_stage(result, encoding=self.postprocess_encoding)
+        return result
+
+    def _result(self, batch: pa.Table, done: list[Prediction | None], stages: list, errors: list) -> pa.Table:
+        empty_i32, empty_i64, empty_f64 = np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.float64)
+        per_class = {k: [empty_i32 if p is None else getattr(p, k) for p in done] for k in _PER_CLASS_I32}
+        i32 = pa.list_(pa.int32())
+        if self.predictor.compile_seconds:
+            self.info["compile_seconds"] = round(self.predictor.compile_seconds, 1)
+        return pa.table({
+            "image_uri": batch["image_uri"], "image_version": batch["image_version"],
+            "width": batch["width"], "height": batch["height"],
+            "label_raw": binary_column([None if p is None else p.label for p in done]),
+            "stat_class_id": list_column(per_class["class_id"], i32),
+            "stat_pixel_count": list_column([empty_i64 if p is None else p.pixel_count for p in done],
+                                            pa.list_(pa.int64())),
+            "stat_confidence_sum": list_column([empty_f64 if p is None else p.confidence_sum for p in done],
+                                               pa.list_(pa.float64())),
+            "stat_x_min": list_column(per_class["x_min"], i32), "stat_y_min": list_column(per_class["y_min"], i32),
+            "stat_x_max": list_column(per_class["x_max"], i32), "stat_y_max": list_column(per_class["y_max"], i32),
+            "stage": pa.array(stages, pa.string()), "error": pa.array(errors, pa.string()),
+            "actor": pa.array([json.dumps(self.info, sort_keys=True)] * len(done), pa.string()),
+        })
+
+
+class InferenceActor(BatchLabeler):
     """Loads the checkpoint from the object store once, then labels batches of decoded rows."""
 
     def __init__(self, checkpoint: list, settings: InferenceSettings, threads: int,
@@ -31,62 +93,21 @@ class InferenceActor:
         except RuntimeError:
             pass
         ck = from_shippable(ray.get(checkpoint[0]))
-        self.predictor = Predictor(ck.model, ck.convention, settings)
+        predictor = Predictor(ck.model, ck.convention, settings)
         ctx = ray.get_runtime_context()
-        self.info = json.dumps({"node_id": ctx.get_node_id(), "pid": os.getpid(),
-                                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                                "device": str(self.predictor.device), "threads": threads,
-                                "ready_at": round(time.time(), 3)}, sort_keys=True)
-        self.postprocess_encoding = postprocess_encoding
+        info = {"node_id": ctx.get_node_id(), "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "device": str(predictor.device), "threads": threads, "ready_at": round(time.time(), 3),
+                "grouped_upsampling": predictor.applied["grouped_upsampling"],
+                "cast_weights": predictor.applied["cast_weights"]}
+        super().__init__(predictor, info, postprocess_encoding)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         faults.fire("label.inference")
-        n = batch.num_rows
-        errors = batch["error"].to_pylist()
-        stages = batch["stage"].to_pylist()
-        cols = {k: batch[k].to_pylist() for k in ("width", "height", "resized_h", "resized_w", "canvas_h", "canvas_w")}
-        canvases = batch["canvas"].to_pylist()
-        todo, items = [], []
-        for i in range(n):
-            if errors[i] is None:
-                canvas = np.frombuffer(canvases[i], np.uint8).reshape(cols["canvas_h"][i], cols["canvas_w"][i], 3)
-                items.append(Prepared(canvas, cols["resized_h"][i], cols["resized_w"][i], cols["height"][i],
-                                      cols["width"][i]))
-                todo.append(i)
         try:
-            preds = self.predictor.predict(items) if items else []
+            return super().__call__(batch)
         except DeviceFailure as e:
             # A sticky device error fails every later image too: end this process, so Ray restarts the actor
             # (on a fresh CUDA context) and retries this batch there; nothing lands in errors/ for it.
-            print(f"[label] inference actor {self.info}: {one_line(e)}; exiting so that Ray restarts it",
-                  file=sys.stderr, flush=True)
+            print(f"[label] inference actor {json.dumps(self.info, sort_keys=True)}: {one_line(e)}; exiting so that "
+                  "Ray restarts it", file=sys.stderr, flush=True)
             os._exit(70)
-        empty_i32 = np.zeros(0, np.int32)
-        labels: list[bytes | None] = [None] * n
-        per_class = {k: [empty_i32] * n for k in ("class_id", "x_min", "y_min", "x_max", "y_max")}
-        counts = [np.zeros(0, np.int64)] * n
-        conf = [np.zeros(0, np.float64)] * n
-        for i, pred in zip(todo, preds):
-            if isinstance(pred, Exception):
-                stages[i], errors[i] = "inference", one_line(pred)
-                continue
-            labels[i] = pred.label.tobytes()
-            for k in per_class:
-                per_class[k][i] = getattr(pred, k)
-            counts[i] = pred.pixel_count
-            conf[i] = pred.confidence_sum
-        i32 = pa.list_(pa.int32())
-        result = pa.table({
-            "image_uri": batch["image_uri"], "image_version": batch["image_version"],
-            "width": batch["width"], "height": batch["height"], "label_raw": pa.array(labels, pa.binary()),
-            "stat_class_id": list_column(per_class["class_id"], i32),
-            "stat_pixel_count": list_column(counts, pa.list_(pa.int64())),
-            "stat_confidence_sum": list_column(conf, pa.list_(pa.float64())),
-            "stat_x_min": list_column(per_class["x_min"], i32), "stat_y_min": list_column(per_class["y_min"], i32),
-            "stat_x_max": list_column(per_class["x_max"], i32), "stat_y_max": list_column(per_class["y_max"], i32),
-            "stage": pa.array(stages, pa.string()), "error": pa.array(errors, pa.string()),
-            "actor": pa.array([self.info] * n, pa.string()),
-        })
-        if self.postprocess_encoding is not None:  # fused: see pipeline.label.dataset
-            return postprocess_stage(result, encoding=self.postprocess_encoding)
-        return result

@@ -9,8 +9,13 @@ from ..amp import AMP_CHOICES
 from ..decode import DEFAULT_MAX_PIXELS
 from .canvas import check_canvas_settings
 from .codec import ENCODINGS
+from .inference_settings import InferenceSettings
 
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_CANVAS_MULTIPLE = 32
+# With --compile every canvas shape is a compiled graph: multiples of 128 bound them to 8 x 8 = 64 at the default
+# --max-side 1024 (a 500x375 photo's canvas is 512x384 either way).
+COMPILED_CANVAS_MULTIPLE = 128
 # A run id names files and a folder: no path separators, no leading '.' or '-' ('..' would climb out).
 RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 
@@ -29,7 +34,7 @@ class LabelConfig:
     cpus_per_actor: float | None = None   # Ray CPU request of an inference actor; None: see plan_resources
     batch_size: int | None = None        # images per forward pass; None: 4 (see plan_resources)
     max_side: int | None = 1024          # None: never shrink
-    canvas_multiple: int = 32
+    canvas_multiple: int | None = None   # None: 32, or COMPILED_CANVAS_MULTIPLE with --compile (few canvas shapes)
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int | None = None          # larger files become errors/ rows, unread; None: see read_limit
     label_encoding: str = "raw"          # one of ENCODINGS
@@ -43,6 +48,12 @@ class LabelConfig:
     wait_for_resources: float | None = None  # seconds; None: 600 on a joined cluster, 0 on a local Ray
     progress: bool | None = None          # None: when stderr is a terminal
     amp: str = "bf16"                     # one of AMP_CHOICES; GPU only
+    # Kernel levers (InferenceSettings; README "Inference settings").
+    reproducible: bool = False            # only levers with a fixed kernel choice: bit-identical labels across processes
+    cudnn: str = "heuristic"              # one of CUDNN_MODES
+    compile: str = "off"                  # one of COMPILE_MODES
+    grouped_upsampling: bool = True
+    cast_weights: bool = True
     # Tuning without a flag: file-set size in bytes, rows per read task / per inference actor call, progress lines.
     bytes_per_file: int = 256 * 1024**2
     rows_per_read_task: int = 8
@@ -81,7 +92,21 @@ class LabelConfig:
         if self.run_id is not None and not re.fullmatch(RUN_ID_PATTERN, self.run_id):
             raise ValueError("--run-id must start with a letter or digit and hold letters, digits, '_', '.' and '-' "
                              f"only (at most 128), got {self.run_id!r}")
-        check_canvas_settings(self.max_side, self.canvas_multiple)
+        check_canvas_settings(self.max_side, self.effective_canvas_multiple)
+        self.inference_settings(batch_size=1, device="cpu")  # the levers' own checks (--reproducible with --compile)
+
+    @property
+    def effective_canvas_multiple(self) -> int:
+        if self.canvas_multiple is not None:
+            return self.canvas_multiple
+        return COMPILED_CANVAS_MULTIPLE if self.compile != "off" else DEFAULT_CANVAS_MULTIPLE
+
+    def inference_settings(self, *, batch_size: int, device: str) -> InferenceSettings:
+        """The InferenceSettings of this run's actors (batch size and device come from the resource plan)."""
+        return InferenceSettings(max_side=self.max_side, canvas_multiple=self.effective_canvas_multiple,
+                                 batch_size=batch_size, device=device, amp=self.amp, cast_weights=self.cast_weights,
+                                 grouped_upsampling=self.grouped_upsampling, cudnn=self.cudnn, compile=self.compile,
+                                 reproducible=self.reproducible)
 
     @property
     def read_limit(self) -> int:

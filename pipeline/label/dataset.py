@@ -8,7 +8,7 @@ from .. import faults
 from ..storage import Location
 from .actor import InferenceActor
 from .config import LabelConfig
-from .inference import InferenceSettings
+from .inference_settings import InferenceSettings
 from .resources import ResourcePlan
 from .stages import Postprocessor, decode_stage, read_stage
 from .writer import OutputSettings, stage_results
@@ -18,13 +18,12 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
                   config: LabelConfig, output: OutputSettings) -> ray.data.Dataset:
     """The streaming Ray Dataset of staged file sets (writer.STAGED_SCHEMA rows) for the listing rows `todo`,
     listed under `listed_by` (None: a manifest's rows, each read through the filesystem its URI names)."""
-    settings = InferenceSettings(max_side=config.max_side, canvas_multiple=config.canvas_multiple,
-                                 batch_size=plan.batch_size, device=plan.device, amp=config.amp)
+    settings = config.inference_settings(batch_size=plan.batch_size, device=plan.device)
     ds = todo.map_batches(read_stage, batch_size=config.rows_per_read_task, batch_format="pyarrow",
                           num_cpus=plan.task_cpus, fn_kwargs={"listed_by": listed_by, "max_bytes": config.read_limit})
     ds = ds.map_batches(decode_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
                         fn_kwargs={"max_pixels": config.max_pixels, "max_side": config.max_side,
-                                   "canvas_multiple": config.canvas_multiple})
+                                   "canvas_multiple": settings.canvas_multiple})
     # Postprocess: with raw label maps it is a few array operations, done by the inference actor at the end of
     # each batch; PNG encoding is real CPU work, kept off the (GPU) inference actors in its own small,
     # long-lived actors (tasks would start a worker process, torch import included, per call on small nodes).
@@ -35,15 +34,17 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
     # 67% against 25%), and two calls running at once, so one call's host work (unpacking, pinning, building
     # the result table) overlaps the other's forward passes.
     rows_per_call = config.rows_per_actor_call or (16 if gpu else 4) * plan.batch_size
+    # CUDA graphs (--compile reduce-overhead) are recorded and replayed per thread: one call at a time there.
+    concurrent_calls = 2 if gpu and settings.compile != "reduce-overhead" else None
     ds = ds.map_batches(
         InferenceActor, batch_size=rows_per_call, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=plan.pool, max_concurrent_calls_per_actor=2 if gpu else None,
-                                           enable_true_multi_threading=gpu),
+        compute=ray.data.ActorPoolStrategy(size=plan.pool, max_concurrent_calls_per_actor=concurrent_calls,
+                                           enable_true_multi_threading=concurrent_calls is not None),
         num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
         # A batch whose actor died (spot reclaim, a sticky CUDA error) is retried on a restarted actor, at most 3
         # times: a batch that kills every actor ends the run with an error instead of looping.
         max_task_retries=3,
-        runtime_env=faults.runtime_env(),
+        runtime_env=faults.runtime_env(_actor_env(settings)),
         fn_constructor_kwargs={"checkpoint": [checkpoint_ref], "settings": settings, "threads": plan.threads,
                                "postprocess_encoding": None if separate else config.label_encoding})
     if separate:
@@ -53,3 +54,9 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
     # Label maps go from here to staging; the driver receives one small row per file set.
     return ds.map_batches(stage_results, batch_size=config.rows_per_file, batch_format="pyarrow",
                           num_cpus=plan.task_cpus, runtime_env=faults.runtime_env(), fn_kwargs={"settings": output})
+
+
+def _actor_env(settings: InferenceSettings) -> dict:
+    """Environment of the inference actors' processes: cuDNN reads its heuristic mode once, at the process's
+    first convolution, so it is set before the process starts."""
+    return {"TORCH_CUDNN_USE_HEURISTIC_MODE_B": "1"} if settings.cudnn.endswith("-b") else {}

@@ -16,48 +16,37 @@ neighbours:
   shrunk (in row bands, so memory stays bounded for large images), then argmax and softmax statistics are
   computed on the device: only the uint8 label map and a few numbers per class come back to the host.
 
-On CUDA: bf16 autocast, channels-last, pinned host memory and non-blocking copies.
+On CUDA: bf16 autocast, channels-last, pinned host memory and non-blocking copies. The kernel levers
+(`InferenceSettings`: weights cast once, grouped bilinear upsamplers, cuDNN's kernel choice, torch.compile) keep
+the neighbour independence; only `reproducible` settings also keep labels bit-identical between processes.
 """
 from __future__ import annotations
 
+import copy
 import itertools
+import math
+import os
+import threading
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models import Checkpoint, InputConvention, ModelConfig, build_from_state
+from models.fast_paths import cast_trunk, group_upsamplers
 
 from .. import faults
 from ..amp import autocast
-from .canvas import Prepared, check_canvas_settings, preprocess
+from .canvas import Prepared, preprocess
+from .inference_settings import COMPILE_SHAPE_LIMIT, InferenceSettings
 
 # Elements (classes x rows x width) of one band of one image's upsampled logits: bounds memory for large images.
 # Per image, never per chunk: the band split orders the float sums, and must not depend on the neighbours.
 BAND_ELEMENTS = 4_000_000
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """Everything besides the model and the image that decides the labels.
-
-    max_side: the long side is shrunk to this before inference (None: never); labels still come back at the
-    original resolution. canvas_multiple: canvas sides are rounded up to it. batch_size: slots per forward.
-    device: "cpu", "cuda", "cuda:N" or "auto". amp: "bf16", "fp16" or "off" autocast on CUDA (CPU: fp32).
-    """
-
-    max_side: int | None = 1024
-    canvas_multiple: int = 32
-    batch_size: int = 1
-    device: str = "auto"
-    amp: str = "bf16"
-    channels_last: bool = True
-
-    def __post_init__(self) -> None:
-        check_canvas_settings(self.max_side, self.canvas_multiple)
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -102,6 +91,94 @@ def _lerp_index(out_size: int, in_size: int, device: torch.device) -> tuple[torc
     return i0, i1, t
 
 
+def _source_rows(r0: int, r1: int, in_size: int, out_size: int) -> tuple[int, int]:
+    """Source rows [lo, hi) that output rows [r0, r1) interpolate from, with a row of margin on each side
+    (host arithmetic: the exact indices live on the device)."""
+    scale = in_size / out_size
+    lo = max(0, math.floor((r0 + 0.5) * scale - 0.5) - 1)
+    hi = min(in_size, math.floor((r1 - 0.5) * scale - 0.5) + 3)
+    return lo, hi
+
+
+class _BandUpsampler:
+    """Rows r0..r1 of logits (n, C, h, w) bilinearly resized to (height, width), align_corners=False: across
+    with F.interpolate on just the source rows the band needs, then down by a lerp between two of those rows.
+    Every band does the same arithmetic per pixel, so the band split changes no bit."""
+
+    def __init__(self, scores: torch.Tensor, height: int, width: int):
+        self.scores, self.height, self.width = scores, height, width
+        self.h, self.w = scores.shape[-2:]
+        if self.h != height:
+            self.yi0, self.yi1, self.yt = _lerp_index(height, self.h, scores.device)
+
+    def _across(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.w == self.width:
+            return rows
+        return F.interpolate(rows, size=(rows.shape[2], self.width), mode="bilinear", align_corners=False)
+
+    def __call__(self, r0: int, r1: int) -> torch.Tensor:
+        if self.h == self.height:
+            return self._across(self.scores[:, :, r0:r1])
+        lo, hi = _source_rows(r0, r1, self.h, self.height)
+        src = self._across(self.scores[:, :, lo:hi])
+        a = src.index_select(2, self.yi0[r0:r1] - lo)
+        b = src.index_select(2, self.yi1[r0:r1] - lo)
+        return torch.lerp(a, b, self.yt[r0:r1].view(1, 1, -1, 1))
+
+
+class _DenseStats:
+    """Per-class statistics by dense reductions over (n, C, band, width) one-hot masks: no atomics, no
+    boolean indexing, no host synchronisation; deterministic on a GPU, where the extra traffic is cheap."""
+
+    def __init__(self, n: int, c: int, height: int, width: int, dev: torch.device):
+        self.height, self.width, self.dev = height, width, dev
+        self.classes = torch.arange(c, device=dev).view(1, c, 1, 1)
+        self.xs = torch.arange(width, device=dev)
+        self.counts = torch.zeros((n, c), dtype=torch.int64, device=dev)
+        self.conf_sum = torch.zeros((n, c), dtype=torch.float64, device=dev)
+        self.y_min = torch.full((n, c), height, dtype=torch.int64, device=dev)
+        self.x_min = torch.full((n, c), width, dtype=torch.int64, device=dev)
+        self.y_max = torch.full((n, c), -1, dtype=torch.int64, device=dev)
+        self.x_max = torch.full((n, c), -1, dtype=torch.int64, device=dev)
+
+    def add(self, idx: torch.Tensor, conf: torch.Tensor, r0: int) -> None:
+        onehot = idx.unsqueeze(1) == self.classes  # (n, C, band, width)
+        self.counts += onehot.sum((2, 3))
+        self.conf_sum += torch.where(onehot, conf.unsqueeze(1).double(), 0.0).sum((2, 3))
+        rows_hit, cols_hit = onehot.any(3), onehot.any(2)  # (n, C, band), (n, C, width)
+        ys = torch.arange(r0, r0 + idx.shape[1], device=self.dev)
+        self.y_min = torch.minimum(self.y_min, torch.where(rows_hit, ys, self.height).amin(2))
+        self.y_max = torch.maximum(self.y_max, torch.where(rows_hit, ys, -1).amax(2))
+        self.x_min = torch.minimum(self.x_min, torch.where(cols_hit, self.xs, self.width).amin(2))
+        self.x_max = torch.maximum(self.x_max, torch.where(cols_hit, self.xs, -1).amax(2))
+
+    def result(self) -> torch.Tensor:
+        return torch.stack([self.counts.double(), self.conf_sum, self.x_min.double(), self.y_min.double(),
+                            self.x_max.double(), self.y_max.double()], dim=-1)
+
+
+class _BincountStats(_DenseStats):
+    """The same statistics from bincounts over (image, class[, row or column]) keys: one pass over the pixels
+    instead of one per class (on a CPU the dense form cost ~10x the labels themselves). Sequential sums on the
+    CPU: deterministic."""
+
+    def add(self, idx: torch.Tensor, conf: torch.Tensor, r0: int) -> None:
+        n, band, width = idx.shape
+        c = self.classes.shape[1]
+        key = idx.long() + c * torch.arange(n, device=self.dev).view(n, 1, 1)  # (n, band, width): image, class
+        flat = key.reshape(-1)
+        self.counts += torch.bincount(flat, minlength=n * c).view(n, c)
+        self.conf_sum += torch.bincount(flat, weights=conf.reshape(-1).double(), minlength=n * c).view(n, c)
+        rows_hit = torch.bincount((key * band + torch.arange(band, device=self.dev).view(1, band, 1)).reshape(-1),
+                                  minlength=n * c * band).view(n, c, band) > 0
+        cols_hit = torch.bincount((key * width + self.xs).reshape(-1), minlength=n * c * width).view(n, c, width) > 0
+        ys = torch.arange(r0, r0 + band, device=self.dev)
+        self.y_min = torch.minimum(self.y_min, torch.where(rows_hit, ys, self.height).amin(2))
+        self.y_max = torch.maximum(self.y_max, torch.where(rows_hit, ys, -1).amax(2))
+        self.x_min = torch.minimum(self.x_min, torch.where(cols_hit, self.xs, self.width).amin(2))
+        self.x_max = torch.maximum(self.x_max, torch.where(cols_hit, self.xs, -1).amax(2))
+
+
 # Per-class statistics on the device, one float64 each (exact for integers below 2**53), in this order.
 STATS = ("pixel_count", "confidence_sum", "x_min", "y_min", "x_max", "y_max")
 
@@ -129,10 +206,43 @@ def device_works(device: torch.device) -> bool:
         return False
 
 
+class _CudaFlags:
+    """cuDNN's process-wide flags, set while at least one forward pass runs and restored after the last one
+    (two actor threads share them): TF32 off for the fp32 head, the benchmark flag as the settings say. A
+    training step later in the same process (the GPU check's probes) sees its own flags again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: tuple[bool, bool] | None = None
+
+    @contextmanager
+    def scope(self, benchmark: bool):
+        cudnn = torch.backends.cudnn
+        with self._lock:
+            if self._users == 0:
+                self._saved = (cudnn.allow_tf32, cudnn.benchmark)
+                # The fp32 head (models.layers.fp32_head) in full fp32, not TF32's 10-bit mantissa; under bf16
+                # autocast no other convolution runs in fp32.
+                cudnn.allow_tf32, cudnn.benchmark = False, benchmark
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._saved is not None:
+                    cudnn.allow_tf32, cudnn.benchmark = self._saved
+
+
+_CUDA_FLAGS = _CudaFlags()
+
+
 class Predictor:
     """Runs a segmentation model on prepared images; see the module docstring for the guarantees.
 
     Safe to call from two threads at once (the actor overlaps one call's host work with another's GPU work).
+    The model given is never changed: the levers rewrite a copy.
     """
 
     def __init__(self, model: nn.Module, convention: InputConvention, settings: InferenceSettings = InferenceSettings()):
@@ -142,38 +252,86 @@ class Predictor:
         self.convention = convention
         self.normalize = convention.normalizer(self.device)
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-        self.model = model.eval().to(self.device, memory_format=self.memory_format)
         self.num_classes = int(getattr(model, "num_classes", 0)) or None
         if self.num_classes is not None and self.num_classes > 256:
             raise ValueError(f"label maps are uint8: at most 256 classes, the model has {self.num_classes}")
-        if self.cuda:
-            # The fp32 head (models.layers.fp32_head) in full fp32, not TF32's 10-bit mantissa; under bf16
-            # autocast no other convolution runs in fp32.
-            torch.backends.cudnn.allow_tf32 = False
+        if self.cuda and settings.cudnn.endswith("-b"):
+            # Read once per process, at cuDNN's first convolution (a static in ATen): the inference actor sets it
+            # before any; a process that already ran a convolution keeps the mode it started with.
+            os.environ["TORCH_CUDNN_USE_HEURISTIC_MODE_B"] = "1"
+        self.model, self.applied = self._prepare_model(model)
+        self._compiled = None
+        self.compile_seconds = 0.0
+        self._compiled_shapes: set[tuple[int, ...]] = set()
+        self._compile_lock = threading.Lock()
+        if settings.compile != "off":
+            import torch._dynamo as dynamo
+
+            # One static graph per canvas shape; the canvas buckets bound them (LabelConfig.effective_canvas_multiple).
+            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, COMPILE_SHAPE_LIMIT)
+            self._compiled = torch.compile(self.model, mode=settings.compile, dynamic=False)
+
+    def _prepare_model(self, model: nn.Module) -> tuple[nn.Module, dict]:
+        """A copy of the model on the device, with the settings' levers applied; and what was applied."""
+        s = self.settings
+        model = copy.deepcopy(model).eval().to(self.device, memory_format=self.memory_format)
+        applied: dict = {"grouped_upsampling": {}, "cast_weights": None}
+        if s.grouped_upsampling:
+            applied["grouped_upsampling"] = group_upsamplers(model)
+        if s.cast_weights and self.cuda and s.amp != "off":
+            dtype = torch.bfloat16 if s.amp == "bf16" else torch.float16
+            applied["cast_weights"] = str(dtype).replace("torch.", "") if cast_trunk(model, dtype) else None
+        return model, applied
 
     # ------------------------------------------------------------------------------------------- model
 
-    def forward(self, canvases: np.ndarray) -> torch.Tensor:
-        """(n <= batch_size, Hc, Wc, 3) uint8 -> float logits (batch_size, C, Hc, Wc) on the device.
-
-        Slots n..batch_size-1 are zero, so every call for a canvas size has the same shape.
-        """
-        n, ch, cw, _ = canvases.shape
+    def _input_batch(self, canvases) -> torch.Tensor:
+        """n <= batch_size canvases (each (Hc, Wc, 3) uint8, views are fine) -> one (batch_size, Hc, Wc, 3) uint8
+        host tensor (pinned on CUDA), each canvas copied once; slots n..batch_size-1 are zero."""
+        n = len(canvases)
         b = self.settings.batch_size
         if n > b:
             raise ValueError(f"{n} canvases for a batch of {b}")
-        if n < b:
-            full = np.zeros((b, ch, cw, 3), np.uint8)
-            full[:n] = canvases
-            canvases = full
-        x = torch.from_numpy(np.ascontiguousarray(canvases))
+        ch, cw = canvases[0].shape[:2]
+        host = torch.empty((b, ch, cw, 3), dtype=torch.uint8, pin_memory=self.cuda)
+        arr = host.numpy()
+        for i, canvas in enumerate(canvases):
+            arr[i] = canvas
+        arr[n:] = 0
+        return host
+
+    def forward(self, canvases) -> torch.Tensor:
+        """(n <= batch_size, Hc, Wc, 3) uint8 (an array or a sequence of equal-shape arrays) -> float logits
+        (batch_size, C, Hc, Wc) on the device.
+
+        Slots n..batch_size-1 are zero, so every call for a canvas size has the same shape.
+        """
+        x = self._input_batch(canvases)
         if self.cuda:
-            x = x.pin_memory().to(self.device, non_blocking=True)
+            x = x.to(self.device, non_blocking=True)
         # NHWC memory seen as NCHW: already channels-last; normalise on the device (uint8 is 4x less to copy).
         x = self.normalize(x.permute(0, 3, 1, 2)).contiguous(memory_format=self.memory_format)
-        with torch.inference_mode(), autocast(self.device, self.settings.amp):
-            logits = self.model(x)
+        flags = _CUDA_FLAGS.scope(self.settings.cudnn.startswith("benchmark")) if self.cuda else nullcontext()
+        with flags, torch.inference_mode(), autocast(self.device, self.settings.amp):
+            if self._compiled is None:
+                logits = self.model(x)
+            elif tuple(x.shape) in self._compiled_shapes:
+                logits = self._compiled(x)
+            else:
+                logits = self._compile_for(x)
         return logits.float()
+
+    def _compile_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The first pass at a new canvas shape compiles it: one thread at a time, timed (compile_seconds)."""
+        with self._compile_lock:
+            t = time.perf_counter()
+            logits = self._compiled(x)
+            if tuple(x.shape) not in self._compiled_shapes:
+                if self.cuda:
+                    torch.cuda.synchronize(self.device)
+                self.compile_seconds += time.perf_counter() - t
+                self._compiled_shapes.add(tuple(x.shape))
+        return logits
 
     # --------------------------------------------------------------------------------- labels and stats
 
@@ -182,56 +340,28 @@ class Predictor:
         """Logits (n, C, h, w) of n images of one size -> label maps (n, height, width) uint8 and per-class
         statistics (n, C, len(STATS)) float64, on the device, without a host synchronisation.
 
-        When (h, w) != (height, width) the logits are bilinearly upsampled first. Work goes in row bands, so
-        memory stays bounded for large images. Dense per-class reductions (no atomics, no boolean indexing)
-        make the statistics deterministic.
+        When (h, w) != (height, width) the logits are bilinearly upsampled first (align_corners=False). Work goes
+        in row bands, so memory stays bounded for large images; the band split depends on the image's size
+        alone. The statistics are deterministic: on CUDA dense per-class reductions (no float atomics), on the
+        CPU bincounts (sequential sums), the cheaper form there.
         """
         n, c, h, w = scores.shape
-        dev = scores.device
-        resize = (h, w) != (height, width)
-        if resize:
-            yi0, yi1, yt = _lerp_index(height, h, dev)
-            xi0, xi1, xt = _lerp_index(width, w, dev)
         band_rows = max(1, min(height, BAND_ELEMENTS // max(1, c * width)))
-        classes = torch.arange(c, device=dev).view(1, c, 1, 1)
-        xs = torch.arange(width, device=dev)
-        label = torch.empty((n, height, width), dtype=torch.uint8, device=dev)
-        counts = torch.zeros((n, c), dtype=torch.int64, device=dev)
-        conf_sum = torch.zeros((n, c), dtype=torch.float64, device=dev)
-        y_min = torch.full((n, c), height, dtype=torch.int64, device=dev)
-        x_min = torch.full((n, c), width, dtype=torch.int64, device=dev)
-        y_max = torch.full((n, c), -1, dtype=torch.int64, device=dev)
-        x_max = torch.full((n, c), -1, dtype=torch.int64, device=dev)
+        label = torch.empty((n, height, width), dtype=torch.uint8, device=scores.device)
+        stats = (_DenseStats if self.cuda else _BincountStats)(n, c, height, width, scores.device)
+        upsample = _BandUpsampler(scores, height, width)
         for r0 in range(0, height, band_rows):
             r1 = min(height, r0 + band_rows)
-            if resize:
-                a = scores.index_select(2, yi0[r0:r1])
-                b = scores.index_select(2, yi1[r0:r1])
-                rows = a + (b - a) * yt[r0:r1].view(1, 1, -1, 1)  # (n, C, band, w)
-                a = rows.index_select(3, xi0)
-                b = rows.index_select(3, xi1)
-                band = a + (b - a) * xt.view(1, 1, 1, -1)  # (n, C, band, width)
-            else:
-                band = scores[:, :, r0:r1, :]
+            band = upsample(r0, r1)  # (n, C, r1 - r0, width)
             top, idx = band.max(1)
             conf = torch.exp(band - top.unsqueeze(1)).sum(1).reciprocal()  # max softmax probability
             label[:, r0:r1] = idx.to(torch.uint8)
-            onehot = idx.unsqueeze(1) == classes  # (n, C, band, width)
-            counts += onehot.sum((2, 3))
-            conf_sum += torch.where(onehot, conf.unsqueeze(1).double(), 0.0).sum((2, 3))
-            rows_hit, cols_hit = onehot.any(3), onehot.any(2)  # (n, C, band), (n, C, width)
-            ys = torch.arange(r0, r1, device=dev)
-            y_min = torch.minimum(y_min, torch.where(rows_hit, ys, height).amin(2))
-            y_max = torch.maximum(y_max, torch.where(rows_hit, ys, -1).amax(2))
-            x_min = torch.minimum(x_min, torch.where(cols_hit, xs, width).amin(2))
-            x_max = torch.maximum(x_max, torch.where(cols_hit, xs, -1).amax(2))
-        stats = torch.stack([counts.double(), conf_sum, x_min.double(), y_min.double(), x_max.double(),
-                             y_max.double()], dim=-1)
-        return label, stats
+            stats.add(idx, conf, r0)
+        return label, stats.result()
 
     def to_host(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Prediction]:
         """Results of `labels_and_stats` -> Predictions (in order): one copy into pinned host memory and one
-        synchronisation for all of them."""
+        synchronisation for all of them. Label maps are views of that one host buffer (no copy per image)."""
         flat = torch.cat([s.reshape(-1).view(torch.uint8) for _, s in parts] + [lab.reshape(-1) for lab, _ in parts])
         if self.cuda:
             host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
@@ -247,19 +377,18 @@ class Predictor:
         stats = []
         for _, s in parts:
             size = s.numel() * 8
-            stats.append(np.frombuffer(buf[offset:offset + size].copy(), np.float64).reshape(s.shape))
+            stats.append(buf[offset:offset + size].view(np.float64).reshape(s.shape))
             offset += size
         for (lab, _), st in zip(parts, stats):
             n, height, width = lab.shape
-            for i in range(n):
-                label = buf[offset:offset + height * width].reshape(height, width).copy()  # off the pinned buffer
-                offset += height * width
-                out.append(self._prediction(label, st[i]))
+            labels = buf[offset:offset + n * height * width].reshape(n, height, width)
+            offset += n * height * width
+            out.extend(self._prediction(labels[i], st[i]) for i in range(n))
         return out
 
     @staticmethod
     def _prediction(label: np.ndarray, stats: np.ndarray) -> Prediction:
-        present = np.nonzero(stats[:, 0] > 0)[0]
+        present = np.flatnonzero(stats[:, 0] > 0)
         s = stats[present]
         return Prediction(label=label, class_id=present.astype(np.int32), pixel_count=s[:, 0].astype(np.int64),
                           confidence_sum=s[:, 1].copy(), x_min=s[:, 2].astype(np.int32), y_min=s[:, 3].astype(np.int32),
@@ -273,7 +402,7 @@ class Predictor:
         # Images of one (resized, original) size sit next to each other: their logits are one slice.
         key = lambda i: _size_key(items[i])  # noqa: E731
         order = sorted(range(len(items)), key=key)
-        logits = self.forward(np.stack([items[i].canvas for i in order]))
+        logits = self.forward([items[i].canvas for i in order])
         parts, start = [], 0
         for (rh, rw, height, width), group in itertools.groupby(order, key=key):
             stop = start + len(list(group))
@@ -331,11 +460,12 @@ def _size_key(p: Prepared) -> tuple[int, int, int, int]:
 
 def predict_image(checkpoint_or_model: Checkpoint | nn.Module, convention: InputConvention | None, rgb: np.ndarray, *,
                   max_side: int | None = None, device: str = "cpu", canvas_multiple: int = 32, batch_size: int = 1,
-                  amp: str = "bf16", channels_last: bool = True) -> Prediction:
+                  amp: str = "bf16", channels_last: bool = True, settings: InferenceSettings | None = None) -> Prediction:
     """The single-image prediction function: labels of one RGB uint8 image at its original resolution.
 
-    With the same settings it gives exactly what the labeling job writes for that image.
-    `convention` may be None when a Checkpoint is given (its own convention is used).
+    With the same settings it gives exactly what the labeling job writes for that image (on the same device,
+    and, for cuDNN's benchmark or a compiled model, in the same process). `settings`, when given, replaces the
+    keyword arguments. `convention` may be None when a Checkpoint is given (its own convention is used).
     """
     if isinstance(checkpoint_or_model, Checkpoint):
         model, convention = checkpoint_or_model.model, convention or checkpoint_or_model.convention
@@ -343,10 +473,11 @@ def predict_image(checkpoint_or_model: Checkpoint | nn.Module, convention: Input
         model = checkpoint_or_model
     if convention is None:
         raise ValueError("predict_image needs the input convention when given a bare model")
-    settings = InferenceSettings(max_side=max_side, canvas_multiple=canvas_multiple, batch_size=batch_size,
-                                 device=device, amp=amp, channels_last=channels_last)
+    if settings is None:
+        settings = InferenceSettings(max_side=max_side, canvas_multiple=canvas_multiple, batch_size=batch_size,
+                                     device=device, amp=amp, channels_last=channels_last)
     predictor = Predictor(model, convention, settings)
-    return predictor.predict_chunk([preprocess(rgb, max_side, canvas_multiple)])[0]
+    return predictor.predict_chunk([preprocess(rgb, settings.max_side, settings.canvas_multiple)])[0]
 
 
 def shippable(ck: Checkpoint) -> dict:

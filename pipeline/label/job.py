@@ -146,6 +146,8 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
     ray = _start_ray(config)
     try:
         plan = _plan_when_ready(config)
+        if plan.decode_warning():
+            _say(f"warning: {plan.decode_warning()}")
         timings["ray_start_and_resources"] = time.monotonic() - t0
         t = time.monotonic()
         upgrade_tables(output, run_id)  # older files get today's columns before this run adds any (once per output)
@@ -176,13 +178,37 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
             raise
     finally:
         release_resource_request()
-    actors = sorted((json.loads(a) for a in committer.actors), key=lambda a: (a["node_id"], a["pid"]))
+    actors = _actors(committer.actors)
     if actors:  # job start -> first model loaded and ready: the fixed cost of a run
         timings["inference_ready"] = min(a["ready_at"] for a in actors) - t0_epoch
     record.finish("succeeded", labeled=committer.labeled, errors=committer.errors, wall_seconds=time.monotonic() - t0,
                   files=committer.files, previews=previews, inference_actors=actors, resources=asdict(plan),
-                  driver_bytes=committer.driver_bytes, timings_seconds={k: round(v, 3) for k, v in timings.items()})
+                  driver_bytes=committer.driver_bytes, timings_seconds={k: round(v, 3) for k, v in timings.items()},
+                  inference=_inference_summary(config, plan, ck, actors))
     return record.summary()
+
+
+def _actors(seen: set[str]) -> list[dict]:
+    """One entry per inference actor process (its info grows a compile_seconds as it compiles shapes: the
+    latest, i.e. largest, is kept)."""
+    latest: dict[tuple, dict] = {}
+    for a in map(json.loads, seen):
+        key = (a["node_id"], a["pid"])
+        if a.get("compile_seconds", 0) >= latest.get(key, {}).get("compile_seconds", 0):
+            latest[key] = a
+    return [latest[k] for k in sorted(latest)]
+
+
+def _inference_summary(config: LabelConfig, plan, ck: Checkpoint, actors: list[dict]) -> dict:
+    """The kernel levers of the run (README "Inference settings") and what they did with this checkpoint."""
+    from models import is_bilinear, upsamplers
+
+    summary = config.inference_settings(batch_size=plan.batch_size, device=plan.device).levers()
+    summary["upsampling"] = {name: ("dense (--no-grouped-upsampling)" if not config.grouped_upsampling else
+                                    "grouped" if is_bilinear(layer) else "dense (weights are not the bilinear kernel)")
+                             for name, layer in upsamplers(ck.model).items()}
+    summary["compile_seconds"] = round(sum(a.get("compile_seconds", 0) for a in actors), 1)
+    return summary
 
 
 class ProgressLog:

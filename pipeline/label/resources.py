@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from .config import LabelConfig
 from .stages import TASK_CPUS
 
+# CPU seconds to read, decode and canvas one 500x375 JPEG (1.2-1.6 ms measured on one core, EXIF and canvas
+# included), plus the raw label map's share of the write (0.17 ms): what the decode tasks need per image.
+CPU_SECONDS_PER_IMAGE = 1.6e-3
+# Images/s one GPU actor should be fed: the H100 target of the labeling job (README "Scaling").
+GPU_TARGET_IMAGES_PER_SECOND = 1500
+
 
 class InsufficientResources(ValueError):
     """The cluster, as it is now, is too small for the flags (an autoscaling cluster may still grow)."""
@@ -21,6 +27,22 @@ class ResourcePlan:
     batch_size: int
     device: str
     task_cpus: float = TASK_CPUS
+    decode_cpus: float = 0.0  # the cluster's CPUs left to read/decode/postprocess/write tasks
+
+    @property
+    def decode_images_per_second(self) -> float:
+        """What the CPUs left to the tasks can read and decode, at CPU_SECONDS_PER_IMAGE."""
+        return self.decode_cpus / CPU_SECONDS_PER_IMAGE
+
+    def decode_warning(self) -> str | None:
+        """A line for the log when the CPUs cannot feed the GPU actors at the target rate (or None)."""
+        if not self.device.startswith("cuda") or self.decode_images_per_second >= GPU_TARGET_IMAGES_PER_SECOND * self.pool:
+            return None
+        need = math.ceil(GPU_TARGET_IMAGES_PER_SECOND * CPU_SECONDS_PER_IMAGE + self.actor_cpus) + 1  # + reads, writes
+        return (f"{self.decode_cpus:g} CPUs are left to decode for {self.pool} GPU actor(s): about "
+                f"{self.decode_images_per_second:,.0f} images/s of 500x375 JPEGs, below the "
+                f"{GPU_TARGET_IMAGES_PER_SECOND:,} per GPU a fast GPU labels; give each GPU at least {need} vCPUs "
+                "(README \"Scaling\")")
 
 
 def plan_resources(config: LabelConfig, cluster: dict) -> ResourcePlan:
@@ -45,7 +67,8 @@ def plan_resources(config: LabelConfig, cluster: dict) -> ResourcePlan:
         device = "cuda" if config.device == "auto" else config.device
         # 4: the fastest forward pass of a measured H100 run (bench/RESULTS.md: batch 1 445, 4 622, 8 359, 16 616
         # images/s on 512x384-ish canvases, reference padding, bf16).
-        return ResourcePlan(use_gpus, 1.0, actor_cpus, threads, config.batch_size or 4, device)
+        return ResourcePlan(use_gpus, 1.0, actor_cpus, threads, config.batch_size or 4, device,
+                            decode_cpus=cpus - use_gpus * actor_cpus)
     threads = config.threads_per_actor or max(1, min(8, int(cpus)))
     actors = config.actors or max(1, int(cpus) // threads)
     actor_cpus = config.cpus_per_actor or max(0.5, threads - 0.5)
@@ -53,7 +76,8 @@ def plan_resources(config: LabelConfig, cluster: dict) -> ResourcePlan:
         raise InsufficientResources(f"{actors} actor(s) x {actor_cpus:g} CPUs leave no CPU for decoding on a cluster of "
                          f"{cpus:g} CPUs; lower --actors, --threads-per-actor or --cpus-per-actor")
     device = "cpu" if config.device == "auto" else config.device
-    return ResourcePlan(actors, 0.0, actor_cpus, threads, config.batch_size or 4, device)
+    return ResourcePlan(actors, 0.0, actor_cpus, threads, config.batch_size or 4, device,
+                        decode_cpus=cpus - actors * actor_cpus)
 
 
 def resource_request(config: LabelConfig) -> list[dict]:

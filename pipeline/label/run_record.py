@@ -37,6 +37,7 @@ class RunRecord:
     resources: dict | None = None
     driver_bytes: int | None = None        # bytes the pipeline handed the driver (file-set metadata only)
     timings_seconds: dict = field(default_factory=dict)
+    inference: dict | None = None          # the kernel levers and what they did (job._inference_summary)
 
     @property
     def images_per_second(self) -> float | None:
@@ -71,7 +72,8 @@ class RunRecord:
         if self.status == "succeeded":
             record.update(wall_seconds=self.wall_seconds, images_per_second=self.images_per_second, files=self.files,
                           previews=self.previews, inference_actors=self.inference_actors, resources=self.resources,
-                          driver_bytes=self.driver_bytes, timings_seconds=self.timings_seconds)
+                          driver_bytes=self.driver_bytes, timings_seconds=self.timings_seconds,
+                          inference=self.inference)
         if self.error is not None:
             record["error"] = self.error
         return record
@@ -85,4 +87,5 @@ class RunRecord:
             "files": self.files, "previews": self.previews, "recovered": self.recovered,
             "inference_actors": self.inference_actors, "resources": self.resources,
             "driver_bytes": self.driver_bytes, "timings_seconds": self.timings_seconds,
+            "inference": self.inference,
         }

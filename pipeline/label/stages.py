@@ -12,12 +12,14 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..decode import DecodeError, decode_image
 from ..errors import one_line
 from ..storage import Location, UnreadableFile, read_listed_uri, storage_error
 from .canvas import preprocess
 from .codec import encode_label_map
+from .columns import binary_column, binary_views, list_from_values, list_values
 from .tables import RESULT_SCHEMA, UTC_TS
 
 TASK_CPUS = 0.25          # Ray CPU request of a read/decode/postprocess task: they never starve the actors
@@ -30,8 +32,12 @@ def read_stage(batch: pa.Table, *, listed_by: Location | None, max_bytes: int) -
     `max_bytes`. Non-regular files and files over the limit are error rows. One failure costs one row."""
     uris = batch["image_uri"].to_pylist()
     sizes = batch["image_size"].to_pylist()
+    # Why the listing could not make a row labelable (a name that is not UTF-8): that row fails at stage "list".
+    listed = batch["list_error"].to_pylist() if "list_error" in batch.column_names else [None] * len(uris)
 
     def read(i: int):
+        if listed[i]:
+            return None, listed[i]
         size = sizes[i]
         if size is not None and size > max_bytes:
             return None, f"file is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:g} MB limit (--max-bytes)"
@@ -51,7 +57,8 @@ def read_stage(batch: pa.Table, *, listed_by: Location | None, max_bytes: int) -
     return pa.table({
         "image_uri": batch["image_uri"], "image_version": batch["image_version"],
         "data": pa.array([d for d, _ in results], pa.binary()),
-        "stage": pa.array(["read" if e else None for _, e in results], pa.string()),
+        "stage": pa.array(["list" if listed[i] else "read" if e else None for i, (_, e) in enumerate(results)],
+                          pa.string()),
         "error": pa.array([e for _, e in results], pa.string()),
     })
 
@@ -80,26 +87,16 @@ def decode_stage(batch: pa.Table, *, max_pixels: int, max_side: int | None, canv
             cols["resized_w"].append(prepared.resized_w)
             cols["canvas_h"].append(prepared.canvas.shape[0])
             cols["canvas_w"].append(prepared.canvas.shape[1])
-            cols["canvas"].append(prepared.canvas.tobytes())
+            cols["canvas"].append(prepared.canvas)
         cols["stage"].append(stage)
         cols["error"].append(error)
     table = {"image_uri": batch["image_uri"], "image_version": batch["image_version"]}
     for k in sizes:
         table[k] = pa.array(cols[k], pa.int32())
-    table["canvas"] = pa.array(cols["canvas"], pa.binary())
+    table["canvas"] = binary_column(cols["canvas"])  # one copy of each canvas, no bytes objects
     table["stage"] = pa.array(cols["stage"], pa.string())
     table["error"] = pa.array(cols["error"], pa.string())
     return pa.table(table)
-
-
-def list_column(arrays: list[np.ndarray], type_: pa.DataType) -> pa.Array:
-    """A list column from per-row numpy arrays, without going through Python objects."""
-    value_type = type_.value_type
-    lengths = np.array([len(a) for a in arrays], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    values = np.concatenate(arrays) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
-                                    pa.array(values.astype(value_type.to_pandas_dtype()), value_type))
 
 
 class Postprocessor:
@@ -113,38 +110,45 @@ class Postprocessor:
 
 
 def postprocess_stage(batch: pa.Table, *, encoding: str) -> pa.Table:
-    """Label maps encoded, per-class fractions and mean confidences; rows in RESULT_SCHEMA."""
+    """Label maps encoded, per-class fractions and mean confidences; rows in RESULT_SCHEMA.
+
+    Column-wise: raw label maps pass through as they are (their size checked), the fractions and means are one
+    numpy operation over every row's classes; only PNG encoding works image by image."""
     n = batch.num_rows
     errors = batch["error"].to_pylist()
     stages = batch["stage"].to_pylist()
-    widths, heights = batch["width"].to_pylist(), batch["height"].to_pylist()
-    raw = batch["label_raw"].to_pylist()
-    counts = batch["stat_pixel_count"].to_pylist()
-    conf = batch["stat_confidence_sum"].to_pylist()
-    label_maps: list[bytes | None] = [None] * n
-    fractions, means = [], []
-    for i in range(n):
-        c = np.asarray(counts[i] or [], np.float64)
-        total = max(1, widths[i] * heights[i])
-        fractions.append(c / total)
-        means.append(np.asarray(conf[i] or [], np.float64) / np.maximum(c, 1))
-        if errors[i] is not None:
-            continue
-        try:
-            label = np.frombuffer(raw[i], np.uint8).reshape(heights[i], widths[i])
-            label_maps[i] = encode_label_map(label, encoding)
-        except Exception as e:  # noqa: BLE001
-            stages[i], errors[i] = "postprocess", one_line(e)
+    widths = batch["width"].to_numpy().astype(np.int64)
+    heights = batch["height"].to_numpy().astype(np.int64)
+    counts, lengths = list_values(batch["stat_pixel_count"], np.float64)
+    conf, _ = list_values(batch["stat_confidence_sum"], np.float64)
+    totals = np.repeat(np.maximum(1, widths * heights), lengths)
+    raw = batch["label_raw"]
+    if encoding == "raw":  # the cell already is the row-major map: check its size, keep its bytes
+        sizes = pc.binary_length(raw).fill_null(-1).to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero((sizes != widths * heights) & np.array([e is None for e in errors], bool)):
+            stages[i], errors[i] = "postprocess", f"label map has {sizes[i]} bytes, expected {widths[i] * heights[i]}"
+        label_maps = pc.if_else(pa.array([e is None for e in errors], pa.bool_()), raw, pa.scalar(None, pa.binary()))
+    else:
+        cells: list[bytes | None] = [None] * n
+        for i, data in enumerate(binary_views(raw)):
+            if errors[i] is not None:
+                continue
+            try:
+                cells[i] = encode_label_map(data.reshape(heights[i], widths[i]), encoding)
+            except Exception as e:  # noqa: BLE001
+                stages[i], errors[i] = "postprocess", one_line(e)
+        label_maps = pa.array(cells, pa.binary())
     now = datetime.now(timezone.utc)
     f64 = pa.list_(pa.float64())
     return pa.table({
         "image_uri": batch["image_uri"], "image_version": batch["image_version"],
         "width": batch["width"], "height": batch["height"],
-        "label_map": pa.array(label_maps, pa.binary()),
+        "label_map": label_maps,
         "label_encoding": pa.array([encoding] * n, pa.string()),
         "classes_present": batch["stat_class_id"],
         "stat_class_id": batch["stat_class_id"], "stat_pixel_count": batch["stat_pixel_count"],
-        "stat_pixel_fraction": list_column(fractions, f64), "stat_mean_confidence": list_column(means, f64),
+        "stat_pixel_fraction": list_from_values(counts / totals, lengths, f64),
+        "stat_mean_confidence": list_from_values(conf / np.maximum(counts, 1), lengths, f64),
         "stat_x_min": batch["stat_x_min"], "stat_y_min": batch["stat_y_min"],
         "stat_x_max": batch["stat_x_max"], "stat_y_max": batch["stat_y_max"],
         "at": pa.array([now] * n, UTC_TS),

@@ -15,7 +15,7 @@ import argparse  # noqa: E402
 from models import ARCHITECTURES, PADDINGS  # noqa: E402
 from pipeline.amp import AMP_CHOICES  # noqa: E402
 from pipeline.cli import JobArgumentParser, print_summary, run_job  # noqa: E402
-from pipeline.train.config import GRAD_COMPRESSIONS, OPTIMIZERS, TrainConfig  # noqa: E402
+from pipeline.train.config import COMPILE_MODES, GRAD_COMPRESSIONS, OPTIMIZERS, TrainConfig  # noqa: E402
 
 DEFAULTS = TrainConfig(data="", storage="", name="")
 
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-from", default=d.init_from,
                    help="checkpoint URI of the previous stage (fcn32s -> fcn16s -> fcn8s)")
     g.add_argument("--dropout", type=float, default=d.dropout, help="fc6/fc7 dropout probability")
+    g.add_argument("--learn-upsampling", action="store_true", default=d.learn_upsampling,
+                   help="train the upsampling layers (the paper's learned variant); by default they stay at the "
+                        "bilinear kernel, as the reference trains (see README 'Training')")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs, help="total epochs of the run")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per worker per step")
@@ -66,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-compression", default=d.grad_compression, choices=GRAD_COMPRESSIONS,
                    help="all-reduce gradients in this dtype across workers (bf16 halves the bytes)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed of the initialisation")
+    g = p.add_argument_group("speed of the training step (same results up to rounding)")
+    g.add_argument("--compile", nargs="?", const="default", default=d.compile, choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the model for the training step (validation stays eager); MODE is one of "
+                        f"{', '.join(COMPILE_MODES[1:])} ('--compile' alone: default); compiling costs start-up time "
+                        "in every worker")
+    g.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false", default=argparse.SUPPRESS,
+                   help="turn off cuDNN autotuning of the training step (on by default on GPU; validation never "
+                        "autotunes: its image sizes vary)")
+    g.add_argument("--no-fused-optimizer", dest="fused_optimizer", action="store_false", default=argparse.SUPPRESS,
+                   help="turn off the fused optimizer kernels on GPU (on by default; foreach instead, as on CPU)")
     g = p.add_argument_group("cluster")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="data-parallel workers")
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL); otherwise CPU workers (gloo)")

@@ -7,6 +7,8 @@ from ..amp import AMP_CHOICES
 
 OPTIMIZERS = ("sgd", "adam")
 GRAD_COMPRESSIONS = ("none", "bf16")
+# torch.compile modes of --compile (no CUDA-graph modes: DDP's all-reduce hooks and the optimizer run outside them).
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -27,6 +29,9 @@ class TrainConfig:
     max_scale: float = 2.0
     flip: bool = True
     dropout: float = 0.5
+    # The reference keeps the upsamplers at the bilinear kernel (Caffe lr_mult=0); True trains them (the paper's
+    # learned variant). See pipeline/train/step.py.
+    learn_upsampling: bool = False
     # Optimiser: torchvision's segmentation reference (SGD, momentum 0.9, weight decay, poly schedule 0.9)
     # scaled to the FCN paper's VGG setting; see README "Training".
     optimizer: str = "sgd"
@@ -37,6 +42,10 @@ class TrainConfig:
     amp: str = "bf16"                # one of AMP_CHOICES; GPU only, CPU workers always train in fp32
     grad_accum: int = 1              # batches whose gradients are summed before one all-reduce and step
     grad_compression: str = "none"   # one of GRAD_COMPRESSIONS: the dtype of the gradient all-reduce
+    # Speed of the training step (results unchanged up to rounding); each is recorded in the run's metrics.
+    compile: str = "off"             # one of COMPILE_MODES: torch.compile of the model for the training step
+    cudnn_benchmark: bool = True     # GPU: cuDNN autotuning inside the training step only (fixed crop)
+    fused_optimizer: bool = True     # GPU: fused optimizer kernels (else foreach); CPU: always foreach
     num_workers: int = 1
     use_gpu: bool = False
     accelerator_type: str | None = None  # GPU type the workers need (e.g. L40S): picks cluster.yaml's training nodes
@@ -63,6 +72,8 @@ class TrainConfig:
         if self.grad_compression not in GRAD_COMPRESSIONS:
             raise ValueError(f"--grad-compression must be one of {', '.join(GRAD_COMPRESSIONS)}, "
                              f"got {self.grad_compression!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.wait_for_resources is not None and self.wait_for_resources < 0:

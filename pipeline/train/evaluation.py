@@ -20,6 +20,7 @@ from models.convention import Normalizer
 from ..amp import autocast
 from .inputs import unpack_whole
 from .metrics import ConfusionMatrix
+from .step import cudnn_benchmark
 
 GPU_EVAL_SLOTS = 8
 
@@ -56,7 +57,15 @@ def predict_label_maps(model: nn.Module, normalize: Normalizer, images: list[np.
 @torch.no_grad()
 def evaluate_rows(model: nn.Module, convention: InputConvention, rows: Iterable[dict], num_classes: int,
                   device: torch.device, amp: str = "off") -> tuple[ConfusionMatrix, int]:
-    """Confusion matrix over validation rows (see pipeline.train.inputs.unpack_whole) and the number of images."""
+    """Confusion matrix over validation rows (see pipeline.train.inputs.unpack_whole) and the number of images.
+
+    cuDNN autotuning is off inside, whatever the caller set: every new image size would be autotuned anew."""
+    with cudnn_benchmark(False):
+        return _evaluate_rows(model, convention, rows, num_classes, device, amp)
+
+
+def _evaluate_rows(model: nn.Module, convention: InputConvention, rows: Iterable[dict], num_classes: int,
+                   device: torch.device, amp: str) -> tuple[ConfusionMatrix, int]:
     was_training = model.training
     model.eval()
     slots = eval_slots(device)
@@ -116,12 +125,13 @@ def evaluate_checkpoint(data: str, checkpoint_uri: str, *, split: str = "val", a
 
     from models import load_checkpoint
 
-    from ..dataset_formats import list_samples
+    from ..dataset_formats import check_checkpoint_classes, list_samples
     from ..decode import DEFAULT_MAX_PIXELS
     from ..ray_setup import configure_progress, init_ray
     from .inputs import BadSampleLog, segmentation_dataset
 
     ck = load_checkpoint(checkpoint_uri)  # fails fast, before any cluster work, on a bad file
+    check_checkpoint_classes(data, checkpoint_uri, ck.class_names)  # as training checks --num-classes
     num_classes = ck.config.num_classes
     samples = list_samples(data, split)
     init_ray()

@@ -15,7 +15,6 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
 
 import ray
 import ray.train
@@ -23,11 +22,11 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from models import InputConvention, build_model, checkpoint_bytes, init_backbone, init_from_checkpoint, load_checkpoint
 
 from .. import faults
-from ..amp import autocast
 from ..storage import Location, redact_strings
 from .config import TrainConfig
 from .evaluation import evaluate_rows, to_input
@@ -44,6 +43,17 @@ from .run_state import (
     scan_checkpoints,
     verify_checkpoint,
     write_ledger,
+)
+from .step import (
+    TrainStep,
+    compile_for_training,
+    describe_state_change,
+    load_optimizer_state,
+    make_optimizer,
+    optimizer_impl,
+    param_names,
+    set_upsampling,
+    step_settings,
 )
 
 
@@ -104,13 +114,6 @@ def _poly_lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.lr * max(0.0, 1.0 - step / max(1, total_steps)) ** cfg.poly_power
 
 
-def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":  # decoupled weight decay: L2 inside Adam would be rescaled per parameter
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
 def _resume_point(run: Location, rank: int) -> dict | None:
     """Rank 0 decides where to resume (Ray's checkpoint, or a later complete one the race hid; the newest whose
     files hash to what its state.json recorded); all ranks agree."""
@@ -138,9 +141,12 @@ def _save_checkpoint_dir(directory: str, model: nn.Module, cfg: TrainConfig, cla
                          metrics: dict) -> None:
     model_data = checkpoint_bytes(model, class_names=class_names, convention=convention,
                                   metadata={"epoch": epoch, "metrics": metrics, "run": cfg.name,
+                                            "upsampling": metrics.get("upsampling"),
                                             "train_config": redact_strings(cfg.to_dict())})
     buf = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "history": history}, buf)
+    # param_names: a resume maps the optimizer state by name (the trainable parameters may differ between runs).
+    torch.save({"optimizer": optimizer.state_dict(), "param_names": param_names(optimizer, model), "step": step,
+                "epoch": epoch, "history": history}, buf)
     state_data = buf.getvalue()
     with open(os.path.join(directory, MODEL_FILE), "wb") as f:
         f.write(model_data)
@@ -206,39 +212,48 @@ def train_loop_per_worker(config: dict) -> None:
         init_from_checkpoint(model, cfg.init_from)
     elif cfg.backbone_weights != "none":
         init_backbone(model, cfg.backbone_weights)
+    # Before DDP wraps the model: DDP registers gradient hooks for the parameters that require gradients only.
+    upsampling = set_upsampling(model, cfg.learn_upsampling,
+                                loaded_from=resume["model_uri"] if resume is not None else cfg.init_from)
 
     use_cuda = device.type == "cuda"
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    core = model.module if hasattr(model, "module") else model
-    ddp = model is not core
+    # `core`: the plain module, for validation (eager: no recompilation per image size) and the checkpoint (plain
+    # state-dict keys); `model`: what the training step calls (compiled with --compile, DDP-wrapped on >1 worker).
+    core = model
+    model = ray.train.torch.prepare_model(compile_for_training(core, cfg.compile))
+    ddp = isinstance(model, DistributedDataParallel)
     if ddp and cfg.grad_compression == "bf16":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         # Gradients all-reduced in bf16: half the bytes on the wire (see README "Scaling").
         model.register_comm_hook(dist.group.WORLD, default_hooks.bf16_compress_hook)
-    optimizer = _make_optimizer(cfg, model)
+    optimizer = make_optimizer(cfg, core, device)
     scaler = torch.amp.GradScaler("cuda") if use_cuda and cfg.amp == "fp16" else None
     start_epoch, history = 1, []
     if train_state is not None:
-        optimizer.load_state_dict(train_state["optimizer"])
         # The saved state brings its buffers (momentum, Adam moments); this run's flags set the hyperparameters
-        # (--lr through the schedule below, --momentum, --weight-decay) from the resumed epoch on.
-        for group in optimizer.param_groups:
-            group["weight_decay"] = cfg.weight_decay
-            if "momentum" in group:
-                group["momentum"] = cfg.momentum
+        # (--lr through the schedule below, --momentum, --weight-decay) and the implementation from the resumed
+        # epoch on. Mapped by name: the saved state may hold other parameters (older runs trained the upsamplers).
+        own = {"weight_decay": cfg.weight_decay, **optimizer_impl(cfg, device),
+               **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {})}
+        dropped, fresh = load_optimizer_state(optimizer, core, train_state["optimizer"], train_state.get("param_names"),
+                                              **own)
+        if rank == 0 and (dropped or fresh):
+            _say(f"[train] epoch {train_state['epoch']}'s optimizer state: {describe_state_change(dropped, fresh)}")
         start_epoch, history = train_state["epoch"] + 1, list(train_state["history"])
+    settings = step_settings(cfg, device, world)
+    if rank == 0 and start_epoch <= cfg.epochs:
+        _say(f"[train] upsampling {upsampling}; " + ", ".join(f"{k} {v}" for k, v in settings.items()))
+    train_step = TrainStep(model, optimizer, device=device, amp=cfg.amp, world=world, ddp=ddp, scaler=scaler,
+                           benchmark=settings["cudnn_benchmark"])
     accum = cfg.grad_accum
     steps_per_epoch = -(-config["steps_per_epoch"] // accum)  # optimizer steps
     total_steps = cfg.epochs * steps_per_epoch
     # The poly schedule goes by epochs done: a resume with another --grad-accum or --batch-size stays on it.
     step = (start_epoch - 1) * steps_per_epoch
     normalize = convention.normalizer(device)
-    # Sum over pixels divided by the valid pixels of the *global* batch (all workers): DDP's gradient average
-    # then equals one process on the whole batch, even when workers hold different numbers of void pixels.
-    criterion = nn.CrossEntropyLoss(ignore_index=255, reduction="sum")
     has_val = rank < config["val_shards"]
     shard = ray.train.get_dataset_shard("train")
     # On a GPU: pinned batches copy asynchronously, and two prefetched keep the copy ahead of the step (on CPU
@@ -251,37 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        # Summed on the device: reading the loss every step (float(loss)) would synchronise every step.
-        loss_total = torch.zeros((), dtype=torch.float64, device=device)
         windows = images = 0
-
-        def train_step(window: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-            """One optimizer step over --grad-accum batches: their gradients are summed locally (DDP's
-            no_sync) and all-reduced once, with the loss normalised by the valid pixels of the whole window
-            on all workers, so N batches of B equal one batch of N x B."""
-            nonlocal loss_total, step
-            valid = torch.stack([(y != 255).sum() for _, y in window]).sum().to(torch.float64)
-            if world > 1:
-                dist.all_reduce(valid)
-            scale = (world / valid.clamp_min(1.0)).float()
-            for i, (x, y) in enumerate(window):
-                # DDP decides in the forward pass whether the backward all-reduces: both go inside no_sync.
-                with (model.no_sync() if ddp and i < len(window) - 1 else nullcontext()):
-                    with autocast(device, cfg.amp):
-                        loss = criterion(model(x).float(), y) * scale
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                # Logged loss: this worker's share of the window's global mean, summed over workers below.
-                loss_total += loss.detach().double() / world
-            for group in optimizer.param_groups:
-                group["lr"] = _poly_lr(cfg, step, total_steps)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
         # streaming_split(equal=True) gives every worker the same number of rows, hence of steps.
         window = []
         for batch in next_input:
@@ -289,12 +274,12 @@ def train_loop_per_worker(config: dict) -> None:
                            batch["mask"].to(device, non_blocking=True).long()))
             images += len(window[-1][0])
             if len(window) == accum:
-                train_step(window)
-                windows, window = windows + 1, []
+                train_step(window, _poly_lr(cfg, step, total_steps))
+                windows, window, step = windows + 1, [], step + 1
         if window:  # the epoch's last, shorter window
-            train_step(window)
-            windows += 1
-        loss_sum = torch.tensor([float(loss_total), windows / world, images], dtype=torch.float64)
+            train_step(window, _poly_lr(cfg, step, total_steps))
+            windows, step = windows + 1, step + 1
+        loss_sum = torch.tensor([train_step.take_loss(), windows / world, images], dtype=torch.float64)
         train_seconds = time.perf_counter() - t0
         # Start the next epoch's input now, so its start-up overlaps validation and the checkpoint.
         next_input = EpochInput(shard, **batches_for) if epoch < cfg.epochs else None
@@ -328,6 +313,8 @@ def train_loop_per_worker(config: dict) -> None:
             "val_seconds": float(totals[5]),
             "lr": _poly_lr(cfg, step, total_steps),
             "worker_nodes": nodes,
+            "upsampling": upsampling,
+            "train_settings": settings,
         }
         if use_cuda:  # this worker's peak (rank 0 reports; the ranks hold equal shapes)
             metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9

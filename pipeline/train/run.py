@@ -176,6 +176,9 @@ def summarise(cfg: TrainConfig, bad_rows: list[dict], trained_epochs: list[dict]
         "epochs": latest["epoch"],
         "epochs_trained_now": [r["epoch"] for r in trained_epochs],
         "worker_nodes": latest["metrics"].get("worker_nodes"),
+        # What the latest epoch trained with (None: written before these were recorded; see pipeline/train/step.py).
+        "upsampling": latest["metrics"].get("upsampling"),
+        "train_settings": latest["metrics"].get("train_settings"),
         "final_metrics": {k: latest["metrics"].get(k) for k in
                           ("loss", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou", "per_class_iou")},
         "images_per_second": sum(ips) / len(ips) if ips else None,

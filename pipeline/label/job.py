@@ -26,6 +26,7 @@ from ..errors import JobError, one_line
 from ..lease import Lease
 from ..ray_setup import configure_progress, default_wait_s, init_ray, release_resource_request, wait_for_resources
 from ..storage import Location, redact
+from ..telemetry import LabelMetrics
 from .commit import OWN_FOLDERS, PREVIEWS, RUNS, recover
 from .config import LabelConfig
 from .dataset import build_dataset
@@ -144,6 +145,7 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
     run_date = config.run_date or started.strftime("%Y-%m-%d")
     recovered = recover(output)
     ray = _start_ray(config)
+    metrics = LabelMetrics(run_id, t0)  # Prometheus, through Ray's metrics agent (pipeline.telemetry)
     try:
         plan = _plan_when_ready(config)
         if plan.decode_warning():
@@ -156,6 +158,7 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
                                            rows_per_file=config.rows_per_file,
                                            rows_per_read_task=config.rows_per_read_task)
         timings["list_and_skip"] = time.monotonic() - t
+        metrics.listed(listed, listed - to_label)
 
         images = listing.images
         arguments = {**config.to_dict(), "images": images.uri, "output": output.uri, "checkpoint": checkpoint.uri}
@@ -165,9 +168,10 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
         record.save()
         committer = Committer(output, run_id, run_date, ck.model_id, before_commit=lease.check)
         try:
-            previews = _run_pipeline(ray, config, ck, todo, to_label, None if listing.manifest_paths else images,
-                                     output, run_id, run_date, plan, committer, timings,
-                                     previews_folder=output.child(PREVIEWS, f"run_date={run_date}", attempt))
+            with metrics.watch(committer):
+                previews = _run_pipeline(ray, config, ck, todo, to_label, None if listing.manifest_paths else images,
+                                         output, run_id, run_date, plan, committer, timings,
+                                         previews_folder=output.child(PREVIEWS, f"run_date={run_date}", attempt))
         except BaseException as e:
             try:
                 record.finish("failed", labeled=committer.labeled, errors=committer.errors,
@@ -178,6 +182,7 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
             raise
     finally:
         release_resource_request()
+        metrics.finished()
     actors = _actors(committer.actors)
     if actors:  # job start -> first model loaded and ready: the fixed cost of a run
         timings["inference_ready"] = min(a["ready_at"] for a in actors) - t0_epoch
@@ -185,6 +190,7 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
                   files=committer.files, previews=previews, inference_actors=actors, resources=asdict(plan),
                   driver_bytes=committer.driver_bytes, timings_seconds={k: round(v, 3) for k, v in timings.items()},
                   inference=_inference_summary(config, plan, ck, actors))
+    metrics.finished(record.summary())
     return record.summary()
 
 

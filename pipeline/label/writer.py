@@ -21,7 +21,8 @@ from .readers import list_table_files
 from .tables import SCHEMAS, TABLES, split_results
 
 STAGED_SCHEMA = pa.schema([("marker", pa.string()), ("labeled", pa.int64()), ("errors", pa.int64()),
-                           ("actors", pa.list_(pa.string()))])
+                           ("actors", pa.list_(pa.string())),
+                           ("error_stages", pa.string())])  # JSON {stage: errors}: pipeline.telemetry's errors by stage
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,10 @@ def stage_results(block: pa.Table, *, settings: OutputSettings) -> pa.Table:
         if marker is None:
             continue
         actors = sorted({a for a in part["actor"].to_pylist() if a})
+        stages = tables["errors"]["stage"].value_counts().to_pylist() if "errors" in tables else []
         out.append({"marker": json.dumps(marker), "labeled": len(tables.get("labels", [])),
-                    "errors": len(tables.get("errors", [])), "actors": actors})
+                    "errors": len(tables.get("errors", [])), "actors": actors,
+                    "error_stages": json.dumps({s["values"]: s["counts"] for s in stages})})
     return pa.Table.from_pylist(out, schema=STAGED_SCHEMA)
 
 
@@ -86,6 +89,8 @@ class Committer:
     files: dict = field(default_factory=lambda: {t: 0 for t in TABLES})
     actors: set = field(default_factory=set)
     labels_files: list = field(default_factory=list)  # relative paths, in commit order (previews read the first)
+    commits: int = 0  # file sets committed (pipeline.telemetry)
+    error_stages: dict = field(default_factory=dict)  # committed errors/ rows by stage (pipeline.telemetry)
     before_commit: Callable[[], None] = lambda: None  # raises when this run may no longer write (its lease)
 
     def commit(self, staged: pa.Table) -> None:
@@ -101,6 +106,9 @@ class Committer:
             self.errors += written.get("errors", 0)
             self.actors.update(row["actors"])
             self.labels_files += [f["dst"] for f in marker["files"] if f["table"] == "labels" and f["rows"]]
+            self.commits += 1
+            for stage, n in json.loads(row.get("error_stages") or "{}").items():
+                self.error_stages[stage] = self.error_stages.get(stage, 0) + n
 
     def finish(self) -> None:
         """Readers glob each table's folder: make sure every table has at least one (maybe empty) file."""

@@ -25,6 +25,7 @@ from ..ray_setup import (
     wait_for_resources,
 )
 from ..storage import check_exists, normalize
+from ..telemetry import TrainMetrics
 from .config import TrainConfig
 from .inputs import BadSampleLog, segmentation_dataset
 from .loop import InputStalled, train_loop_per_worker
@@ -152,6 +153,7 @@ def build_trainer(cfg: TrainConfig, train: list, val: list, class_names: list[st
             # A worker group that cannot be placed is retried forever by default: bound it.
             failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=max(3, cfg.max_failures)),
             worker_runtime_env=faults.runtime_env(),
+            callbacks=[TrainMetrics(cfg.name)],  # Prometheus metrics from the controller (pipeline.telemetry)
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -346,8 +346,12 @@ def test_help_documents_every_option():
     assert proc.returncode == 0
     for option in ["--data", "--model", "--num-classes", "--storage", "--name", "--num-workers", "--use-gpu",
                    "--cpus-per-worker", "--padding", "--width-mult", "--backbone-weights", "--init-from", "--epochs",
-                   "--batch-size", "--crop-size", "--amp", "--max-failures", "--keep-best"]:
+                   "--batch-size", "--crop-size", "--amp", "--max-failures", "--keep-best", "--learn-upsampling",
+                   "--compile", "--no-cudnn-benchmark", "--no-fused-optimizer"]:
         assert option in proc.stdout
     assert "(default: 50)" in proc.stdout  # defaults are shown
     flip = proc.stdout[proc.stdout.index("  --no-flip"):].split("\n  --")[0]
     assert "on by default" in flip and "(default: True)" not in flip  # a negative flag says what it turns off
+    for negative in ("--no-cudnn-benchmark", "--no-fused-optimizer"):
+        text = " ".join(proc.stdout[proc.stdout.index(f"  {negative}"):].split("\n  --")[0].split())
+        assert "on by default" in text and "(default: True)" not in text, negative

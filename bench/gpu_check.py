@@ -1,20 +1,26 @@
-"""The GPU check: both jobs at full width on one GPU, every figure issue 13 asks for, in one short run.
+"""The GPU check: both jobs at full width on one GPU, the figures issues 13, 19 and 20 ask for, in one short run.
 
-    bench/gpu_check.sh [--dry-run] [OUTDIR]      (the wrapper: kit install, log capture)
-    python bench/gpu_check.py --out OUTDIR [--dry-run]
+    bench/gpu_check.sh [--dry-run] [OUTDIR] [-- GPU_CHECK_ARGS...]     (the wrapper: kit install, log capture)
+    python bench/gpu_check.py --out OUTDIR [--dry-run] [--steps a,b] [--deadline-s S] [--label-args "..."]
+                              [--train-args "..."] [--label-images N]
 
-Steps (each job runs as its own CLI process, its log in OUTDIR/<step>.log; one failing step does not stop the
-others, and the exit status says whether all passed):
+Steps, in this order (`--steps` picks some; the ones a step needs run too; each job runs as its own CLI
+process with its log in OUTDIR/<step>.log; a failing step does not stop the others, and the exit status says
+whether all passed):
 
-1. data: mixed-orientation synthetic JPEGs (500x375, 375x500, 500x333): a VOC-layout training set at the
-   reference set's train:val proportion (SBD 8,498 : 736, about 11:1) and a labeling set (hard links).
-2. train: FLOPs per training image (torch.utils.flop_counter), the largest batch that fits (probed), a plain
-   single-process step loop at that batch (the ceiling), then `jobs/train.py` for a few epochs of full-width
-   FCN-8s in bf16: images/s, MFU, peak memory and the share of each epoch spent in validation.
-3. evaluate: `jobs/evaluate.py` on the best checkpoint; its mean IU must equal training's validation mean IU.
-4. label: `jobs/label.py` with reference and `same` padding (end-to-end images/s), the forward-only ceiling
-   at the job's settings in the same run (and by batch size), bf16 vs fp32 labels, and syncs per chunk.
-5. summary: one JSON line with every figure (also OUTDIR/summary.json).
+- fwd_matrix: `.gpukit/fwd_matrix.py` (the kit's per-process matrix of forward-pass levers), when present;
+- data: mixed-orientation synthetic JPEGs (500x375, 375x500, 500x333): a VOC-layout training set at the
+  reference set's train:val proportion (SBD 8,498 : 736, about 11:1) and a labeling set (hard links);
+- label_reference / label_same: `jobs/label.py` end to end, reference and `same` padding, with `--label-args`;
+- forward_ceiling: forward passes alone at the same settings, by batch size; syncs: host syncs per chunk;
+- train_probe: FLOPs per training image, the largest batch that fits, a plain step loop; train: `jobs/train.py`
+  with `--train-args` (images/s, MFU, peak memory, validation's share); evaluate: `jobs/evaluate.py` == training;
+- precision: bf16 vs fp32 labels; reproducibility: the run's levers vs `--reproducible` labels (share of pixels
+  that differ), both on the trained checkpoint when there is one.
+
+`--deadline-s`: a step that cannot finish before the deadline is skipped (a job's timeout is what is left), so a
+short GPU call always returns figures; summary.json is rewritten after every step. The last line is the JSON
+summary; copy it to bench/results/<result_name> (its name: date and GPU).
 
 --dry-run: the same steps on CPU with tiny images and a narrow model (`make test` runs it), so no GPU minute
 is spent debugging this script.
@@ -28,7 +34,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
+import shlex  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -39,8 +47,12 @@ from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-# Dense bf16 peak of one H100 SXM (NVIDIA's datasheet: 1,979 TFLOP/s with sparsity).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+# Dense bf16 peaks (NVIDIA datasheets, without sparsity), by the name CUDA reports; the PCIe and NVL cards are
+# slower than the SXM ones, so a name is matched whole, never by a substring.
+PEAK_BF16_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+                   "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12,
+                   "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA L40S": 362e12,
+                   "NVIDIA A10G": 125e12}
 # The reference training set's proportions: SBD train 8,498 images, VOC2011 seg11valid 736.
 TRAIN_PER_VAL = 8498 / 736
 
@@ -154,8 +166,7 @@ def gpu_peak_flops(device) -> float | None:
 
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return PEAK_BF16_FLOPS.get(torch.cuda.get_device_name(device))
 
 
 def train_probe(s: Sizes, num_classes: int) -> dict:
@@ -227,20 +238,20 @@ def train_probe(s: Sizes, num_classes: int) -> dict:
     return result
 
 
-def train(work: str, out: str, s: Sizes, data: dict, probe: dict) -> dict:
+def train(work: str, out: str, s: Sizes, data: dict, probe: dict, train_args: list[str], timeout: float) -> dict:
     from pipeline.train.run_state import ledger, run_location
 
     storage = os.path.join(work, "runs")
     args = ["jobs/train.py", "--data", data["voc"], "--storage", storage, "--name", "gpu-check",
             "--num-classes", str(data["num_classes"]), "--width-mult", str(s.width_mult), "--epochs", str(s.epochs),
             "--batch-size", str(probe["batch"]), "--crop-size", str(s.crop), "--amp", s.amp, "--keep-best", "1",
-            "--max-failures", "0", "--lr", "0.001"]
+            "--max-failures", "0", "--lr", "0.001", *train_args]
     if s.device == "cuda":
         cpus = os.cpu_count() or 16
         args += ["--use-gpu", "--cpus-per-worker", "1", "--data-cpus", "1"]
     else:
         cpus = 2
-    summary = run_cli(out, "train", args, timeout=240 if s.device == "cuda" else 300)
+    summary = run_cli(out, "train", args, timeout=timeout)
     epochs = sorted((r["metrics"] for r in ledger(run_location(storage, "gpu-check"))), key=lambda m: m["epoch"])
     rows = []
     for m in epochs:
@@ -265,11 +276,11 @@ def train(work: str, out: str, s: Sizes, data: dict, probe: dict) -> dict:
 # ------------------------------------------------------------------------------------------ 3. evaluate
 
 
-def evaluate(out: str, s: Sizes, data: dict, trained: dict) -> dict:
+def evaluate(out: str, s: Sizes, data: dict, trained: dict, timeout: float) -> dict:
     args = ["jobs/evaluate.py", "--data", data["voc"], "--checkpoint", trained["best_checkpoint"], "--amp", s.amp]
     if s.device == "cuda":
         args += ["--use-gpu"]
-    summary = run_cli(out, "evaluate", args, timeout=120 if s.device == "cuda" else 180)
+    summary = run_cli(out, "evaluate", args, timeout=timeout)
     return {"mean_iou": summary["mean_iou"], "training_mean_iou": trained["best_mean_iou"],
             "equal": summary["mean_iou"] == trained["best_mean_iou"], "images": summary["images"],
             "process_seconds": summary["_process_seconds"]}
@@ -278,11 +289,12 @@ def evaluate(out: str, s: Sizes, data: dict, trained: dict) -> dict:
 # --------------------------------------------------------------------------------------------- 4. label
 
 
-def label_job(work: str, out: str, s: Sizes, data: dict, checkpoint: str, step: str) -> dict:
+def label_job(work: str, out: str, s: Sizes, data: dict, checkpoint: str, step: str, label_args: list[str],
+              timeout: float) -> dict:
     args = ["jobs/label.py", "--images", data["images"], "--checkpoint", checkpoint,
-            "--output", os.path.join(work, f"{step}-out"), "--amp", s.amp, "--no-progress"]
+            "--output", os.path.join(work, f"{step}-out"), "--amp", s.amp, "--no-progress", *label_args]
     args += ["--num-gpus", "1"] if s.device == "cuda" else ["--num-gpus", "0", "--device", "cpu"]
-    summary = run_cli(out, step, args, timeout=150 if s.device == "cuda" else 180)
+    summary = run_cli(out, step, args, timeout=timeout)
     t = summary["timings_seconds"]
     return {"labelled": summary["labelled"], "errors": summary["errors"], "wall_seconds": summary["wall_seconds"],
             "images_per_second_end_to_end": round(summary["labelled"] / summary["wall_seconds"], 1),
@@ -290,7 +302,24 @@ def label_job(work: str, out: str, s: Sizes, data: dict, checkpoint: str, step: 
             "images_per_second_after_model_ready": round(
                 summary["labelled"] / max(1e-9, t["pipeline"] + t["list_and_skip"] + t["ray_start_and_resources"]
                                           - t["inference_ready"]), 1),
-            "timings_seconds": t, "resources": summary["resources"], "log_lines": summary["_log_lines"]}
+            "timings_seconds": t, "resources": summary["resources"], "inference": summary.get("inference"),
+            "log_lines": summary["_log_lines"]}
+
+
+def label_config(label_args: list[str]):
+    """The LabelConfig `jobs/label.py` makes of these arguments (parsed by its own parser)."""
+    sys.path.insert(0, os.path.join(REPO, "jobs"))
+    from label import build_parser
+
+    from pipeline.label.config import LabelConfig
+
+    return LabelConfig(**vars(build_parser().parse_args(["--images", "x", "--checkpoint", "x", "--output", "x",
+                                                         *label_args])))
+
+
+def label_settings(s: Sizes, label_args: list[str], batch_size: int):
+    """The InferenceSettings `jobs/label.py` runs with these arguments, at this batch size."""
+    return label_config(label_args).inference_settings(batch_size=batch_size, device=s.device)
 
 
 def prepared_images(data: dict, n: int, config_max_side: int = 1024, multiple: int = 32) -> list:
@@ -302,19 +331,22 @@ def prepared_images(data: dict, n: int, config_max_side: int = 1024, multiple: i
             for f in files]
 
 
-def forward_ceiling(checkpoint: str, s: Sizes, items: list, batch_sizes: tuple[int, ...]) -> dict:
-    """Forward passes alone on preprocessed canvases (what the job would need for free input), per batch size;
-    and the share of batch slots the job's grouping fills (canvas sizes of the set, one actor call at a time)."""
+def forward_ceiling(checkpoint: str, s: Sizes, items: list, batch_sizes: tuple[int, ...], label_args: list[str]) -> dict:
+    """Forward passes alone on preprocessed canvases (what the job would need for free input), per batch size, at
+    the labeling job's settings (its levers: compile seconds are paid in the warm-up, not timed)."""
+    import dataclasses
+
     import torch
 
     from models import load_checkpoint
-    from pipeline.label.inference import InferenceSettings, Predictor
+    from pipeline.label.inference import Predictor
 
     ck = load_checkpoint(checkpoint)
     sync = torch.cuda.synchronize if s.device == "cuda" else (lambda: None)
     result = {}
     for b in batch_sizes:
-        predictor = Predictor(ck.model, ck.convention, InferenceSettings(batch_size=b, device=s.device, amp=s.amp))
+        settings = dataclasses.replace(label_settings(s, label_args, b), amp=s.amp)
+        predictor = Predictor(ck.model, ck.convention, settings)
         groups: dict = {}
         for p in items:
             groups.setdefault(p.canvas.shape, []).append(p.canvas)
@@ -329,6 +361,11 @@ def forward_ceiling(checkpoint: str, s: Sizes, items: list, batch_sizes: tuple[i
             images += len(batch)
         sync()
         result[str(b)] = round(images / (time.perf_counter() - t), 1)
+        if predictor.compile_seconds:
+            result[f"compile_seconds_{b}"] = round(predictor.compile_seconds, 1)
+        del predictor
+        if s.device == "cuda":
+            torch.cuda.empty_cache()
     return result
 
 
@@ -363,6 +400,32 @@ def precision(checkpoint: str, s: Sizes, items: list) -> dict:
             "mean_confidence_bf16": round(conf["bf16"] / total, 6), "mean_confidence_fp32": round(conf["off"] / total, 6),
             "mean_confidence_difference": round((conf["bf16"] - conf["off"]) / total, 6),
             "bf16_is_autocast": s.device == "cuda"}
+
+
+def reproducibility(checkpoint: str, s: Sizes, items: list, label_args: list[str], batch_size: int) -> dict:
+    """Labels at the run's levers (`--label-args`) against `--reproducible` labels of the same images: the share
+    of pixels that differ (README: below 0.01 % for a default), and each mode run twice in this process (benchmark
+    and compiled kernels are chosen per process; the second pass shows whether they are stable within one)."""
+    import dataclasses
+
+    from models import load_checkpoint
+    from pipeline.label.inference import Predictor
+
+    ck = load_checkpoint(checkpoint)
+    fast = dataclasses.replace(label_settings(s, label_args, batch_size), amp=s.amp)
+    exact = dataclasses.replace(fast, reproducible=True, cudnn="heuristic", compile="off", grouped_upsampling=False)
+    preds = {}
+    for name, settings in (("fast", fast), ("reproducible", exact)):
+        predictor = Predictor(ck.model, ck.convention, settings)
+        first = predictor.predict(items)
+        again = predictor.predict(items)
+        preds[name] = first
+        preds[name + "_stable"] = all((a.label == b.label).all() for a, b in zip(first, again))
+    differ = sum(int((a.label != b.label).sum()) for a, b in zip(preds["fast"], preds["reproducible"]))
+    total = sum(a.label.size for a in preds["fast"])
+    return {"images": len(items), "fast_levers": fast.levers(), "pixels_differing_share": round(differ / total, 8),
+            "fast_stable_within_process": preds["fast_stable"],
+            "reproducible_stable_within_process": preds["reproducible_stable"]}
 
 
 def syncs_per_chunk(checkpoint: str, s: Sizes, items: list, batch_size: int) -> dict | None:
@@ -422,34 +485,127 @@ def environment(s: Sizes) -> dict:
     if s.device == "cuda":
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gb=round(props.total_memory / 1e9, 1),
-                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   peak_bf16_tflops=(PEAK_BF16_FLOPS.get(torch.cuda.get_device_name(0)) or 0) / 1e12 or None,
+                   clocks=gpu_clocks())
     return env
 
 
-def main() -> int:
+def gpu_clocks() -> dict | None:
+    """SM clock now and at most, power and temperature (nvidia-smi): a throttled card explains a slow run."""
+    fields = "clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit,temperature.gpu,pstate"
+    try:
+        line = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+    return dict(zip(fields.split(","), (v.strip() for v in line.split(","))))
+
+
+def result_name(env: dict, dry_run: bool) -> str:
+    """bench/results/<date>-<gpu>.json: one file per GPU run, named by its date and GPU."""
+    gpu = "cpu-dry-run" if dry_run else "".join(c if c.isalnum() else "-" for c in env.get("gpu", "gpu").lower())
+    return f"{time.strftime('%Y-%m-%d')}-{'-'.join(filter(None, gpu.split('-')))}.json"
+
+
+def fwd_matrix(out: str, s: Sizes, budget: float) -> dict:
+    """The kit's forward-pass matrix (.gpukit/fwd_matrix.py): one configuration per process, within `budget`."""
+    script = os.path.join(REPO, ".gpukit", "fwd_matrix.py")
+    if not os.path.exists(script):
+        return {"skipped": "no .gpukit/fwd_matrix.py (build the kit: bash ../shared/gpu-kit/build)"}
+    args = [script, "--repo", REPO, "--out", os.path.join(out, "fwd"), "--budget-s", str(int(budget))]
+    if s.device != "cuda":
+        args.append("--dry-run")
+    with open(os.path.join(out, "fwd_matrix.log"), "wb") as f:
+        subprocess.run([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, cwd=REPO, timeout=budget + 180)
+    path = os.path.join(out, "fwd", "fwd_matrix.json")
+    return json.load(open(path)) if os.path.exists(path) else {"skipped": "fwd_matrix.py wrote no fwd_matrix.json"}
+
+
+# Steps in order, what each needs, and (GPU) the seconds one needs at least to be worth starting.
+STEPS = ("fwd_matrix", "data", "label_reference", "prepare_images", "forward_ceiling", "syncs", "label_same",
+         "train_probe", "train", "evaluate", "precision", "reproducibility")
+NEEDS = {"label_reference": ("data",), "prepare_images": ("data",), "forward_ceiling": ("prepare_images",),
+         "syncs": ("prepare_images",), "label_same": ("data",), "train_probe": ("data",), "train": ("train_probe",),
+         "evaluate": ("train",), "precision": ("prepare_images",), "reproducibility": ("prepare_images",)}
+MIN_SECONDS = {"fwd_matrix": 120, "data": 20, "label_reference": 60, "prepare_images": 10, "forward_ceiling": 40,
+               "syncs": 10, "label_same": 60, "train_probe": 40, "train": 120, "evaluate": 30, "precision": 20,
+               "reproducibility": 30}
+JOB_TIMEOUT = {"label_reference": 240, "label_same": 240, "train": 300, "evaluate": 150}
+
+
+def selected_steps(names: str | None) -> list[str]:
+    """The steps asked for and every step they need, in STEPS order."""
+    if not names:
+        return [name for name in STEPS if name != "fwd_matrix"]
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    unknown = wanted - set(STEPS)
+    if unknown:
+        raise SystemExit(f"error: unknown step(s) {', '.join(sorted(unknown))}; steps: {', '.join(STEPS)}")
+    todo = set()
+    stack = list(wanted)
+    while stack:
+        name = stack.pop()
+        if name not in todo:
+            todo.add(name)
+            stack.extend(NEEDS.get(name, ()))
+    return [name for name in STEPS if name in todo]
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(REPO, "gpu-check-out"), help="folder for logs and JSON")
     ap.add_argument("--dry-run", action="store_true", help="the same steps on CPU at tiny sizes")
+    ap.add_argument("--steps", help=f"comma-separated steps to run (and what they need): {', '.join(STEPS)}; "
+                                    "default: all but fwd_matrix")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="seconds from start after which no step starts; job timeouts shrink to fit")
+    ap.add_argument("--label-args", default="", help="extra jobs/label.py arguments (its levers: --cudnn, --compile, "
+                                                     "--batch-size ...), also used by forward_ceiling and reproducibility")
+    ap.add_argument("--train-args", default="", help="extra jobs/train.py arguments")
+    ap.add_argument("--label-images", type=int, default=None, help="images of the labeling steps (GPU: 8,000)")
+    ap.add_argument("--fwd-budget-s", type=float, default=360, help="budget of the fwd_matrix step")
     ap.add_argument("--keep-work", action="store_true", help="keep the synthetic data and job outputs (a temporary "
                     "folder, named in the log)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     s = DRY if args.dry_run else GPU
+    if args.label_images:
+        s = dataclasses.replace(s, label_images=args.label_images)
+    steps = selected_steps(args.steps)
+    label_args, train_args = shlex.split(args.label_args), shlex.split(args.train_args)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="gpu-check-work-")  # thousands of files: never under OUTDIR
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = time.perf_counter()
-    result: dict = {"check": "gpu", "dry_run": args.dry_run, "environment": environment(s), "failed": []}
-    log(f"environment {json.dumps(result['environment'])}; work folder {work}")
+    env = environment(s)
+    result: dict = {"check": "gpu", "dry_run": args.dry_run, "environment": env, "failed": [], "skipped": [], "ran": [],
+                    "steps": steps, "label_args": label_args, "train_args": train_args,
+                    "result_name": result_name(env, args.dry_run)}
+    log(f"environment {json.dumps(env)}; steps {','.join(steps)}; work folder {work}")
 
     def save() -> None:  # after every step: a run cut short still leaves its figures
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(result, f, indent=1, sort_keys=True, default=str)
 
+    def left() -> float:
+        return float("inf") if args.deadline_s is None else args.deadline_s - (time.perf_counter() - started)
+
+    def timeout(name: str) -> float:
+        base = JOB_TIMEOUT[name] if s.device == "cuda" else 300
+        return max(10.0, min(base, left() - 5))
+
     def step(name: str, fn, *a):
         save()
+        if name not in steps:
+            return None
+        if left() < (MIN_SECONDS[name] if s.device == "cuda" else 0):
+            result["skipped"].append(name)
+            log(f"{name} skipped: {max(0.0, left()):.0f} s left before the deadline")
+            return None
         t = time.perf_counter()
         log(f"{name} ...")
+        result["ran"].append(name)
         try:
             value = fn(*a)
             shown = f"{len(value)} items" if isinstance(value, list) else json.dumps(value, default=str)[:600]
@@ -462,55 +618,70 @@ def main() -> int:
                 traceback.print_exc(file=f)
             return None
 
+    result["fwd_matrix"] = step("fwd_matrix", fwd_matrix, out, s, min(args.fwd_budget_s, max(60.0, left() - 60)))
     data = step("data", make_data, work, s)
-    if data is None:
-        print(json.dumps(result), flush=True)
-        return 1
-    result["data"] = {k: v for k, v in data.items() if k not in ("voc", "images", "class_names")}
-    # Labeling first (its figures matter most), on random weights: throughput does not depend on them.
+    if data is not None:
+        result["data"] = {k: v for k, v in data.items() if k not in ("voc", "images", "class_names")}
+        run_steps(result, step, timeout, work, out, s, data, label_args, train_args)
+    result["skipped"] += [name for name in steps if name not in result["ran"] and name not in result["skipped"]]
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    save()
+    log(f"finished in {result['seconds']} s; failed steps: {result['failed'] or 'none'}; "
+        f"skipped: {result['skipped'] or 'none'}")
+    print(json.dumps(result, sort_keys=True), flush=True)
+    return 1 if result["failed"] else 0
+
+
+def run_steps(result: dict, step, timeout, work: str, out: str, s: Sizes, data: dict, label_args: list[str],
+              train_args: list[str]) -> None:
+    """Every step after the data, in STEPS order: labeling first (its figures matter most, on random weights:
+    throughput does not depend on them), then training, then the label comparisons on the trained weights."""
     from pipeline.testbed import random_checkpoint
 
     random_ck = os.path.join(work, "fcn8s-reference.pt")
     random_checkpoint(random_ck, data["class_names"], width_mult=s.width_mult, score_std=0.5)
     label: dict = {}
-    label["reference"] = step("label_reference", label_job, work, out, s, data, random_ck, "label_reference")
-    items = step("prepare_images", prepared_images, data, s.ceiling_images) or []
-    batch = (label.get("reference") or {}).get("resources", {}).get("batch_size", 8)
+    result["label"] = label
+    label["reference"] = step("label_reference", label_job, work, out, s, data, random_ck, "label_reference",
+                              label_args, timeout("label_reference"))
+    items = step("prepare_images", prepared_images, data, s.ceiling_images, 1024,
+                 label_settings(s, label_args, 1).canvas_multiple) or []
+    # The job's batch: what its plan chose, else --batch-size of the label arguments, else the plan's default (4).
+    batch = int((label.get("reference") or {}).get("resources", {}).get("batch_size")
+                or label_config(label_args).batch_size or 4)
     if items:
-        label["forward_ceiling_images_per_second_by_batch"] = step(
-            "forward_ceiling", forward_ceiling, random_ck, s, items, tuple(sorted({1, 4, batch, 2 * batch})))
-        ceiling = (label["forward_ceiling_images_per_second_by_batch"] or {}).get(str(batch))
         label["batch_size"] = batch
+        ceiling = step("forward_ceiling", forward_ceiling, random_ck, s, items, tuple(sorted({1, 4, 8, 16, batch})),
+                       label_args)
+        label["forward_ceiling_images_per_second_by_batch"] = ceiling
+        at_batch = (ceiling or {}).get(str(batch))
         label["slot_fill"] = {"rows_per_call_4x_batch": slot_fill(items, batch, 4 * batch),
                               "rows_per_call_16x_batch": slot_fill(items, batch, 16 * batch)}
-        if ceiling and label.get("reference"):
-            label["reference_pipeline_vs_ceiling"] = round(label["reference"]["images_per_second_pipeline"] / ceiling, 3)
+        if at_batch and label.get("reference"):
+            label["reference_pipeline_vs_ceiling"] = round(label["reference"]["images_per_second_pipeline"] / at_batch, 3)
             label["reference_after_model_ready_vs_ceiling"] = round(
-                label["reference"]["images_per_second_after_model_ready"] / ceiling, 3)
+                label["reference"]["images_per_second_after_model_ready"] / at_batch, 3)
         label["syncs"] = step("syncs", syncs_per_chunk, random_ck, s, items, batch)
-    same_ck = step("same_checkpoint", same_padding_checkpoint, work, s, data)
-    if same_ck:
-        label["same"] = step("label_same", label_job, work, out, s, data, same_ck, "label_same")
-    result["label"] = label
-
+    if "label_same" in result["steps"]:
+        same_ck = same_padding_checkpoint(work, s, data)
+        label["same"] = step("label_same", label_job, work, out, s, data, same_ck, "label_same", label_args,
+                             timeout("label_same"))
     probe = step("train_probe", train_probe, s, data["num_classes"])
     result["train_probe"] = probe
-    trained = step("train", train, work, out, s, data, probe) if probe else None
+    trained = step("train", train, work, out, s, data, probe, train_args, timeout("train")) if probe else None
     result["train"] = trained
     if trained:
-        result["evaluate"] = step("evaluate", evaluate, out, s, data, trained)
+        result["evaluate"] = step("evaluate", evaluate, out, s, data, trained, timeout("evaluate"))
         if result["evaluate"] and not result["evaluate"]["equal"]:
             result["failed"].append("evaluate_equals_training")
-        if items:  # bf16 vs fp32 on trained weights (random ones would be all near-ties)
-            label["precision"] = step("precision", precision, trained["best_checkpoint"], s, items[:s.precision_images])
-    result["label"] = label
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    if not args.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
-    save()
-    log(f"finished in {result['seconds']} s; failed steps: {result['failed'] or 'none'}")
-    print(json.dumps(result, sort_keys=True), flush=True)
-    return 1 if result["failed"] else 0
+    if items:  # label comparisons on trained weights where there are some (random ones are all near-ties)
+        weights = trained["best_checkpoint"] if trained else random_ck
+        label["comparison_weights"] = "trained" if trained else "random"
+        label["precision"] = step("precision", precision, weights, s, items[:s.precision_images])
+        label["reproducibility"] = step("reproducibility", reproducibility, weights, s, items[:s.precision_images],
+                                        label_args, batch)
 
 
 if __name__ == "__main__":

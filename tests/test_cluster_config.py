@@ -230,3 +230,18 @@ def test_start_commands(cfg):
     assert "--dashboard-host=0.0.0.0" in head_start
     worker_start = " ".join(cfg["worker_start_ray_commands"])
     assert "--address=$RAY_HEAD_IP:6379" in worker_start
+
+
+def test_labeling_nodes_have_the_cpus_to_decode_for_their_gpu(cfg):
+    """The labeling job's own plan on a labeling node: the CPUs left beside the inference actor decode at least
+    the 1,500 images/s per GPU a fast GPU labels (it would say so in the job's log otherwise)."""
+    from pipeline.label.config import LabelConfig
+    from pipeline.label.resources import plan_resources
+
+    single = {k: v for k, v in gpu_workers(cfg).items() if v["resources"]["GPU"] == 1}
+    assert single
+    for name, node in single.items():
+        plan = plan_resources(LabelConfig(images="x", checkpoint="x", output="x"), node["resources"])
+        assert plan.device == "cuda" and plan.decode_warning() is None, f"{name}: {plan.decode_warning()}"
+    starved = plan_resources(LabelConfig(images="x", checkpoint="x", output="x"), {"CPU": 2, "GPU": 1})
+    assert "give each GPU at least 5 vCPUs" in starved.decode_warning()

@@ -230,3 +230,19 @@ def test_predict_image_takes_settings(ck):
     a = predict_image(ck, None, im, settings=settings)
     b = Predictor(ck.model, ck.convention, settings).predict_chunk([preprocess(im, None, 32)])[0]
     np.testing.assert_array_equal(a.label, b.label)
+
+
+def test_actor_host_bench_reports_microseconds_per_image():
+    """bench/actor_host_bench.py runs the actor's real call on decoded rows (tiny here) and prints its figures."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "bench/actor_host_bench.py", "--images", "12", "--repeat", "1",
+                           "--calls-of", "2"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["images"] == 12 and result["rows_per_call"] == 8
+    assert 0 < result["host_us_per_image"] < result["total_us_per_image"]

@@ -40,18 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_classes(spec: str) -> list[str]:
     from models import VOC_CLASSES
+    from pipeline.dataset_formats import parse_class_names
     from pipeline.errors import JobError
     from pipeline.storage import read_bytes
 
     if spec == "voc":
         return list(VOC_CLASSES)
     try:
-        names = [line.strip() for line in read_bytes(spec).decode().splitlines() if line.strip()]
+        data = read_bytes(spec)
     except FileNotFoundError:
         raise JobError(f"--classes {spec}: no such file (give voc or a file with one class name per line)") from None
-    if not names or len(set(names)) != len(names):
-        raise JobError(f"--classes {spec}: needs one distinct class name per line, got {len(names)} lines")
-    return names
+    return parse_class_names(data, f"--classes {spec}")
 
 
 def main(argv: list[str] | None = None) -> int:

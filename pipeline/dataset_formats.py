@@ -92,16 +92,59 @@ def list_manifest(uri: str, split: str) -> list[dict[str, str]]:
             for i, m, s in zip(images, masks, splits) if s == split and i and m]
 
 
+def parse_class_names(data: bytes, where: str) -> list[str]:
+    """The class names of a classes.txt: one per line, line N names class id N - 1. A blank line or a name given
+    twice would shift or merge every id after it, so either is refused with its line number (blank lines after
+    the last name shift nothing and are ignored)."""
+    try:
+        lines = data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{where} is not UTF-8 text (byte {e.start})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        name = line.strip()
+        if not name:
+            raise DatasetError(f"{where}: line {number} is blank, so every class after it would get the wrong id "
+                               "(line N names class id N-1): remove the line or name the class")
+        if name in first_line:
+            raise DatasetError(f"{where}: line {number} repeats {name!r} of line {first_line[name]} (class ids "
+                               f"{first_line[name] - 1} and {number - 1}): class names must be distinct")
+        first_line[name] = number
+    if not first_line:
+        raise DatasetError(f"{where} names no class")
+    return list(first_line)
+
+
 def read_class_names(uri: str) -> list[str] | None:
-    """Class names from `classes.txt` beside the dataset (one per line, line = class id), if present."""
+    """Class names from `classes.txt` beside the dataset (one per line, line N = class id N-1), if present;
+    DatasetError naming the line for a blank or repeated one."""
     uri = normalize(uri)
     base = dirname(uri) if detect_format(uri) == "manifest" else uri
+    path = join(base, "classes.txt")
     try:
-        text = read_bytes(join(base, "classes.txt")).decode("utf-8")
+        data = read_bytes(path)
     except (FileNotFoundError, StorageError):
         return None
-    names = [line.strip() for line in text.splitlines() if line.strip()]
-    return names or None
+    return parse_class_names(data, path)
+
+
+def check_checkpoint_classes(data: str, checkpoint: str, class_names: list[str]) -> None:
+    """A checkpoint evaluated on a dataset must predict the classes its classes.txt names, id for id (otherwise
+    masks would be read with another meaning, or dropped as out of range); raise DatasetError naming both."""
+    names = read_class_names(data)
+    if names is None:
+        return
+    where = f"{dirname(normalize(data)) if detect_format(data) == 'manifest' else normalize(data)}/classes.txt"
+    if len(names) != len(class_names):
+        raise DatasetError(f"checkpoint {checkpoint} predicts {len(class_names)} classes, but {where} names "
+                           f"{len(names)} classes ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}): evaluate it "
+                           "on the dataset it was trained for")
+    for i, (ours, theirs) in enumerate(zip(class_names, names)):
+        if ours != theirs:
+            raise DatasetError(f"checkpoint {checkpoint} names class {i} {ours!r}, but {where} line {i + 1} names it "
+                               f"{theirs!r}: the class ids would mean other classes")
 
 
 def list_images(where: str | Location) -> list[FileInfo]:

@@ -1,0 +1,70 @@
+"""Hostile inputs and faults, second round (issue 21), each met the way a user meets it: the jobs' command lines on
+real files, a loopback S3 server, a real full filesystem, a bucket deleted under a running job, a lease written by
+a host whose clock is a day ahead."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pipeline.synthetic import synthesize_voc
+from tests.jobs_util import run_subprocess
+from tests.label_fixtures import run_label_cli
+
+TINY = ["--num-classes", "6", "--width-mult", "0.0625", "--padding", "same", "--num-workers", "1",
+        "--cpus-per-worker", "0.5", "--optimizer", "adam", "--lr", "0.005", "--batch-size", "4", "--crop-size", "32",
+        "--no-progress"]
+FAST = ["--max-side", "48", "--batch-size", "1", "--actors", "1", "--threads-per-actor", "1", "--cpus-per-actor", "1",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def small_voc(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("data") / "voc")
+    synthesize_voc(root, 16, size=(40, 32), seed=3, val_fraction=0.25)
+    return root
+
+
+def _errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def _one_error(proc_or_code, stderr: str | None = None) -> str:
+    """The single `error:` line of a failed job (exit status 2), and no traceback of the job's own. (Lines that Ray
+    forwards from its actors, `(TrainController pid=...) ...`, are Ray's logs of the same failure.)"""
+    code, err = (proc_or_code.returncode, proc_or_code.stderr) if stderr is None else (proc_or_code, stderr)
+    lines = _errors(err)
+    assert code == 2 and len(lines) == 1, err[-3000:]
+    assert not any(line.startswith("Traceback") for line in err.splitlines()), err[-3000:]
+    return lines[0]
+
+
+def _label(capsys, images, ck_path, output, *extra) -> dict:
+    code, stdout, stderr = run_label_cli(["--images", str(images), "--checkpoint", ck_path, "--output", str(output),
+                                          *FAST, *extra], capsys)
+    assert code == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------ 7: classes.txt
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("background\ndisc\n\nsquare\ntriangle\nring\nbar\n", "line 3 is blank"),
+    ("background\ndisc\nsquare\ntriangle\ndisc\nbar\n", "line 5 repeats 'disc' of line 2"),
+])
+def test_classes_txt_with_a_blank_or_repeated_line_is_refused_by_every_job(small_voc, tiny_checkpoint, tmp_path,
+                                                                            text, expect):
+    data = tmp_path / "voc"
+    shutil.copytree(small_voc, data)
+    (data / "classes.txt").write_text(text)
+    runs = ["--storage", str(tmp_path / "runs"), "--name", "x", "--width-mult", "0.0625"]
+    for job, argv in (("train", ["--data", str(data), *runs]),
+                      ("evaluate", ["--data", str(data), "--checkpoint", tiny_checkpoint[0]]),
+                      ("import_weights", ["--from", str(tmp_path / "w.pth"), "--model", "fcn8s", "--classes",
+                                          str(data / "classes.txt"), "--convention", "caffe", "--output",
+                                          str(tmp_path / "o.pt")])):
+        line = _one_error(run_subprocess(job, argv, timeout=120))
+        assert expect in line and "classes.txt" in line, (job, line)
+    assert not (tmp_path / "runs").exists()

@@ -37,6 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# More than this share of a split dropped as bad samples: no score is printed (it would describe another set).
+MAX_DROPPED_SHARE = 0.5
+
+
+def check_dropped(bad: list[dict], evaluated: int, split: str) -> None:
+    """Say loudly that samples were dropped: a warning line with the counts; more than half of the split dropped is
+    an error, since a mean IU over the rest is not the split's (often a dataset whose masks use other class ids)."""
+    if not bad:
+        return
+    total = evaluated + len(bad)
+    examples = "; ".join(f"{row['uri']}: {row['reason']}" for row in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+    if len(bad) > MAX_DROPPED_SHARE * total:
+        raise JobError(f"{len(bad)} of {total} images of split {split!r} were dropped as bad samples, more than "
+                       f"{MAX_DROPPED_SHARE:.0%}: no score is reported for the rest ({examples})")
+    print(f"warning: {len(bad)} of {total} images of split {split!r} dropped as bad samples; the scores cover the "
+          f"other {evaluated} ({examples})", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.actors < 1:
@@ -50,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = evaluate_checkpoint(args.data, args.checkpoint, split=args.split, actors=args.actors,
                                   cpus_per_actor=args.cpus_per_actor, use_gpu=args.use_gpu,
                                   amp=args.amp if args.use_gpu else "off")
+    check_dropped(summary["bad_samples"], summary["images"], args.split)
     matrix = summary.pop("confusion_matrix")
     if args.report:
         from pipeline.train.report import write_report

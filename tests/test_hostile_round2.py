@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from pipeline.synthetic import synthesize_voc
+from pipeline.testbed import random_checkpoint
+from tests.images import palette_mask
 from tests.jobs_util import run_subprocess
 from tests.label_fixtures import run_label_cli
 
@@ -68,3 +71,48 @@ def test_classes_txt_with_a_blank_or_repeated_line_is_refused_by_every_job(small
         line = _one_error(run_subprocess(job, argv, timeout=120))
         assert expect in line and "classes.txt" in line, (job, line)
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------ 8: evaluate and its classes
+
+
+def test_evaluate_refuses_a_checkpoint_with_other_classes(small_voc, tmp_path):
+    ck = tmp_path / "three.pt"
+    random_checkpoint(str(ck), ["background", "disc", "square"], padding="same")
+    line = _one_error(run_subprocess("evaluate", ["--data", small_voc, "--checkpoint", str(ck)], timeout=120))
+    assert "predicts 3 classes" in line and "6 classes" in line and "classes.txt" in line, line
+    renamed = tmp_path / "renamed.pt"
+    random_checkpoint(str(renamed), ["background", "disc", "square", "triangle", "ring", "stick"], padding="same")
+    line = _one_error(run_subprocess("evaluate", ["--data", small_voc, "--checkpoint", str(renamed)], timeout=120))
+    assert "class 5" in line and "'stick'" in line and "'bar'" in line, line
+
+
+def test_evaluate_that_drops_most_of_its_split_fails_and_a_few_drops_warn(ray_session, small_voc, tmp_path, capsys):
+    import jobs.evaluate as job
+    from pipeline.cli import run_job
+
+    data = tmp_path / "voc"
+    shutil.copytree(small_voc, data)
+    ids = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    assert len(ids) == 4
+    ck = tmp_path / "six.pt"
+    random_checkpoint(str(ck), (data / "classes.txt").read_text().split(), padding="same")
+
+    def evaluate() -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exc:
+            run_job(job.main, ["--data", str(data), "--checkpoint", str(ck)])
+        captured = capsys.readouterr()
+        return exc.value.code, captured.out, captured.err
+
+    mask = data / "SegmentationClass" / f"{ids[0]}.png"
+    mask.write_bytes(palette_mask(np.full((32, 40), 9, np.uint8)))    # class 9 of a 6-class dataset: dropped
+    code, out, err = evaluate()
+    assert code == 0, err[-3000:]
+    assert "warning: 1 of 4 images of split 'val' dropped as bad samples" in err, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["images"] == 3
+    for i in ids[1:3]:
+        (data / "JPEGImages" / f"{i}.jpg").write_bytes(b"not a jpeg")
+    code, out, err = evaluate()
+    line = _one_error(code, err)
+    assert "3 of 4 images of split 'val' were dropped as bad samples" in line and "outside classes" in line, line
+    assert not out.strip()  # no score for a quarter of the split

@@ -3,6 +3,7 @@ Ray Data inputs, run Ray Train's TorchTrainer, and summarise from what storage d
 from __future__ import annotations
 
 import math
+import sys
 from datetime import datetime, timezone
 
 import ray
@@ -171,6 +172,19 @@ def summarise(cfg: TrainConfig, bad_rows: list[dict], trained_epochs: list[dict]
     ips = [r["metrics"]["images_per_second"] for r in trained_epochs]
     return {
         "run": run.uri,
+def warn_dropped(bad_rows: list[dict], splits: dict[str, list], cfg: TrainConfig) -> None:
+    """One warning line per split that lost samples, with the counts (most of a split dropped usually means masks
+    with other class ids than --num-classes)."""
+    bad = {row["uri"] for row in bad_rows}
+    for kind, samples in splits.items():
+        dropped = sum(s["image"] in bad for s in samples)
+        if dropped:
+            name = cfg.train_split if kind == "train" else cfg.val_split
+            most = " (most of it: are the masks' class ids those of --num-classes?)" if 2 * dropped > len(samples) else ""
+            print(f"warning: {dropped} of {len(samples)} images of split {name!r} dropped as bad samples{most}",
+                  file=sys.stderr, flush=True)
+
+
         "best_mean_iou": best["metrics"].get("mean_iou"),
         "best_epoch": best["epoch"],
         "best_checkpoint": best["model_uri"],
@@ -237,3 +251,4 @@ def _fit(cfg: TrainConfig, run, train: list, val: list, class_names: list[str], 
         print(f"[train] skipped bad sample {row['uri']}: {row['reason']}", flush=True)
     trained_now = [r for r in ledger(run) if r["epoch"] not in done_before and r["attempt"] != "recovered"]
     return summarise(cfg, bad_rows, trained_now)
+    warn_dropped(bad_rows, {"train": train, "val": val}, cfg)

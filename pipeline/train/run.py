@@ -161,17 +161,6 @@ def build_trainer(cfg: TrainConfig, train: list, val: list, class_names: list[st
     )
 
 
-def summarise(cfg: TrainConfig, bad_rows: list[dict], trained_epochs: list[dict]) -> dict:
-    run = run_location(cfg.storage, cfg.name)
-    found = scan_checkpoints(run)
-    if not found:
-        raise JobError(f"training finished without a checkpoint under {run.uri}")
-    best = max(found, key=lambda c: (c["metrics"].get("mean_iou") or -1.0, c["epoch"]))
-    latest = found[-1]
-    records = ledger(run)
-    ips = [r["metrics"]["images_per_second"] for r in trained_epochs]
-    return {
-        "run": run.uri,
 def warn_dropped(bad_rows: list[dict], splits: dict[str, list], cfg: TrainConfig) -> None:
     """One warning line per split that lost samples, with the counts (most of a split dropped usually means masks
     with other class ids than --num-classes)."""
@@ -185,6 +174,17 @@ def warn_dropped(bad_rows: list[dict], splits: dict[str, list], cfg: TrainConfig
                   file=sys.stderr, flush=True)
 
 
+def summarise(cfg: TrainConfig, bad_rows: list[dict], trained_epochs: list[dict]) -> dict:
+    run = run_location(cfg.storage, cfg.name)
+    found = scan_checkpoints(run)
+    if not found:
+        raise JobError(f"training finished without a checkpoint under {run.uri}")
+    best = max(found, key=lambda c: (c["metrics"].get("mean_iou") or -1.0, c["epoch"]))
+    latest = found[-1]
+    records = ledger(run)
+    ips = [r["metrics"]["images_per_second"] for r in trained_epochs]
+    return {
+        "run": run.uri,
         "best_mean_iou": best["metrics"].get("mean_iou"),
         "best_epoch": best["epoch"],
         "best_checkpoint": best["model_uri"],
@@ -249,6 +249,6 @@ def _fit(cfg: TrainConfig, run, train: list, val: list, class_names: list[str], 
     bad_rows = ray.get(bad_log.rows.remote())
     for row in bad_rows:
         print(f"[train] skipped bad sample {row['uri']}: {row['reason']}", flush=True)
+    warn_dropped(bad_rows, {"train": train, "val": val}, cfg)
     trained_now = [r for r in ledger(run) if r["epoch"] not in done_before and r["attempt"] != "recovered"]
     return summarise(cfg, bad_rows, trained_now)
-    warn_dropped(bad_rows, {"train": train, "val": val}, cfg)

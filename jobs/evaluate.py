@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 
 from pipeline.amp import AMP_CHOICES  # noqa: E402
-from pipeline.cli import JobArgumentParser, print_summary, run_job  # noqa: E402
+from pipeline.cli import JobArgumentParser, path_arg, print_summary, run_job  # noqa: E402
 from pipeline.errors import JobError  # noqa: E402
 
 
@@ -22,16 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = JobArgumentParser(prog="evaluate.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 description="Evaluate an FCN checkpoint (pixel accuracy, mean accuracy, mean IU, frequency-weighted "
                             "IU, per-class IU) on whole images at native size, as training's validation does.")
-    p.add_argument("--data", required=True, default=argparse.SUPPRESS,
+    p.add_argument("--data", required=True, default=argparse.SUPPRESS, type=path_arg,
                    help="dataset: VOC-layout directory/prefix or .csv/.parquet manifest, local or s3:// (required)")
-    p.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
+    p.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS, type=path_arg,
                    help="checkpoint file (model.pt), local or s3:// (required)")
     p.add_argument("--split", default="val", help="split to evaluate")
     p.add_argument("--actors", type=int, default=1, help="inference actors (one per GPU with --use-gpu)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per inference actor")
     p.add_argument("--use-gpu", action="store_true", help="run inference on GPUs")
     p.add_argument("--amp", default="bf16", choices=AMP_CHOICES, help="mixed precision on GPU (CPU: always fp32)")
-    p.add_argument("--report", metavar="DIR", default=None,
+    p.add_argument("--report", metavar="DIR", default=None, type=path_arg,
                    help="also write confusion.png (rows normalised, class names), per_class.csv/.json (IU, accuracy, "
                         "pixel counts) and confusion.json here, local or s3://")
     return p

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 
 from models import ARCHITECTURES  # noqa: E402
-from pipeline.cli import JobArgumentParser, print_summary, run_job  # noqa: E402
+from pipeline.cli import JobArgumentParser, path_arg, path_or_keyword, print_summary, run_job  # noqa: E402
 
 CONVENTIONS = ("caffe", "torchvision")
 
@@ -25,15 +25,15 @@ CONVENTIONS = ("caffe", "torchvision")
 def build_parser() -> argparse.ArgumentParser:
     p = JobArgumentParser(prog="import_weights.py", description=__doc__.split("\n\n")[0],
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--from", dest="source", required=True, default=argparse.SUPPRESS, metavar="FILE_OR_URI",
+    p.add_argument("--from", dest="source", required=True, default=argparse.SUPPRESS, metavar="FILE_OR_URI", type=path_arg,
                    help="state dict with the reference layer names, local or s3:// (required)")
     p.add_argument("--model", required=True, choices=ARCHITECTURES, default=argparse.SUPPRESS,
                    help="architecture the weights belong to (required)")
-    p.add_argument("--classes", required=True, default=argparse.SUPPRESS, metavar="voc|FILE",
+    p.add_argument("--classes", required=True, default=argparse.SUPPRESS, metavar="voc|FILE", type=path_or_keyword("voc"),
                    help="class names: voc (the 21 PASCAL VOC classes) or a text file with one name per line (required)")
     p.add_argument("--convention", required=True, choices=CONVENTIONS, default=argparse.SUPPRESS,
                    help="preprocessing the weights expect: caffe (BGR, 0..255, mean subtracted) or torchvision (required)")
-    p.add_argument("--output", required=True, default=argparse.SUPPRESS,
+    p.add_argument("--output", required=True, default=argparse.SUPPRESS, type=path_arg,
                    help="checkpoint to write, local or s3:// (required)")
     return p
 

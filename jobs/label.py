@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 
 from pipeline.amp import AMP_CHOICES  # noqa: E402
-from pipeline.cli import JobArgumentParser, optional_int, print_summary, run_job  # noqa: E402
+from pipeline.cli import JobArgumentParser, optional_int, path_arg, print_summary, run_job  # noqa: E402
 from pipeline.label.codec import ENCODINGS  # noqa: E402
 from pipeline.label.config import COMPILED_CANVAS_MULTIPLE, DEFAULT_CANVAS_MULTIPLE, DEVICES, LabelConfig  # noqa: E402
 from pipeline.label.inference_settings import COMPILE_MODES, CUDNN_MODES  # noqa: E402
@@ -37,16 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--images", required=True, default=argparse.SUPPRESS,
+    g.add_argument("--images", required=True, default=argparse.SUPPRESS, type=path_arg,
                    help="directory, s3:// prefix or single image to label (jpg, jpeg, png, bmp, tif, tiff, webp; "
                         "recursive), or a listing manifest: a .csv/.csv.gz/.parquet file or an S3 Inventory "
                         "manifest.json (required)")
     g.add_argument("--manifest", action="store_true",
                    help="--images is a prefix of listing manifests (CSV or Parquet with uri, or bucket and key, "
                         "a version column (version, e_tag or etag) and, optionally, size), not of images")
-    g.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
+    g.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS, type=path_arg,
                    help="checkpoint written by models.save_checkpoint, local or s3:// (required)")
-    g.add_argument("--output", required=True, default=argparse.SUPPRESS,
+    g.add_argument("--output", required=True, default=argparse.SUPPRESS, type=path_arg,
                    help="output root, local or s3:// (labels/, class_stats/, errors/, runs/, previews/) (required)")
     g.add_argument("--label-encoding", choices=ENCODINGS, default=d.label_encoding,
                    help="label_map bytes: raw uint8 row-major (zstd-compressed by Parquet) or palette PNG")

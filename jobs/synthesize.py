@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 
-from pipeline.cli import JobArgumentParser, parse_size, print_summary, run_job  # noqa: E402
+from pipeline.cli import JobArgumentParser, parse_size, path_arg, print_summary, run_job  # noqa: E402
 from pipeline.storage import check_writable  # noqa: E402
 from pipeline.synthetic import SYNTHETIC_CLASSES, synthesize_voc  # noqa: E402
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{{train,val}}.txt and classes.txt. Classes: {', '.join(SYNTHETIC_CLASSES)}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--output", required=True, default=argparse.SUPPRESS,
+    p.add_argument("--output", required=True, default=argparse.SUPPRESS, type=path_arg,
                    help="destination directory or s3:// prefix (required)")
     p.add_argument("--count", required=True, type=int, default=argparse.SUPPRESS,
                    help="number of images to write (required)")

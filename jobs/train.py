@@ -14,7 +14,7 @@ import argparse  # noqa: E402
 
 from models import ARCHITECTURES, PADDINGS  # noqa: E402
 from pipeline.amp import AMP_CHOICES  # noqa: E402
-from pipeline.cli import JobArgumentParser, print_summary, run_job  # noqa: E402
+from pipeline.cli import JobArgumentParser, path_arg, path_or_keyword, print_summary, run_job  # noqa: E402
 from pipeline.train.config import COMPILE_MODES, GRAD_COMPRESSIONS, OPTIMIZERS, TrainConfig  # noqa: E402
 
 DEFAULTS = TrainConfig(data="", storage="", name="")
@@ -26,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Train FCN-32s/16s/8s data-parallel on Ray Train (DDP). Checkpoints go to "
                             "STORAGE/NAME/epoch_NNNN/model.pt; rerun with the same name to resume.")
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", required=True, default=argparse.SUPPRESS,
+    g.add_argument("--data", required=True, default=argparse.SUPPRESS, type=path_arg,
                    help="dataset: VOC-layout directory/prefix or a .csv/.parquet manifest, local or s3:// (required)")
-    g.add_argument("--storage", required=True, default=argparse.SUPPRESS,
+    g.add_argument("--storage", required=True, default=argparse.SUPPRESS, type=path_arg,
                    help="where runs are stored: a local directory (shared by all nodes) or s3:// prefix (required)")
     g.add_argument("--name", required=True, default=argparse.SUPPRESS, help="run name; reuse it to resume (required)")
     g.add_argument("--train-split", default=d.train_split, help="split used for training")
@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--padding", default=d.padding, choices=PADDINGS,
                    help="'reference' = the paper's conv1_1 padding 100; 'same' = 0.6x the FLOPs")
     g.add_argument("--width-mult", type=float, default=d.width_mult, help="channel width multiplier (<1 for CPU runs)")
-    g.add_argument("--backbone-weights", default=d.backbone_weights,
+    g.add_argument("--backbone-weights", default=d.backbone_weights, type=path_or_keyword("none", "imagenet"),
                    help="VGG16 init: a torchvision vgg16 state-dict FILE/URI, 'imagenet' (downloads), or 'none'")
-    g.add_argument("--init-from", default=d.init_from,
+    g.add_argument("--init-from", default=d.init_from, type=path_arg,
                    help="checkpoint URI of the previous stage (fcn32s -> fcn16s -> fcn8s)")
     g.add_argument("--dropout", type=float, default=d.dropout, help="fc6/fc7 dropout probability")
     g.add_argument("--learn-upsampling", action="store_true", default=d.learn_upsampling,

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from models import BackboneError, CheckpointError
 
 from .errors import JobError
-from .storage import StorageError, redact
+from .storage import StorageError, normalize, redact
 
 # Errors a user can fix from the message alone: printed as one line, exit code 2, no traceback.
 USER_ERRORS = (JobError, StorageError, CheckpointError, BackboneError, ValueError, FileNotFoundError)
@@ -31,6 +31,22 @@ def parse_size(text: str) -> tuple[int, int]:
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
         raise argparse.ArgumentTypeError(f"must be WIDTHxHEIGHT with positive integers, e.g. 160x120; got {text!r}")
     return int(m.group(1)), int(m.group(2))
+
+
+def path_arg(text: str) -> str:
+    """A path or URI argument, resolved once, here in the driver: a local path becomes absolute (Ray workers run
+    in other working directories, on other nodes), `file://` is dropped, a remote URI is kept. An argparse type
+    for every path argument of every job."""
+    return normalize(text)
+
+
+def path_or_keyword(*keywords: str) -> Callable[[str], str]:
+    """`path_arg`, except for the given keywords (e.g. --backbone-weights none|imagenet|FILE)."""
+    def convert(text: str) -> str:
+        return text if text in keywords else normalize(text)
+
+    convert.__name__ = "path"  # what argparse names in its messages
+    return convert
 
 
 def optional_int(text: str) -> int | None:

@@ -12,7 +12,7 @@ import pytest
 from pipeline.synthetic import synthesize_voc
 from pipeline.testbed import random_checkpoint
 from tests.images import palette_mask
-from tests.jobs_util import run_subprocess
+from tests.jobs_util import run_in_process, run_subprocess
 from tests.label_fixtures import run_label_cli
 
 TINY = ["--num-classes", "6", "--width-mult", "0.0625", "--padding", "same", "--num-workers", "1",
@@ -48,6 +48,56 @@ def _label(capsys, images, ck_path, output, *extra) -> dict:
                                           *FAST, *extra], capsys)
     assert code == 0, stderr[-3000:]
     return json.loads(stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------ 1: relative paths
+
+
+def test_relative_storage_as_in_the_readme_keeps_metrics_ledger_and_resume(ray_session, small_voc, tmp_path,
+                                                                          monkeypatch, capsys):
+    """`--storage runs` relative to the user's folder: Ray Train's workers run in another working directory, so
+    before, metrics.jsonl and ledger/ went there and a rerun with more epochs trained nothing new."""
+    shutil.copytree(small_voc, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data", "data", "--storage", "runs", "--name", "rel", *TINY]
+    first = run_in_process("train", [*argv, "--epochs", "1"], capsys)
+    run = tmp_path / "runs" / "rel"
+    assert first["run"] == str(run) and first["epochs_trained_now"] == [1] and first["ledger_epochs"] == [1]
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert len(list((run / "ledger").glob("epoch_0001-*.json"))) == 1
+    second = run_in_process("train", [*argv, "--epochs", "2"], capsys)
+    assert second["epochs_trained_now"] == [2] and second["ledger_epochs"] == [1, 2]
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # evaluate.py with relative --data, --checkpoint and --report: resolved in the driver as well.
+    evaluated = run_in_process("evaluate", ["--data", "data", "--checkpoint", "runs/rel/epoch_0002/model.pt",
+                                            "--report", "report"], capsys)
+    assert evaluated["checkpoint"] == str(run / "epoch_0002" / "model.pt")
+    assert (tmp_path / "report" / "per_class.csv").exists()
+
+
+def test_every_jobs_path_arguments_are_absolute_after_parsing(tmp_path, monkeypatch):
+    """The class of defect: every path argument of every job is resolved once, when the driver parses it."""
+    from tests.jobs_util import load_job
+
+    monkeypatch.chdir(tmp_path)
+    here = str(tmp_path)
+    label = vars(load_job("label").build_parser().parse_args(["--images", "im", "--checkpoint", "ck.pt", "--output", "o"]))
+    assert (label["images"], label["checkpoint"], label["output"]) == (f"{here}/im", f"{here}/ck.pt", f"{here}/o")
+    train = vars(load_job("train").build_parser().parse_args(
+        ["--data", "d", "--storage", "s3://b/runs/", "--name", "n", "--init-from", "ck.pt", "--backbone-weights", "w.pth"]))
+    assert (train["data"], train["storage"], train["init_from"], train["backbone_weights"]) == \
+        (f"{here}/d", "s3://b/runs", f"{here}/ck.pt", f"{here}/w.pth")
+    for keyword in ("none", "imagenet"):
+        assert load_job("train").build_parser().parse_args(
+            ["--data", "d", "--storage", "s", "--name", "n", "--backbone-weights", keyword]).backbone_weights == keyword
+    evaluate = load_job("evaluate").build_parser().parse_args(["--data", "d", "--checkpoint", "c.pt", "--report", "r"])
+    assert (evaluate.data, evaluate.checkpoint, evaluate.report) == (f"{here}/d", f"{here}/c.pt", f"{here}/r")
+    imported = load_job("import_weights").build_parser().parse_args(
+        ["--from", "w.pth", "--model", "fcn8s", "--classes", "names.txt", "--convention", "caffe", "--output", "o.pt"])
+    assert (imported.source, imported.classes, imported.output) == (f"{here}/w.pth", f"{here}/names.txt", f"{here}/o.pt")
+    assert load_job("import_weights").build_parser().parse_args(
+        ["--from", "w", "--model", "fcn8s", "--classes", "voc", "--convention", "caffe", "--output", "o"]).classes == "voc"
+    assert load_job("synthesize").build_parser().parse_args(["--output", "syn", "--count", "1"]).output == f"{here}/syn"
 
 
 # ------------------------------------------------------------------------------ 7: classes.txt

@@ -41,6 +41,7 @@ def preflight(cfg: TrainConfig) -> tuple[list, list, list[str], InputConvention]
     """Validate options, dataset, initialisation source and storage; raise one clear error otherwise.
     Sets cfg.num_classes when it was left to the dataset."""
     cfg.validate()
+    resolve_paths(cfg)
     train = list_samples(cfg.data, cfg.train_split)
     val = list_samples(cfg.data, cfg.val_split)
 
@@ -72,6 +73,16 @@ def preflight(cfg: TrainConfig) -> tuple[list, list, list[str], InputConvention]
     run.check_writable()
     check_resumable(cfg, scan_checkpoints(run))
     return train, val, class_names, convention
+
+
+def resolve_paths(cfg: TrainConfig) -> None:
+    """Every path of the config absolute, here in the driver: Ray Train's workers run in another working directory
+    (a relative --storage put metrics.jsonl and ledger/ there). jobs/train.py resolves them when it parses them."""
+    cfg.data, cfg.storage = normalize(cfg.data), normalize(cfg.storage)
+    if cfg.init_from:
+        cfg.init_from = normalize(cfg.init_from)
+    if cfg.backbone_weights not in ("none", "imagenet"):
+        cfg.backbone_weights = normalize(cfg.backbone_weights)
 
 
 def check_resumable(cfg: TrainConfig, checkpoints: list[dict]) -> None:

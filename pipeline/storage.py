@@ -15,6 +15,7 @@ import errno
 import os
 import posixpath
 import re
+import shutil
 import stat
 import uuid
 from dataclasses import dataclass, field
@@ -192,6 +193,28 @@ class Location:
         except Exception:
             return False
 
+    # Deleting and copying take names literally: fsspec's rm() and copy() expand glob characters ([, ], *, ?), so
+    # `seg[v2]/x` would name `segv/x`, `seg2/x` or nothing. Every delete and copy of the jobs goes through these.
+
+    def remove(self, recursive: bool = False) -> None:
+        """Delete this file or, with `recursive`, this folder/prefix and everything under it. FileNotFoundError
+        when there is nothing to delete locally (S3 deletes of a missing key succeed)."""
+        if self.is_local:
+            if recursive and os.path.isdir(self.path) and not os.path.islink(self.path):
+                shutil.rmtree(self.path)
+            else:
+                os.unlink(self.path)
+            return
+        paths = self.fs.find(self.path, withdirs=False) if recursive else [self.path]
+        for path in paths:
+            if not recursive or path == self.path or path.startswith(self.path + "/"):  # see list_files
+                self.fs.rm_file(path)
+        self.fs.invalidate_cache(self.path)
+
+    def copy_to(self, dst: Location) -> None:
+        """Copy this file to `dst` on the same filesystem (server-side on S3)."""
+        self.fs.cp_file(self.path, dst.path)
+
     # ------------------------------------------------------------------------------------- checks
 
     def _check_bucket(self) -> None:
@@ -225,7 +248,7 @@ class Location:
                 os.makedirs(self.path, exist_ok=True)
             with self.fs.open(marker.path, "wb") as f:
                 f.write(b"ok")
-            self.fs.rm(marker.path)
+            marker.remove()
         except StorageError:
             raise
         except Exception as e:

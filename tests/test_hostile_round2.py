@@ -9,11 +9,13 @@ import shutil
 import numpy as np
 import pytest
 
+from pipeline import storage
+from pipeline.lease import LEASE_FILE
 from pipeline.synthetic import synthesize_voc
 from pipeline.testbed import random_checkpoint
 from tests.images import palette_mask
 from tests.jobs_util import run_in_process, run_subprocess
-from tests.label_fixtures import run_label_cli
+from tests.label_fixtures import good_image, run_label_cli, tables, write_files
 
 TINY = ["--num-classes", "6", "--width-mult", "0.0625", "--padding", "same", "--num-workers", "1",
         "--cpus-per-worker", "0.5", "--optimizer", "adam", "--lr", "0.005", "--batch-size", "4", "--crop-size", "32",
@@ -98,6 +100,28 @@ def test_every_jobs_path_arguments_are_absolute_after_parsing(tmp_path, monkeypa
     assert load_job("import_weights").build_parser().parse_args(
         ["--from", "w", "--model", "fcn8s", "--classes", "voc", "--convention", "caffe", "--output", "o"]).classes == "voc"
     assert load_job("synthesize").build_parser().parse_args(["--output", "syn", "--count", "1"]).output == f"{here}/syn"
+
+
+# ------------------------------------------------------------------------------ 4: brackets in paths
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_glob_characters_in_output_and_image_paths_are_literal(ray_session, tiny_checkpoint, bucket, tmp_path,
+                                                               capsys, where):
+    ck_path, _ = tiny_checkpoint
+    base = f"{bucket}/x" if where == "s3" else str(tmp_path)
+    images, output = f"{base}/im[1]", f"{base}/seg[v2]"
+    write_files(images, {"a.png": good_image(1, 20, 22), "b*.png": good_image(2, 21, 23)})
+    write_files(f"{base}/im1", {"decoy.png": good_image(3, 22, 24)})   # what `im[1]` matches as a glob: never listed
+    first = _label(capsys, images, ck_path, output, "--rows-per-file", "1", "--previews", "1")
+    assert (first["listed"], first["labelled"], first["previews"]) == (2, 2, 1)
+    again = _label(capsys, images, ck_path, output)
+    assert (again["skipped"], again["labelled"]) == (2, 0)
+    labels = tables(output)["labels"]["image_uri"].to_pylist()
+    assert sorted(labels) == [f"{images}/a.png", f"{images}/b*.png"]
+    fs, root = storage.filesystem(output)
+    left = [p for p in fs.find(root) if "/_staging/" in p or "/_commits/" in p or p.endswith(LEASE_FILE)]
+    assert left == []
 
 
 # ------------------------------------------------------------------------------ 7: classes.txt

@@ -95,8 +95,8 @@ def _move(output: Location, src: str, dst: str) -> None:
         os.unlink(src)
         return
     if not fs.exists(dst):
-        fs.copy(src, dst)
-    fs.rm(src)
+        Location(output.uri_of(src), fs, src).copy_to(Location(output.uri_of(dst), fs, dst))
+    Location(output.uri_of(src), fs, src).remove()
 
 
 def stage_fileset(output: Location, fileset: str, run_date: str, model_id: str,
@@ -164,9 +164,9 @@ def _nothing_left(output: Location, marker: dict) -> bool:
 
 
 def _remove(location: Location, recursive: bool = False) -> None:
-    """Delete; one already gone (removed by a recovery, or by hand) is what was wanted."""
+    """Delete (the name taken literally); one already gone (removed by a recovery, or by hand) is what was wanted."""
     try:
-        location.fs.rm(location.path, recursive=recursive)
+        location.remove(recursive=recursive)
     except FileNotFoundError:
         pass
 

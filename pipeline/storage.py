@@ -270,9 +270,14 @@ class Location:
                 found = {e["name"]: e for e in self.fs.ls(self.path, detail=True) if e.get("type") != "directory"}
         except Exception as e:
             raise storage_error(self.uri, e) from None
+        # Object keys are any strings: `a//b.png` lies under the common prefix `a//`, which s3fs names `a/` and
+        # lists as all of `a/`. Only keys under this exact prefix belong to it (or the key itself: one object).
+        under = self.path + "/"
         out = []
         for key, info in found.items():
             if info.get("type") == "directory" or key.endswith("/"):
+                continue
+            if not self.is_local and key != self.path and not key.startswith(under):
                 continue
             if extensions is not None and not key.lower().endswith(extensions):
                 continue

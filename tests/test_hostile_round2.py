@@ -102,6 +102,22 @@ def test_every_jobs_path_arguments_are_absolute_after_parsing(tmp_path, monkeypa
     assert load_job("synthesize").build_parser().parse_args(["--output", "syn", "--count", "1"]).output == f"{here}/syn"
 
 
+# ------------------------------------------------------------------------------ 3: S3 keys with an empty segment
+
+
+def test_s3_keys_with_an_empty_segment_are_listed_once(ray_session, tiny_checkpoint, bucket, s3, tmp_path, capsys):
+    ck_path, _ = tiny_checkpoint
+    keys = ["dbl/a.png", "dbl/sub/b.png", "dbl//c.png", "dbl//d/e.png", "dbl/sub//f.png"]
+    for i, key in enumerate(keys):
+        s3.call_s3("put_object", Bucket="test-bucket", Key=key, Body=good_image(i, 20 + i, 22))
+    summary = _label(capsys, f"{bucket}/dbl", ck_path, tmp_path / "out")
+    assert (summary["listed"], summary["labelled"]) == (len(keys), len(keys))
+    uris = tables(str(tmp_path / "out"))["labels"]["image_uri"].to_pylist()
+    assert sorted(uris) == sorted(f"{bucket}/{k}" for k in keys)
+    again = _label(capsys, f"{bucket}/dbl", ck_path, tmp_path / "out")
+    assert (again["listed"], again["skipped"], again["labelled"]) == (len(keys), len(keys), 0)
+
+
 # ------------------------------------------------------------------------------ 4: brackets in paths
 
 

@@ -4,6 +4,7 @@ a host whose clock is a day ahead."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -100,6 +101,31 @@ def test_every_jobs_path_arguments_are_absolute_after_parsing(tmp_path, monkeypa
     assert load_job("import_weights").build_parser().parse_args(
         ["--from", "w", "--model", "fcn8s", "--classes", "voc", "--convention", "caffe", "--output", "o"]).classes == "voc"
     assert load_job("synthesize").build_parser().parse_args(["--output", "syn", "--count", "1"]).output == f"{here}/syn"
+
+
+# ------------------------------------------------------------------------------ 2: a file name that is not UTF-8
+
+
+def test_a_file_name_that_is_not_utf8_costs_only_itself(ray_session, tiny_checkpoint, tmp_path, capsys):
+    ck_path, _ = tiny_checkpoint
+    images = tmp_path / "imgs"
+    write_files(str(images), {f"g{i}.png": good_image(i, 20, 22) for i in range(4)})
+    raw = os.fsencode(str(images))
+    with open(raw + b"/caf\xe9.png", "wb") as f:       # latin-1 bytes: not a UTF-8 name
+        f.write(good_image(7, 20, 22))
+    os.mkdir(raw + b"/d\xe9j\xe0")                      # a folder whose name is not UTF-8, with an image inside
+    with open(raw + b"/d\xe9j\xe0/x.png", "wb") as f:
+        f.write(good_image(8, 20, 22))
+    summary = _label(capsys, images, ck_path, tmp_path / "out")
+    assert (summary["listed"], summary["labelled"], summary["errors"]) == (6, 4, 2)
+    t = tables(str(tmp_path / "out"))
+    assert sorted(os.path.basename(u) for u in t["labels"]["image_uri"].to_pylist()) == [f"g{i}.png" for i in range(4)]
+    errors = {r["image_uri"]: r for r in t["errors"].to_pylist()}
+    # The URI as best representable: each byte that is not UTF-8 percent-encoded (README "When a run fails").
+    assert set(errors) == {f"{images}/caf%E9.png", f"{images}/d%E9j%E0/x.png"}
+    assert all(r["stage"] == "list" and "not valid UTF-8" in r["error"] for r in errors.values())
+    again = _label(capsys, images, ck_path, tmp_path / "out")
+    assert (again["skipped"], again["labelled"], again["errors"]) == (4, 0, 2)
 
 
 # ------------------------------------------------------------------------------ 3: S3 keys with an empty segment

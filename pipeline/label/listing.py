@@ -28,7 +28,11 @@ from ..dataset_formats import DatasetError, single_image
 from ..decode import IMAGE_EXTENSIONS
 from ..storage import FileInfo, Location, is_remote, join, normalize
 
-LISTING_SCHEMA = pa.schema([("image_uri", pa.string()), ("image_version", pa.string()), ("image_size", pa.int64())])
+# list_error: why a listed file cannot be labeled at all (its name is not UTF-8); the read stage makes it an errors/ row.
+LISTING_SCHEMA = pa.schema([("image_uri", pa.string()), ("image_version", pa.string()), ("image_size", pa.int64()),
+                            ("list_error", pa.string())])
+NOT_UTF8 = ("file name is not valid UTF-8 (each byte that is not UTF-8 is shown as %XX): rename it to label it; "
+            "output tables hold UTF-8 text only")
 MANIFEST_SUFFIXES = (*dataset_formats.MANIFEST_SUFFIXES, ".csv.gz")  # training's manifest files, and gzipped CSV
 INVENTORY_MANIFEST = "manifest.json"
 VERSION_COLUMNS = ("version", "e_tag", "etag")  # first found wins
@@ -56,6 +60,9 @@ class Listing:
 
 def plan_listing(images: Location, manifest: bool) -> Listing:
     """Check the images location (or the manifest and its columns) and say how to list it; one line on error."""
+    if printable_uri(images.uri) != images.uri:
+        raise DatasetError(f"--images {printable_uri(images.uri)}: the path is not valid UTF-8 (each byte that is not "
+                           "UTF-8 is shown as %XX); rename it")
     if not (manifest or is_manifest(images)):
         images.check_exists("directory" if images.is_local else "prefix")
         return Listing(images)
@@ -77,9 +84,10 @@ def listing_dataset(listing: Listing, *, exclude: tuple[str, ...]) -> ray.data.D
     single = single_image(images)
     if single:
         return ray.data.from_arrow(_rows([single]))
-    # One delimiter level in the driver: only sub-prefix names are kept; the files are listed by the tasks.
-    units = [{"path": images.path, "recursive": False}]
-    units += [{"path": e["name"], "recursive": True} for e in images.fs.ls(images.path, detail=True)
+    # One delimiter level in the driver: only sub-prefix names are kept; the files are listed by the tasks. Names
+    # travel as bytes: a local folder's name need not be UTF-8 (Python holds its bytes as surrogates).
+    units = [{"path": _raw(images.path), "recursive": False}]
+    units += [{"path": _raw(e["name"]), "recursive": True} for e in images.fs.ls(images.path, detail=True)
               if e.get("type") == "directory"]
     images.fs.invalidate_cache(images.path)  # s3fs would keep that level's listing for the whole run
     return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
@@ -87,14 +95,29 @@ def listing_dataset(listing: Listing, *, exclude: tuple[str, ...]) -> ray.data.D
         fn_kwargs={"images": images, "exclude": exclude})
 
 
+def _raw(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
+
+
+def printable_uri(uri: str) -> str:
+    """The URI as UTF-8 text: a local name's bytes that are not UTF-8 (held by Python as lone surrogates, which no
+    Parquet or JSON writer accepts) become %XX. Equal to `uri` for every valid name."""
+    return re.sub("[\udc80-\udcff]", lambda m: f"%{ord(m.group()) - 0xDC00:02X}", uri)
+
+
 def _rows(files: list[FileInfo]) -> pa.Table:
-    return pa.table({"image_uri": [f.uri for f in files], "image_version": [f.version for f in files],
-                     "image_size": [int(f.size) for f in files]}, schema=LISTING_SCHEMA)
+    """Listing rows; a file whose name is not UTF-8 gets its printable URI and a list_error: one errors/ row."""
+    uris = [printable_uri(f.uri) for f in files]
+    return pa.table({"image_uri": uris, "image_version": [f.version for f in files],
+                     "image_size": [int(f.size) for f in files],
+                     "list_error": [None if u == f.uri else NOT_UTF8 for u, f in zip(uris, files)]},
+                    schema=LISTING_SCHEMA)
 
 
 def _list_units(batch: pa.Table, *, images: Location, exclude: tuple[str, ...]):
     """Ray task: list each unit (a sub-prefix, recursively; or the prefix's own files) in blocks of rows."""
-    for path, recursive in zip(batch["path"].to_pylist(), batch["recursive"].to_pylist()):
+    for raw, recursive in zip(batch["path"].to_pylist(), batch["recursive"].to_pylist()):
+        path = raw.decode("utf-8", "surrogateescape")
         unit = Location(images.uri_of(path), images.fs, path)
         files = [f for f in unit.list_files(IMAGE_EXTENSIONS, recursive=recursive) if not f.uri.startswith(exclude)]
         for start in range(0, len(files), LIST_BLOCK_ROWS):
@@ -200,7 +223,8 @@ def _manifest_rows(batch: pa.Table, *, images: Location, version: str, exclude: 
     keep = [i for i, (u, v) in enumerate(zip(uris, versions))
             if u and v and u.lower().endswith(IMAGE_EXTENSIONS) and not u.startswith(exclude)]
     return pa.table({"image_uri": [uris[i] for i in keep], "image_version": [versions[i] for i in keep],
-                     "image_size": [_int(sizes[i]) for i in keep]}, schema=LISTING_SCHEMA)
+                     "image_size": [_int(sizes[i]) for i in keep], "list_error": [None] * len(keep)},
+                    schema=LISTING_SCHEMA)
 
 
 def _absolute(uri: str, folder: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -12,7 +13,7 @@ from typing import Any, Callable
 from models import BackboneError, CheckpointError
 
 from .errors import JobError
-from .storage import StorageError, normalize, redact
+from .storage import StorageError, no_space, normalize, redact, storage_error
 
 # Errors a user can fix from the message alone: printed as one line, exit code 2, no traceback.
 USER_ERRORS = (JobError, StorageError, CheckpointError, BackboneError, ValueError, FileNotFoundError)
@@ -80,6 +81,47 @@ def _terminated(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _causes(e: BaseException):
+    """`e` and every exception behind it: causes and contexts, the original of a Ray task's error, the failures of
+    Ray Train's workers."""
+    seen, stack = set(), [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        failures = getattr(x, "worker_failures", None)
+        stack += [*(failures.values() if isinstance(failures, dict) else ()), getattr(x, "cause", None),
+                  getattr(x, "controller_failure", None), x.__context__, x.__cause__]
+
+
+# How a worker's storage failure reads in the traceback text Ray brings back (its exception objects lose their causes).
+_REMOTE_STORAGE_ERROR = re.compile(r"^pipeline\.storage\.StorageError: (.+)$", re.MULTILINE)
+_REMOTE_NO_SPACE = re.compile(r"\[Errno (28|122)\] [^\n]*?: '([^'\n]+)'")
+
+
+def expected_failure(e: BaseException) -> StorageError | None:
+    """The storage failure behind an error raised far from its cause (in a Ray task or a training worker): a full
+    disk or quota, or a store that vanished. Its one line is what the user needs, not Ray's tracebacks."""
+    causes = list(_causes(e))
+    for x in causes:
+        if no_space(x):
+            return storage_error(getattr(x, "filename", None) or "the output", x)
+        if type(x) is StorageError:  # not Ray's wrapper class RayTaskError(StorageError)
+            return x
+    for x in causes:
+        text = str(x)
+        found = _REMOTE_STORAGE_ERROR.findall(text)
+        if found:
+            return StorageError(found[-1].strip())
+        found = _REMOTE_NO_SPACE.findall(text)
+        if found:
+            code, path = found[-1]
+            return storage_error(path, OSError(int(code), os.strerror(int(code))))
+    return None
+
+
 def run_job(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a job's main; user errors become `error: ...` on stderr and exit status 2.
 
@@ -89,7 +131,16 @@ def run_job(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         code = main(argv)
     except USER_ERRORS as e:
+        cause = getattr(e, "cause", None)  # Ray's copy of a task's error: the worker's traceback is in its text
+        if isinstance(cause, BaseException):
+            e = expected_failure(e) or cause
         print(f"error: {redact(str(e))}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Exception as e:
+        found = expected_failure(e)
+        if found is None:
+            raise
+        print(f"error: {redact(str(found))}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)

@@ -91,9 +91,21 @@ def dirname(uri: str) -> str:
     return posixpath.dirname(uri) if is_remote(uri) else os.path.dirname(uri)
 
 
+# A full disk or an exceeded quota: expected failures of any write, said in one line naming the path.
+_NO_SPACE = {errno.ENOSPC: "no space left on the device that holds {uri} (the disk is full)",
+             errno.EDQUOT: "disk quota exceeded writing {uri}"}
+
+
+def no_space(e: BaseException) -> bool:
+    """The error of a write to a full disk (ENOSPC) or over a quota (EDQUOT)."""
+    return isinstance(e, OSError) and e.errno in _NO_SPACE
+
+
 def _describe(uri: str, e: BaseException) -> str:
     name = type(e).__name__
     text = str(e)
+    if no_space(e):
+        return _NO_SPACE[e.errno].format(uri=uri) + ": free space, then rerun the same command"
     if "Could not connect" in text or "EndpointConnectionError" in name or "ConnectTimeout" in name \
             or "Connect timeout" in text or isinstance(e, ConnectionError):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"

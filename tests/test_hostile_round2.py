@@ -3,9 +3,12 @@ real files, a loopback S3 server, a real full filesystem, a bucket deleted under
 a host whose clock is a day ahead."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,8 +18,8 @@ from pipeline.lease import LEASE_FILE
 from pipeline.synthetic import synthesize_voc
 from pipeline.testbed import random_checkpoint
 from tests.images import palette_mask
-from tests.jobs_util import run_in_process, run_subprocess
-from tests.label_fixtures import good_image, run_label_cli, tables, write_files
+from tests.jobs_util import ROOT, run_in_process, run_subprocess
+from tests.label_fixtures import duckdb_connection, good_image, run_label_cli, tables, write_files
 
 TINY = ["--num-classes", "6", "--width-mult", "0.0625", "--padding", "same", "--num-workers", "1",
         "--cpus-per-worker", "0.5", "--optimizer", "adam", "--lr", "0.005", "--batch-size", "4", "--crop-size", "32",
@@ -164,6 +167,70 @@ def test_glob_characters_in_output_and_image_paths_are_literal(ray_session, tiny
     fs, root = storage.filesystem(output)
     left = [p for p in fs.find(root) if "/_staging/" in p or "/_commits/" in p or p.endswith(LEASE_FILE)]
     assert left == []
+
+
+# ------------------------------------------------------------------------------ 5: the output's disk fills mid-run
+
+
+_DISK_FULL_SCRIPT = r"""
+set -u
+mount -t tmpfs -o size=1m tmpfs "$DISK" || exit 97
+dd if=/dev/zero of="$DISK/filler" bs=1k count=880 2>/dev/null
+"$PY" "$ROOT/jobs/label.py" $ARGS > "$OUT/run1.out" 2> "$OUT/run1.err"
+echo $? > "$OUT/run1.rc"
+rm "$DISK/filler"
+"$PY" "$ROOT/jobs/label.py" $ARGS > "$OUT/run2.out" 2> "$OUT/run2.err"
+echo $? > "$OUT/run2.rc"
+cp -a "$DISK/out" "$OUT/out"
+"""
+
+
+def _mount_namespace() -> list[str] | None:
+    """A command prefix that runs a shell in a mount namespace where a tmpfs may be mounted, or None."""
+    for prefix in (["unshare", "-m"] if os.geteuid() == 0 else [], ["unshare", "-rm"]):
+        if prefix and shutil.which("unshare") and subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
+            return prefix
+    return None
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_rerun_is_exactly_once(tiny_checkpoint, tmp_path):
+    """A real full filesystem (a 1 MB tmpfs in a private mount namespace), not an injected error."""
+    prefix = _mount_namespace()
+    if prefix is None:
+        pytest.skip("needs unshare (a mount namespace) to make a small filesystem")
+    ck_path, _ = tiny_checkpoint
+    images = tmp_path / "imgs"
+    write_files(str(images), {f"p{i:02d}.png": good_image(i, 160, 200) for i in range(16)})
+    disk, out = tmp_path / "disk", tmp_path / "result"
+    disk.mkdir()
+    out.mkdir()
+    args = ["--images", str(images), "--checkpoint", ck_path, "--output", str(disk / "out"), "--rows-per-file", "2", *FAST]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local", "DISK": str(disk), "OUT": str(out),
+           "PY": sys.executable, "ROOT": ROOT, "ARGS": " ".join(args)}
+    proc = subprocess.run([*prefix, "sh", "-c", _DISK_FULL_SCRIPT], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode != 97, f"could not mount a tmpfs: {proc.stderr}"
+    first = (out / "run1.err").read_text()
+    line = _one_error(int((out / "run1.rc").read_text()), first)
+    assert "no space left" in line and str(disk / "out") in line, line
+    assert (out / "run2.rc").read_text().strip() == "0", (out / "run2.err").read_text()[-3000:]
+    summary = json.loads((out / "run2.out").read_text().strip().splitlines()[-1])
+    done_before = summary["skipped"]
+    assert done_before < 16, "the disk never filled"
+    assert summary["labelled"] == 16 - done_before
+    con = duckdb_connection(str(out / "out"))
+    counts = con.execute(f"SELECT image_uri, count(*) FROM read_parquet('{out}/out/labels/**/*.parquet') "
+                         "GROUP BY ALL").fetchall()
+    assert sorted(u for u, _ in counts) == sorted(f"{images}/p{i:02d}.png" for i in range(16))
+    assert all(n == 1 for _, n in counts)
+    assert not glob.glob(f"{out}/out/_staging/*") and not glob.glob(f"{out}/out/_commits/*")
+
+
+def test_disk_full_and_quota_errors_name_the_path():
+    import errno
+
+    for code, words in ((errno.ENOSPC, "no space left"), (errno.EDQUOT, "disk quota exceeded")):
+        e = storage.storage_error("/data/out/labels/x.parquet", OSError(code, os.strerror(code)))
+        assert words in str(e) and "/data/out/labels/x.parquet" in str(e), str(e)
 
 
 # ------------------------------------------------------------------------------ 7: classes.txt

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from .errors import JobError
-from .storage import Location, storage_error
+from .storage import Location, StorageError, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class Lease:
             try:
                 current = _read(self.location)
                 if current is None or current[0].get("id") != self.record["id"]:
+                    self._check_folder()
                     raise _Lost()
                 self._etag = _renew(self.location, _encode(self.record), self._etag)
                 self._renewed_at = time.monotonic()
@@ -102,8 +103,17 @@ class Lease:
                 log.error("%s", self.lost)
                 self._on_lost()
                 return
+            except StorageError as e:  # the store itself is gone (a deleted bucket): not another run's doing
+                self.lost = f"lost the lease of {self.location.uri}: {e}"
+                log.error("%s", self.lost)
+                self._on_lost()
+                return
             except Exception as e:  # noqa: BLE001 - a missed beat is retried; the lease lives ttl_s
                 log.warning("lease heartbeat of %s failed: %s", self.location.uri, e)
+
+    def _check_folder(self) -> None:
+        """Raise StorageError when the lease vanished with its bucket (deleted under the run), not by a takeover."""
+        self.location._check_bucket()
 
     def check(self) -> None:
         """Raise JobError unless the lease is surely still ours: not lost, and renewed within the last 3/4 of its

@@ -9,12 +9,15 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from pipeline import storage
-from pipeline.lease import LEASE_FILE
+from pipeline import faults, storage
+from pipeline.lease import LEASE_FILE, Lease
+from pipeline.storage import Location
 from pipeline.synthetic import synthesize_voc
 from pipeline.testbed import random_checkpoint
 from tests.images import palette_mask
@@ -231,6 +234,61 @@ def test_disk_full_and_quota_errors_name_the_path():
     for code, words in ((errno.ENOSPC, "no space left"), (errno.EDQUOT, "disk quota exceeded")):
         e = storage.storage_error("/data/out/labels/x.parquet", OSError(code, os.strerror(code)))
         assert words in str(e) and "/data/out/labels/x.parquet" in str(e), str(e)
+
+
+# ------------------------------------------------------------------------------ 6: the storage bucket deleted
+
+
+def _delete_bucket(s3, name: str) -> None:
+    """Every object, then the bucket itself (what `aws s3 rb --force` does)."""
+    for _ in range(5):
+        listed = s3.call_s3("list_objects_v2", Bucket=name).get("Contents", [])
+        for obj in listed:
+            s3.call_s3("delete_object", Bucket=name, Key=obj["Key"])
+        try:
+            s3.call_s3("delete_bucket", Bucket=name)
+            break
+        except OSError:  # written to meanwhile
+            continue
+    s3.invalidate_cache()
+    assert not s3.exists(name)
+
+
+def test_training_bucket_deleted_mid_run_is_one_line(small_voc, bucket, s3, tmp_path):
+    go = tmp_path / "go"
+    argv = ["--data", small_voc, "--storage", f"{bucket}/runs", "--name", "gone", *TINY, "--epochs", "3",
+            "--max-failures", "0"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local",
+           faults.ENV: f"train.reported:epoch1=wait_for:{go}"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "train.py"), *argv], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not s3.exists("test-bucket/runs/gone/epoch_0001/state.json"):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+            s3.invalidate_cache()
+        _delete_bucket(s3, "test-bucket")
+        go.touch()
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        go.touch()
+        proc.kill()
+    line = _one_error(proc.returncode, stderr)
+    assert "s3://test-bucket" in line and "does not exist" in line, line
+
+
+def test_a_lease_whose_bucket_was_deleted_says_so(bucket, s3):
+    """The heartbeat finds the lease gone with its bucket: the holder is told the storage vanished, not that another
+    run took its lease over."""
+    told = threading.Event()
+    lease = Lease.acquire(Location.of(f"{bucket}/runs/x"), holder="run A", what="run x", ttl_s=0.8, on_lost=told.set)
+    try:
+        _delete_bucket(s3, "test-bucket")
+        assert told.wait(10)
+        assert "bucket does not exist: s3://test-bucket" in lease.lost and "took it over" not in lease.lost, lease.lost
+    finally:
+        lease.release()
 
 
 # ------------------------------------------------------------------------------ 7: classes.txt

@@ -25,7 +25,7 @@ from ..ray_setup import (
     release_resource_request,
     wait_for_resources,
 )
-from ..storage import check_exists, normalize
+from ..storage import StorageError, check_exists, normalize
 from ..telemetry import TrainMetrics
 from .config import TrainConfig
 from .inputs import BadSampleLog, segmentation_dataset
@@ -256,6 +256,10 @@ def _fit(cfg: TrainConfig, run, train: list, val: list, class_names: list[str], 
             _, stalled, message = str(e).rpartition(f"{InputStalled.__name__}: ")  # the last one, after tracebacks
             if stalled:  # raised in a worker: one line, not the workers' tracebacks
                 raise JobError(message.splitlines()[0]) from None
+            try:  # storage that vanished under the run (a deleted bucket): one line naming it
+                run.check_writable()
+            except StorageError as gone:
+                raise StorageError(f"the run's storage failed during training: {gone}") from None
             raise
     bad_rows = ray.get(bad_log.rows.remote())
     for row in bad_rows:

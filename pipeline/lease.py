@@ -10,6 +10,11 @@ The lease is `<folder>/_lease.json`:
   overwrites a lease another run took meanwhile; its modification time is the heartbeat;
 - taken over when its heartbeat is older than `ttl_s`, or at once when its holder's process is gone from this
   host: the stale file is renamed away locally (one taker wins) or deleted on its ETag on S3 (`If-Match`);
+- a heartbeat time from the future is clock skew (a holder's clock ahead, for a local or NFS folder whose file
+  times are its clock): up to `ttl_s` ahead it counts as fresh, so a live holder with a fast clock is respected and
+  a dead one's lease still frees within 2 x `ttl_s`. Further ahead, its age cannot be told, so the lease is watched
+  for the holder's ttl: a live holder renews it every ttl / 4 (refused, naming the skew); one that never changes is
+  a dead holder's (a live holder stops writing once 3/4 of its ttl passed without a renewal) and is taken over;
 - released by its holder only while it is still its own; one already gone is not an error.
 A holder that loses its lease (a stall longer than `ttl_s`) is told: `on_lost` runs, by default interrupting the
 main thread, so a run never goes on writing beside another.
@@ -25,7 +30,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .errors import JobError
 from .storage import Location, StorageError, storage_error
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 
 LEASE_FILE = "_lease.json"
 DEFAULT_TTL_S = 600.0
+SKEW_NOTICE_S = 5.0  # a heartbeat further ahead of this host's clock is named as clock skew in messages
 
 
 class LeaseHeld(JobError):
@@ -74,15 +80,31 @@ class Lease:
             current = _read(location)
             if current is None:  # released between our create and our read
                 continue
-            found, heartbeat_age, found_etag = current
+            found, heartbeat_age, found_etag = current.record, current.age, current.etag
             dead = _holder_died(found)
-            if heartbeat_age <= ttl_s and not dead:
-                raise LeaseHeld(f"{what} is in use by {found.get('holder', 'another run')} (host "
-                                f"{found.get('host', '?')}, pid {found.get('pid', '?')}), which has held it for "
-                                f"{_held_for(found)}; a holder that died frees it {_age(ttl_s)} after its last "
-                                f"heartbeat ({_age(heartbeat_age)} ago)")
-            log.warning("taking over the lease of %s from %s: %s", folder.uri, found.get("holder", "a dead run"),
-                        "its process is gone" if dead else f"no heartbeat for {_age(heartbeat_age)}")
+            held = f"{what} is in use by {found.get('holder', 'another run')} (host {found.get('host', '?')}, pid " \
+                   f"{found.get('pid', '?')}), which has held it for {_held_for(found)}"
+            ahead = -heartbeat_age
+            if ahead > ttl_s and not dead:  # clock skew: how old the heartbeat is cannot be told; watch it
+                watch_s = _holder_ttl(found, ttl_s)
+                skew = _skew(ahead, found)
+                log.warning("the lease of %s: %s; watching it for up to %s for a heartbeat of its holder", folder.uri,
+                            skew, _age(watch_s))
+                renewed = _renewed_within(location, current, watch_s)
+                if renewed is None:  # released meanwhile
+                    continue
+                if renewed:
+                    raise LeaseHeld(f"{held}, and it is alive (it renewed the lease); {skew}: set the clocks right "
+                                    "(NTP) on both hosts")
+                log.warning("taking over the lease of %s from %s: %s, and it did not change for %s", folder.uri,
+                            found.get("holder", "a dead run"), skew, _age(watch_s))
+            elif heartbeat_age <= ttl_s and not dead:
+                skew = f"; {_skew(ahead, found)}" if ahead > SKEW_NOTICE_S else ""
+                raise LeaseHeld(f"{held}; a holder that died frees it {_age(ttl_s)} after its last heartbeat "
+                                f"({_age(heartbeat_age)} ago){skew}")
+            else:
+                log.warning("taking over the lease of %s from %s: %s", folder.uri, found.get("holder", "a dead run"),
+                            "its process is gone" if dead else f"no heartbeat for {_age(heartbeat_age)}")
             _remove_if_unchanged(location, found, found_etag)
         raise LeaseHeld(f"{what}: other runs are taking its lease at the same moment; try again")
 
@@ -92,7 +114,7 @@ class Lease:
         while not self._stop.wait(self.ttl_s / 4):
             try:
                 current = _read(self.location)
-                if current is None or current[0].get("id") != self.record["id"]:
+                if current is None or current.record.get("id") != self.record["id"]:
                     self._check_folder()
                     raise _Lost()
                 self._etag = _renew(self.location, _encode(self.record), self._etag)
@@ -133,8 +155,8 @@ class Lease:
             self._thread.join()
         try:
             current = _read(self.location)
-            if current is not None and current[0].get("id") == self.record["id"]:
-                _remove_if_unchanged(self.location, current[0], current[2])
+            if current is not None and current.record.get("id") == self.record["id"]:
+                _remove_if_unchanged(self.location, current.record, current.etag)
         except Exception as e:  # noqa: BLE001 - ending a run never fails on its lease
             log.warning("could not release the lease %s: %s", self.location.uri, e)
 
@@ -151,6 +173,34 @@ class _Lost(Exception):
 
 def _encode(record: dict) -> bytes:
     return json.dumps(record, indent=1).encode()
+
+
+def _skew(ahead_s: float, record: dict) -> str:
+    return (f"its heartbeat is {_age(ahead_s)} ahead of this host's clock (clock skew between this host and "
+            f"{record.get('host', 'its holder')} or the store)")
+
+
+def _holder_ttl(record: dict, ttl_s: float) -> float:
+    """How long to watch a lease for a heartbeat: its holder's ttl (it renews every ttl / 4), at most ours."""
+    try:
+        recorded = float(record.get("ttl_s", ttl_s))
+    except (TypeError, ValueError):
+        return ttl_s
+    return min(ttl_s, recorded) if recorded > 0 else ttl_s
+
+
+def _renewed_within(location: Location, seen: _Found, watch_s: float) -> bool | None:
+    """Whether the lease `seen` is renewed (or replaced) within `watch_s` seconds; None when it is released."""
+    deadline = time.monotonic() + watch_s
+    while True:
+        time.sleep(min(max(watch_s / 10, 0.2), 15.0, max(0.0, deadline - time.monotonic())))
+        now = _read(location)
+        if now is None:
+            return None
+        if (now.modified, now.record.get("id")) != (seen.modified, seen.record.get("id")):
+            return True
+        if time.monotonic() >= deadline:
+            return False
 
 
 def _held_for(record: dict) -> str:
@@ -203,8 +253,15 @@ def _create_exclusive(location: Location, data: bytes) -> tuple[bool, str | None
         raise storage_error(location.uri, e) from None
 
 
-def _read(location: Location) -> tuple[dict, float, str | None] | None:
-    """(record, seconds since its last heartbeat, ETag), or None when there is no lease."""
+class _Found(NamedTuple):
+    record: dict
+    age: float            # seconds since its last heartbeat, by this host's clock (negative: from the future)
+    etag: str | None
+    modified: float       # the heartbeat: the file's modification time
+
+
+def _read(location: Location) -> _Found | None:
+    """The lease as found, or None when there is none."""
     try:
         location.fs.invalidate_cache()
         info = location.fs.info(location.path)
@@ -217,7 +274,7 @@ def _read(location: Location) -> tuple[dict, float, str | None] | None:
         record = {}
     modified = info.get("mtime") or info.get("LastModified")
     modified = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0)
-    return record, time.time() - modified, info.get("ETag")
+    return _Found(record, time.time() - modified, info.get("ETag"), modified)
 
 
 def _renew(location: Location, data: bytes, etag: str | None) -> str | None:

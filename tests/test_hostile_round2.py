@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -357,3 +358,57 @@ def test_evaluate_that_drops_most_of_its_split_fails_and_a_few_drops_warn(ray_se
     line = _one_error(code, err)
     assert "3 of 4 images of split 'val' were dropped as bad samples" in line and "outside classes" in line, line
     assert not out.strip()  # no score for a quarter of the split
+
+
+# ------------------------------------------------------------------------------ 9: a lease from the future
+
+
+def _future_lease(output, *, ttl_s: float, ahead_s: float = 86400.0) -> str:
+    path = os.path.join(output, LEASE_FILE)
+    os.makedirs(output, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"holder": "labeling run on a fast clock", "id": "fast", "host": "elsewhere", "pid": 1,
+                   "acquired_at": "2026-11-27T01:00:00+00:00", "ttl_s": ttl_s}, f)
+    stamp = time.time() + ahead_s
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_a_dead_holders_lease_from_the_future_blocks_for_at_most_its_ttl(ray_session, tiny_checkpoint, tmp_path,
+                                                                         capsys, caplog):
+    ck_path, _ = tiny_checkpoint
+    write_files(str(tmp_path / "imgs"), {"a.png": good_image(1, 20, 22)})
+    _future_lease(str(tmp_path / "out"), ttl_s=3.0)
+    started = time.monotonic()
+    code, stdout, stderr = run_label_cli(["--images", str(tmp_path / "imgs"), "--checkpoint", ck_path, "--output",
+                                          str(tmp_path / "out"), *FAST], capsys)
+    assert code == 0, stderr[-3000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["labelled"] == 1
+    taken = [r.getMessage() for r in caplog.records if "taking over the lease" in r.getMessage()]
+    assert len(taken) == 1 and "clock skew" in taken[0] and re.search(r"(23 h 59|24 h 0) min ahead", taken[0]), taken
+    assert time.monotonic() - started < 120
+
+
+def test_a_live_holder_with_a_clock_a_day_ahead_is_respected_and_the_error_names_the_skew(tiny_checkpoint, tmp_path,
+                                                                                         capsys):
+    ck_path, _ = tiny_checkpoint
+    write_files(str(tmp_path / "imgs"), {"a.png": good_image(1, 20, 22)})
+    path = _future_lease(str(tmp_path / "out"), ttl_s=2.0)
+    stop = threading.Event()
+
+    def heartbeat():  # what a live holder whose clock is a day ahead does: fresh future times, every ttl / 4
+        while not stop.wait(0.5):
+            stamp = time.time() + 86400
+            os.utime(path, (stamp, stamp))
+
+    beating = threading.Thread(target=heartbeat, daemon=True)
+    beating.start()
+    try:
+        code, _, stderr = run_label_cli(["--images", str(tmp_path / "imgs"), "--checkpoint", ck_path, "--output",
+                                         str(tmp_path / "out"), *FAST], capsys)
+    finally:
+        stop.set()
+        beating.join()
+    line = _one_error(code, stderr)
+    assert "in use by labeling run on a fast clock" in line and "clock skew" in line and "ahead" in line, line
+    assert json.load(open(path))["id"] == "fast"  # the live holder keeps its lease

@@ -124,7 +124,10 @@ def commit_staged(output: Location, marker: dict) -> dict[str, int]:
     output.child(COMMITS, f"{marker['fileset']}.json").write_text(json.dumps(marker, indent=1))
     faults.fire("label.commit:committed")
     _publish(output, marker)
-    return {p["table"]: p["rows"] for p in marker["files"]}
+    rows: dict[str, int] = {}
+    for p in marker["files"]:  # a group (pipeline.label.filesets) has several labels files
+        rows[p["table"]] = rows.get(p["table"], 0) + p["rows"]
+    return rows
 
 
 def commit_fileset(output: Location, fileset: str, run_date: str, model_id: str,
@@ -144,6 +147,8 @@ def _publish(output: Location, marker: dict) -> None:
             _publish_file(output, marker, entry)
     _remove(output.child(COMMITS, f"{marker['fileset']}.json"))
     _remove(output.child(STAGING, marker["fileset"]), recursive=True)
+    for member in marker.get("members", ()):  # the sets a group merged: their labels files are published
+        _remove(output.child(STAGING, member), recursive=True)
 
 
 def _publish_file(output: Location, marker: dict, entry: dict) -> None:

@@ -56,6 +56,7 @@ class LabelConfig:
     cast_weights: bool = True
     # Tuning without a flag: file-set size in bytes, rows per read task / per inference actor call, progress lines.
     bytes_per_file: int = 256 * 1024**2
+    images_per_small_file: int = 10_000   # images whose class_stats/errors/index rows share one file (filesets.py)
     rows_per_read_task: int = 8
     progress_interval_s: float = 30.0     # seconds between progress lines on stderr
     rows_per_actor_call: int | None = None  # None: 16 (GPU) or 4 (CPU) x batch_size, to fill equal-canvas batches

@@ -30,6 +30,7 @@ from ..telemetry import LabelMetrics
 from .commit import OWN_FOLDERS, PREVIEWS, RUNS, recover
 from .config import LabelConfig
 from .dataset import build_dataset
+from .filesets import FilesetGrouper
 from .inference import shippable
 from .listing import Listing, listing_dataset, plan_listing
 from .previews import preview_sources, write_previews
@@ -155,7 +156,7 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
         upgrade_tables(output, run_id)  # older files get today's columns before this run adds any (once per output)
         ensure_index(output)
         todo, listed, to_label = list_todo(listing, output, ck.model_id, force=config.force,
-                                           rows_per_file=config.rows_per_file,
+                                           rows_per_file=max(config.rows_per_file, config.images_per_small_file),
                                            rows_per_read_task=config.rows_per_read_task)
         timings["list_and_skip"] = time.monotonic() - t
         metrics.listed(listed, listed - to_label)
@@ -252,10 +253,15 @@ def _run_pipeline(ray, config: LabelConfig, ck: Checkpoint, todo, to_label: int,
         t = time.monotonic()
         settings = OutputSettings(output, run_id, run_date, ck.model_id, tuple(ck.class_names), config.bytes_per_file)
         ds = build_dataset(todo, listed_by, checkpoint_ref=ref, plan=plan, config=config, output=settings)
+        # The class_stats, errors and index rows of images_per_small_file images share one file each (filesets.py).
+        grouper = FilesetGrouper(config.images_per_small_file, output, ck.model_id, plan.task_cpus)
         with ProgressLog(committer, to_label, config.progress_interval_s):
             for staged in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 timings.setdefault("first_result", time.monotonic() - t)
-                committer.commit(staged)
+                for group in grouper.add(staged):
+                    committer.commit(group)
+            for group in grouper.flush():
+                committer.commit(group)
         timings["pipeline"] = time.monotonic() - t
     committer.finish()
     t = time.monotonic()

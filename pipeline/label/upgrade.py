@@ -156,10 +156,15 @@ class SchemaUpgradeError(JobError):
 
 
 def read_marker(output: Location) -> dict | None:
+    """`_schema.json`, or None where the output has none yet."""
+    marker = output.child(MARKER)
     try:
-        return json.loads(output.child(MARKER).read_text())
+        return json.loads(marker.read_text())
     except FileNotFoundError:
         return None
+    except ValueError as e:  # cut short or edited by hand: checking every file again is always safe
+        raise SchemaUpgradeError(f"{marker.uri} is not the job's schema record ({e}); delete it and the next run "
+                                 "checks every table file again") from None
 
 
 def upgrade_tables(output: Location, run_id: str | None = None) -> dict[str, int]:

@@ -99,9 +99,9 @@ class Committer:
             marker = json.loads(row["marker"])
             self.before_commit()
             written = commit_staged(self.output, marker)
-            for name in written:
-                if name in self.files:
-                    self.files[name] += 1
+            for entry in marker["files"]:  # a group (pipeline.label.filesets) has a labels file per set
+                if entry["table"] in self.files:
+                    self.files[entry["table"]] += 1
             self.labeled += written.get("labels", 0)
             self.errors += written.get("errors", 0)
             self.actors.update(row["actors"])

@@ -11,7 +11,10 @@ end-to-end wall time (the Ray job's includes starting the worker group, validati
 ceiling in the same run: training steps alone on one batch already in memory (`ray_vs_step_ceiling`).
 
     python bench/train_bench.py [--images 192] [--epochs 6] [--width-mult 0.25] [--crop 128]
-                                [--device cpu|cuda] [--amp bf16|fp16|off] [--loader-workers 1]
+                                [--device cpu|cuda] [--amp bf16|fp16|off] [--loader-workers 1] [--compile MODE]
+
+The plain loop's step is the job's (pipeline/train/step.py): frozen upsampling, the job's optimizer implementation
+(fused on CUDA, foreach on CPU), cuDNN autotuning inside the step on CUDA, and --compile on both sides.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from torch import nn  # noqa: E402
 from models import TORCHVISION, build_model  # noqa: E402
 from pipeline.dataset_formats import list_samples  # noqa: E402
 from pipeline.synthetic import synthesize_voc  # noqa: E402
+from pipeline.train.config import COMPILE_MODES, TrainConfig  # noqa: E402
 from pipeline.train.evaluation import to_input  # noqa: E402
 from pipeline.train.inputs import load_pair  # noqa: E402
 from pipeline.train.transforms import TrainTransform  # noqa: E402
@@ -52,23 +56,28 @@ class PairDataset(torch.utils.data.Dataset):
 
 def _model_and_step(args):
     from pipeline.amp import autocast
+    from pipeline.train.step import compile_for_training, cudnn_benchmark, make_optimizer, set_upsampling
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_model("fcn8s", 6, width_mult=args.width_mult, padding="same").to(device)
+    set_upsampling(model, learn=False)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    opt = make_optimizer(TrainConfig(data="", storage="", name="", lr=0.01, momentum=0.9, weight_decay=5e-4), model,
+                         device)
+    forward = compile_for_training(model, args.compile)
     crit = nn.CrossEntropyLoss(ignore_index=255)
     normalize = TORCHVISION.normalizer(device)
 
     def step(image, mask):
-        x = to_input(image, normalize, device, channels_last=device.type == "cuda")
-        with autocast(device, args.amp):
-            loss = crit(model(x).float(), mask.to(device, non_blocking=True).long())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        with cudnn_benchmark(device.type == "cuda"):
+            x = to_input(image, normalize, device, channels_last=device.type == "cuda")
+            with autocast(device, args.amp):
+                loss = crit(forward(x).float(), mask.to(device, non_blocking=True).long())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
 
     return device, step
 
@@ -123,7 +132,7 @@ def ray_job(data, args) -> tuple[list[float], float]:
     cfg = TrainConfig(data=data, storage=storage, name="bench", num_classes=6, width_mult=args.width_mult,
                       padding="same", epochs=args.epochs, batch_size=args.batch, crop_size=args.crop,
                       amp=args.amp if gpu else "off", use_gpu=gpu, num_workers=1, cpus_per_worker=1.0,
-                      keep_best=args.epochs, max_failures=0)
+                      keep_best=args.epochs, max_failures=0, compile=args.compile)
     t0 = time.perf_counter()
     run_training(cfg)
     wall = time.perf_counter() - t0
@@ -142,6 +151,7 @@ def main() -> None:
     p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off", help="autocast on CUDA (CPU: fp32)")
     p.add_argument("--loader-workers", type=int, default=1,
                    help="decode/augment processes of the plain loop; the Ray job gets as many CPUs for Ray Data")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="off", help="torch.compile mode on both sides")
     args = p.parse_args()
     if args.device == "cpu":
         args.amp = "off"
@@ -158,6 +168,7 @@ def main() -> None:
     before, after = float(np.mean(plain[1:])), float(np.mean(plain_after[1:]))
     plain_ips, ray_ips = (before + after) / 2, float(np.mean(ray_rates[1:]))
     print(json.dumps({"bench": "train", "device": args.device, "amp": args.amp, "model": "fcn8s",
+                      "compile": args.compile, "upsampling": "frozen",
                       "step_ceiling_images_per_second": round(ceiling, 2),
                       "ray_vs_step_ceiling": round(ray_ips / ceiling, 3), "width_mult": args.width_mult,
                       "padding": "same", "crop": args.crop, "batch": args.batch, "train_images": len(samples),

@@ -47,8 +47,9 @@ def _m(name: str) -> str:
 
 
 def _label_config(images, ck, output, **kw) -> LabelConfig:
+    # images_per_small_file=1: every file set is committed on its own (pipeline.label.filesets groups none).
     return LabelConfig(images=images, checkpoint=ck, output=output, actors=1, threads_per_actor=1, batch_size=2,
-                       rows_per_read_task=2, rows_per_file=3, max_side=32, progress=False, **kw)
+                       rows_per_read_task=2, rows_per_file=3, images_per_small_file=1, max_side=32, progress=False, **kw)
 
 
 def _filesets(output: str, run_id: str) -> set[str]:

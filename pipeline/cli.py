@@ -82,8 +82,9 @@ def _terminated(signum, frame) -> None:
 
 
 def _causes(e: BaseException):
-    """`e` and every exception behind it: causes and contexts, the original of a Ray task's error, the failures of
-    Ray Train's workers."""
+    """`e` and every exception behind it: its causes, the original of a Ray task's error, the failures of Ray Train's
+    workers. Not the exceptions being handled when it was raised (`__context__`): a bug in an `except StorageError`
+    block must show its own traceback."""
     seen, stack = set(), [e]
     while stack:
         x = stack.pop()
@@ -93,7 +94,7 @@ def _causes(e: BaseException):
         yield x
         failures = getattr(x, "worker_failures", None)
         stack += [*(failures.values() if isinstance(failures, dict) else ()), getattr(x, "cause", None),
-                  getattr(x, "controller_failure", None), x.__context__, x.__cause__]
+                  getattr(x, "controller_failure", None), x.__cause__]
 
 
 # How a worker's storage failure reads in the traceback text Ray brings back (its exception objects lose their causes).

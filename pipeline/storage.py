@@ -264,6 +264,8 @@ class Location:
         except StorageError:
             raise
         except Exception as e:
+            if no_space(e):  # its own message names the path and says what to do
+                raise storage_error(self.uri, e) from None
             raise StorageError(redact(f"cannot write to {self.uri}: {_describe(self.uri, e).split(': ', 1)[-1]}")) from None
 
     # ------------------------------------------------------------------------------------- listing

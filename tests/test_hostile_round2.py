@@ -22,7 +22,7 @@ from pipeline.storage import Location
 from pipeline.synthetic import synthesize_voc
 from pipeline.testbed import random_checkpoint
 from tests.images import palette_mask
-from tests.jobs_util import ROOT, run_in_process, run_subprocess
+from tests.jobs_util import ROOT, run_in_process
 from tests.label_fixtures import duckdb_connection, good_image, run_label_cli, tables, write_files
 
 TINY = ["--num-classes", "6", "--width-mult", "0.0625", "--padding", "same", "--num-workers", "1",
@@ -51,6 +51,18 @@ def _one_error(proc_or_code, stderr: str | None = None) -> str:
     assert code == 2 and len(lines) == 1, err[-3000:]
     assert not any(line.startswith("Traceback") for line in err.splitlines()), err[-3000:]
     return lines[0]
+
+
+def _run_cli(job: str, argv: list[str], capsys) -> tuple[int, str]:
+    """A job's command line in this process, as `python jobs/<job>.py` runs it: (exit status, stderr). For jobs that
+    fail before any cluster work (a subprocess would import torch again for each)."""
+    from pipeline.cli import run_job
+    from tests.jobs_util import load_job
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_job(load_job(job).main, argv)
+    return exc.value.code, capsys.readouterr().err
 
 
 def _label(capsys, images, ck_path, output, *extra) -> dict:
@@ -300,7 +312,7 @@ def test_a_lease_whose_bucket_was_deleted_says_so(bucket, s3):
     ("background\ndisc\nsquare\ntriangle\ndisc\nbar\n", "line 5 repeats 'disc' of line 2"),
 ])
 def test_classes_txt_with_a_blank_or_repeated_line_is_refused_by_every_job(small_voc, tiny_checkpoint, tmp_path,
-                                                                            text, expect):
+                                                                            capsys, text, expect):
     data = tmp_path / "voc"
     shutil.copytree(small_voc, data)
     (data / "classes.txt").write_text(text)
@@ -310,7 +322,7 @@ def test_classes_txt_with_a_blank_or_repeated_line_is_refused_by_every_job(small
                       ("import_weights", ["--from", str(tmp_path / "w.pth"), "--model", "fcn8s", "--classes",
                                           str(data / "classes.txt"), "--convention", "caffe", "--output",
                                           str(tmp_path / "o.pt")])):
-        line = _one_error(run_subprocess(job, argv, timeout=120))
+        line = _one_error(*_run_cli(job, argv, capsys))
         assert expect in line and "classes.txt" in line, (job, line)
     assert not (tmp_path / "runs").exists()
 
@@ -318,14 +330,14 @@ def test_classes_txt_with_a_blank_or_repeated_line_is_refused_by_every_job(small
 # ------------------------------------------------------------------------------ 8: evaluate and its classes
 
 
-def test_evaluate_refuses_a_checkpoint_with_other_classes(small_voc, tmp_path):
+def test_evaluate_refuses_a_checkpoint_with_other_classes(small_voc, tmp_path, capsys):
     ck = tmp_path / "three.pt"
     random_checkpoint(str(ck), ["background", "disc", "square"], padding="same")
-    line = _one_error(run_subprocess("evaluate", ["--data", small_voc, "--checkpoint", str(ck)], timeout=120))
+    line = _one_error(*_run_cli("evaluate", ["--data", small_voc, "--checkpoint", str(ck)], capsys))
     assert "predicts 3 classes" in line and "6 classes" in line and "classes.txt" in line, line
     renamed = tmp_path / "renamed.pt"
     random_checkpoint(str(renamed), ["background", "disc", "square", "triangle", "ring", "stick"], padding="same")
-    line = _one_error(run_subprocess("evaluate", ["--data", small_voc, "--checkpoint", str(renamed)], timeout=120))
+    line = _one_error(*_run_cli("evaluate", ["--data", small_voc, "--checkpoint", str(renamed)], capsys))
     assert "class 5" in line and "'stick'" in line and "'bar'" in line, line
 
 

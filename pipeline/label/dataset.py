@@ -8,6 +8,7 @@ from .. import faults
 from ..storage import Location
 from .actor import InferenceActor
 from .config import LabelConfig
+from .crash_budget import bound_crashes, start_attempts
 from .inference_settings import InferenceSettings
 from .resources import ResourcePlan
 from .stages import Postprocessor, decode_stage, read_stage
@@ -37,16 +38,18 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
     # CUDA graphs (--compile reduce-overhead) are recorded and replayed per thread: one call at a time there.
     concurrent_calls = 2 if gpu and settings.compile != "reduce-overhead" else None
     ds = ds.map_batches(
-        InferenceActor, batch_size=rows_per_call, batch_format="pyarrow",
+        bound_crashes(InferenceActor), batch_size=rows_per_call, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.pool, max_concurrent_calls_per_actor=concurrent_calls,
                                            enable_true_multi_threading=concurrent_calls is not None),
         num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
-        # A batch whose actor died (spot reclaim, a sticky CUDA error) is retried on a restarted actor, at most 3
-        # times: a batch that kills every actor ends the run with an error instead of looping.
-        max_task_retries=3,
+        # A batch whose actor died (spot reclaim, a sticky CUDA error) is retried on a restarted actor. Ray would
+        # charge a lost node to max_task_retries too (ray#50640): it retries without limit, and crash_budget ends
+        # the run when a batch has killed its actor 3 times on nodes that stayed up (lost nodes cost nothing).
+        max_task_retries=-1,
         runtime_env=faults.runtime_env(_actor_env(settings)),
         fn_constructor_kwargs={"checkpoint": [checkpoint_ref], "settings": settings, "threads": plan.threads,
-                               "postprocess_encoding": None if separate else config.label_encoding})
+                               "postprocess_encoding": None if separate else config.label_encoding,
+                               "attempts": [start_attempts()]})
     if separate:
         ds = ds.map_batches(Postprocessor, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, plan.pool)),

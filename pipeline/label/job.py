@@ -29,6 +29,7 @@ from ..storage import Location, redact
 from ..telemetry import LabelMetrics
 from .commit import OWN_FOLDERS, PREVIEWS, RUNS, recover
 from .config import LabelConfig
+from .crash_budget import batch_crash
 from .dataset import build_dataset
 from .filesets import FilesetGrouper
 from .inference import shippable
@@ -174,12 +175,15 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
                                          output, run_id, run_date, plan, committer, timings,
                                          previews_folder=output.child(PREVIEWS, f"run_date={run_date}", attempt))
         except BaseException as e:
+            crashed = batch_crash(e)  # a batch that keeps killing its actor: its one line, not Ray's traceback
             try:
                 record.finish("failed", labeled=committer.labeled, errors=committer.errors,
                               wall_seconds=time.monotonic() - t0,
-                              error=redact(one_line(e)) if str(e) else type(e).__name__)
+                              error=redact(one_line(crashed or e)) if str(e) else type(e).__name__)
             except Exception:  # noqa: BLE001 - keep the original error
                 pass
+            if crashed is not None:
+                raise crashed from None
             raise
     finally:
         release_resource_request()

@@ -14,7 +14,7 @@ ceiling in the same run: training steps alone on one batch already in memory (`r
                                 [--device cpu|cuda] [--amp bf16|fp16|off] [--loader-workers 1] [--compile MODE]
 
 The plain loop's step is the job's (pipeline/train/step.py): frozen upsampling, the job's optimizer implementation
-(fused on CUDA, foreach on CPU), cuDNN autotuning inside the step on CUDA, and --compile on both sides.
+(fused kernels), cuDNN autotuning inside the step on CUDA, and --compile on both sides.
 """
 from __future__ import annotations
 

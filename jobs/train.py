@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn off cuDNN autotuning of the training step (on by default on GPU; validation never "
                         "autotunes: its image sizes vary)")
     g.add_argument("--no-fused-optimizer", dest="fused_optimizer", action="store_false", default=argparse.SUPPRESS,
-                   help="turn off the fused optimizer kernels on GPU (on by default; foreach instead, as on CPU)")
+                   help="turn off PyTorch's fused optimizer kernels (on by default, on GPUs and CPUs; foreach "
+                        "instead)")
     g = p.add_argument_group("cluster")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="data-parallel workers")
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL); otherwise CPU workers (gloo)")

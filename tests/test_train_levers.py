@@ -59,7 +59,9 @@ def test_upsamplers_stay_out_of_the_optimizer_unless_learned(arch, optimizer):
     held = {id(p) for group in opt.param_groups for p in group["params"]}
     assert held == {id(p) for p in model.parameters()} - ups  # every other parameter, and no upsampler
     assert all(not p.requires_grad for layer in upsamplers(model).values() for p in layer.parameters())
-    assert all(group["foreach"] and not group["fused"] for group in opt.param_groups)  # CPU: foreach
+    assert all(group["fused"] and not group["foreach"] for group in opt.param_groups)  # fused on the CPU too
+    opt = make_optimizer(_cfg(optimizer=optimizer, fused_optimizer=False), model, CPU)
+    assert all(group["foreach"] and not group["fused"] for group in opt.param_groups)
 
     assert set_upsampling(model, learn=True) == "learned"
     opt = make_optimizer(_cfg(optimizer=optimizer), model, CPU)
@@ -126,7 +128,7 @@ def test_an_old_optimizer_state_with_the_upsamplers_resumes_by_name(kind):
     opt = make_optimizer(_cfg(optimizer=kind, weight_decay=0.002, momentum=0.8), model, CPU)
     with pytest.raises(ValueError):  # why this is needed: the groups no longer have the same size
         opt.load_state_dict(saved)
-    own = {"weight_decay": 0.002, "foreach": True, "fused": False, **({"momentum": 0.8} if kind == "sgd" else {})}
+    own = {"weight_decay": 0.002, "foreach": False, "fused": True, **({"momentum": 0.8} if kind == "sgd" else {})}
     dropped, fresh = load_optimizer_state(opt, model, saved, None, **own)
     assert sorted(dropped) == sorted(f"{n}.weight" for n in upsamplers(model)) and fresh == []
     names = dict(model.named_parameters())
@@ -134,7 +136,7 @@ def test_an_old_optimizer_state_with_the_upsamplers_resumes_by_name(kind):
         for key, value in old_state[name].items():
             assert torch.equal(opt.state[names[name]][key], value), (name, key)
     group = opt.param_groups[0]
-    assert group["weight_decay"] == 0.002 and group["foreach"] and group.get("momentum", 0.8) == 0.8
+    assert group["weight_decay"] == 0.002 and group["fused"] and group.get("momentum", 0.8) == 0.8
     kept = {name: layer.weight.clone() for name, layer in upsamplers(model).items()}  # trained by the old run
     _train_a_little(model, opt)  # and it steps, leaving the upsamplers as they were
     assert all(torch.equal(layer.weight, kept[name]) for name, layer in upsamplers(model).items())
@@ -307,7 +309,7 @@ def test_training_keeps_the_bilinear_kernel_unless_asked_and_resumes_older_runs(
 
     frozen = train("frozen", "--epochs", "1", "--num-workers", "2", "--cpus-per-worker", "0.5")
     assert frozen["upsampling"] == "frozen"
-    assert frozen["train_settings"]["compile"] == "off" and frozen["train_settings"]["optimizer_impl"] == "foreach"
+    assert frozen["train_settings"]["compile"] == "off" and frozen["train_settings"]["optimizer_impl"] == "fused"
     ck = load_checkpoint(frozen["latest_checkpoint"])
     assert ck.metadata["upsampling"] == "frozen" and ck.metadata["train_config"]["learn_upsampling"] is False
     state = ck.model.state_dict()

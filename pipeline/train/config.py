@@ -45,7 +45,7 @@ class TrainConfig:
     # Speed of the training step (results unchanged up to rounding); each is recorded in the run's metrics.
     compile: str = "off"             # one of COMPILE_MODES: torch.compile of the model for the training step
     cudnn_benchmark: bool = True     # GPU: cuDNN autotuning inside the training step only (fixed crop)
-    fused_optimizer: bool = True     # GPU: fused optimizer kernels (else foreach); CPU: always foreach
+    fused_optimizer: bool = True     # PyTorch's fused optimizer kernels (GPU and CPU), else foreach
     num_workers: int = 1
     use_gpu: bool = False
     accelerator_type: str | None = None  # GPU type the workers need (e.g. L40S): picks cluster.yaml's training nodes

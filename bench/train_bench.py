@@ -32,10 +32,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models import TORCHVISION, build_model  # noqa: E402
+from pipeline.batching import to_input  # noqa: E402
 from pipeline.dataset_formats import list_samples  # noqa: E402
 from pipeline.synthetic import synthesize_voc  # noqa: E402
 from pipeline.train.config import COMPILE_MODES, TrainConfig  # noqa: E402
-from pipeline.train.evaluation import to_input  # noqa: E402
 from pipeline.train.inputs import load_pair  # noqa: E402
 from pipeline.train.transforms import TrainTransform  # noqa: E402
 

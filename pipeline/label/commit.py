@@ -1,16 +1,6 @@
 """The labeling job's exactly-once commit protocol.
 
-Layout under the output root (a local directory or an s3:// prefix):
-
-    labels/run_date=YYYY-MM-DD/part-<fileset>.parquet        one row per labeled image
-    class_stats/run_date=YYYY-MM-DD/part-<fileset>.parquet   one row per (image, class present)
-    errors/run_date=YYYY-MM-DD/part-<fileset>.parquet        one row per image that could not be labeled
-    index/model_id=<model_id>/part-<fileset>.parquet         (image_uri, image_version) labeled: the skip index
-    runs/<run_id>.json                                       arguments, model id, counts, timings, status
-    previews/run_date=YYYY-MM-DD/<run_id>/*.png              optional colour overlays
-    _staging/<fileset>/<table>.parquet                       written, not yet committed (never read)
-    _commits/<fileset>.json                                  committed, not yet fully published
-    _lease.json                                              the running job's lease (pipeline.lease)
+The output root's layout is pipeline.label.layout's; this module publishes into it.
 
 Commit protocol, per *file set* (the labels, class_stats, errors and index rows of the same images):
 
@@ -44,18 +34,14 @@ import pyarrow.parquet as pq
 
 from .. import faults
 from ..storage import Location, StorageError, storage_error
-from .tables import INDEX, SCHEMAS, TABLES
+from .layout import OutputLayout
+from .tables import INDEX, SCHEMAS
 
 log = logging.getLogger(__name__)
 
 # Publication order: the labels file (what analytics read) goes last, after the index that skips its images.
 PUBLISH_ORDER = ("class_stats", "errors", INDEX, "labels")
-STAGING = "_staging"
-COMMITS = "_commits"
 COMPRESSION = "zstd"
-RUNS, PREVIEWS = "runs", "previews"
-# Everything the job writes under an output root; images stored anywhere else under it are labelled.
-OWN_FOLDERS = (*TABLES, INDEX, RUNS, PREVIEWS, STAGING, COMMITS)
 # A local atomic write leaves `.tmp-*` beside its target only when killed; a live one lasts milliseconds.
 STALE_TEMPORARY_SECONDS = 600
 
@@ -70,11 +56,7 @@ def parquet_bytes(table: pa.Table, row_group_rows: int = 256) -> bytes:
     return buf.getvalue()
 
 
-def final_name(table: str, run_date: str, fileset: str, model_id: str) -> str:
-    """Where a file set's file of `table` is published, relative to the output root."""
-    if table == INDEX:  # partitioned by model: a run reads only its own model's index
-        return f"{INDEX}/model_id={model_id}/part-{fileset}.parquet"
-    return f"{table}/run_date={run_date}/part-{fileset}.parquet"
+final_name = OutputLayout.table_file  # where a file set's file of a table is published (relative to the root)
 
 
 def _move(output: Location, src: str, dst: str) -> None:
@@ -108,7 +90,7 @@ def stage_fileset(output: Location, fileset: str, run_date: str, model_id: str,
         table = tables.get(name)
         if table is None:
             continue
-        src = f"{STAGING}/{fileset}/{name}.parquet"
+        src = OutputLayout.staged_file(fileset, name)
         output.child(src).write_bytes(parquet_bytes(table.cast(SCHEMAS[name])))
         faults.fire(f"label.stage:{name}")
         plan.append({"table": name, "src": src, "dst": final_name(name, run_date, fileset, model_id),
@@ -121,7 +103,7 @@ def stage_fileset(output: Location, fileset: str, run_date: str, model_id: str,
 def commit_staged(output: Location, marker: dict) -> dict[str, int]:
     """Steps 2 and 3 (in the driver, metadata only): the commit marker, then publication. Rows per table."""
     faults.fire("label.commit:staged")
-    output.child(COMMITS, f"{marker['fileset']}.json").write_text(json.dumps(marker, indent=1))
+    OutputLayout(output).commit_marker(marker["fileset"]).write_text(json.dumps(marker, indent=1))
     faults.fire("label.commit:committed")
     _publish(output, marker)
     rows: dict[str, int] = {}
@@ -145,10 +127,11 @@ def _publish(output: Location, marker: dict) -> None:
     for entry in entries:
         if entry["table"] == "labels":
             _publish_file(output, marker, entry)
-    _remove(output.child(COMMITS, f"{marker['fileset']}.json"))
-    _remove(output.child(STAGING, marker["fileset"]), recursive=True)
+    layout = OutputLayout(output)
+    _remove(layout.commit_marker(marker["fileset"]))
+    _remove(layout.staging(marker["fileset"]), recursive=True)
     for member in marker.get("members", ()):  # the sets a group merged: their labels files are published
-        _remove(output.child(STAGING, member), recursive=True)
+        _remove(layout.staging(member), recursive=True)
 
 
 def _publish_file(output: Location, marker: dict, entry: dict) -> None:
@@ -182,9 +165,10 @@ def recover(output: Location) -> dict[str, int]:
     Returns {"rolled_forward": n, "discarded": m}.
     """
     fs = output.fs
+    layout = OutputLayout(output)
     try:
         fs.invalidate_cache()
-        markers = sorted(p for p in _ls(output.child(COMMITS)) if p.endswith(".json"))
+        markers = sorted(p for p in _ls(layout.commits()) if p.endswith(".json"))
         rolled = 0
         for path in markers:
             with fs.open(path, "rb") as f:
@@ -198,13 +182,13 @@ def recover(output: Location) -> dict[str, int]:
             rolled += 1
         fs.invalidate_cache()
         discarded = 0
-        for path in _ls(output.child(STAGING)):
+        for path in _ls(layout.staging()):
             _remove(Location(output.uri_of(path), fs, path), recursive=True)
             discarded += 1
         _remove_stale_temporaries(output)
     except StorageError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types: named with the output's URI
         raise storage_error(output.uri, e) from None
     return {"rolled_forward": rolled, "discarded": discarded}
 
@@ -214,8 +198,9 @@ def _remove_stale_temporaries(output: Location) -> None:
     if not output.is_local:
         return
     now = time.time()
-    for folder in (COMMITS, RUNS):
-        for path in _ls(output.child(folder)):
+    layout = OutputLayout(output)
+    for folder in (layout.commits(), layout.runs()):
+        for path in _ls(folder):
             name = os.path.basename(path)
             try:
                 if name.startswith(".tmp-") and now - os.path.getmtime(path) > STALE_TEMPORARY_SECONDS:

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import ray
 
 from .. import faults
-from .commit import STAGING, final_name, parquet_bytes
+from .commit import parquet_bytes
+from .layout import OutputLayout
 from .tables import INDEX, SCHEMAS
 
 SMALL_TABLES = ("class_stats", "errors", INDEX)
@@ -78,9 +79,9 @@ def merge_staged(batch: pa.Table, *, output, model_id: str) -> pa.Table:
         if not parts:
             continue
         rows = pa.concat_tables([_read(output, e["src"]).cast(SCHEMAS[table]) for e in parts])
-        src = f"{STAGING}/{group}/{table}.parquet"
+        src = OutputLayout.staged_file(group, table)
         output.child(src).write_bytes(parquet_bytes(rows))
-        files.append({"table": table, "src": src, "dst": final_name(table, run_date, group, model_id),
+        files.append({"table": table, "src": src, "dst": OutputLayout.table_file(table, run_date, group, model_id),
                       "rows": rows.num_rows})
     files += [e for m in markers for e in m["files"] if e["table"] not in SMALL_TABLES]
     faults.fire("label.group:merged")

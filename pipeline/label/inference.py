@@ -41,6 +41,7 @@ from models.fast_paths import cast_trunk, group_upsamplers
 
 from .. import faults
 from ..amp import autocast
+from ..batching import fixed_slot_batch, to_input
 from .canvas import Prepared, preprocess
 from .inference_settings import COMPILE_SHAPE_LIMIT, InferenceSettings
 
@@ -245,8 +246,8 @@ class Predictor:
     The model given is never changed: the levers rewrite a copy.
     """
 
-    def __init__(self, model: nn.Module, convention: InputConvention, settings: InferenceSettings = InferenceSettings()):
-        self.settings = settings
+    def __init__(self, model: nn.Module, convention: InputConvention, settings: InferenceSettings | None = None):
+        self.settings = settings = settings or InferenceSettings()
         self.device = resolve_device(settings.device)
         self.cuda = self.device.type == "cuda"
         self.convention = convention
@@ -285,32 +286,14 @@ class Predictor:
 
     # ------------------------------------------------------------------------------------------- model
 
-    def _input_batch(self, canvases) -> torch.Tensor:
-        """n <= batch_size canvases (each (Hc, Wc, 3) uint8, views are fine) -> one (batch_size, Hc, Wc, 3) uint8
-        host tensor (pinned on CUDA), each canvas copied once; slots n..batch_size-1 are zero."""
-        n = len(canvases)
-        b = self.settings.batch_size
-        if n > b:
-            raise ValueError(f"{n} canvases for a batch of {b}")
-        ch, cw = canvases[0].shape[:2]
-        host = torch.empty((b, ch, cw, 3), dtype=torch.uint8, pin_memory=self.cuda)
-        arr = host.numpy()
-        for i, canvas in enumerate(canvases):
-            arr[i] = canvas
-        arr[n:] = 0
-        return host
-
     def forward(self, canvases) -> torch.Tensor:
         """(n <= batch_size, Hc, Wc, 3) uint8 (an array or a sequence of equal-shape arrays) -> float logits
         (batch_size, C, Hc, Wc) on the device.
 
         Slots n..batch_size-1 are zero, so every call for a canvas size has the same shape.
         """
-        x = self._input_batch(canvases)
-        if self.cuda:
-            x = x.to(self.device, non_blocking=True)
-        # NHWC memory seen as NCHW: already channels-last; normalise on the device (uint8 is 4x less to copy).
-        x = self.normalize(x.permute(0, 3, 1, 2)).contiguous(memory_format=self.memory_format)
+        batch = fixed_slot_batch(canvases, self.settings.batch_size, pin=self.cuda)
+        x = to_input(batch, self.normalize, self.device, channels_last=self.settings.channels_last)
         flags = _CUDA_FLAGS.scope(self.settings.cudnn.startswith("benchmark")) if self.cuda else nullcontext()
         with flags, torch.inference_mode(), autocast(self.device, self.settings.amp):
             if self._compiled is None:
@@ -379,7 +362,7 @@ class Predictor:
             size = s.numel() * 8
             stats.append(buf[offset:offset + size].view(np.float64).reshape(s.shape))
             offset += size
-        for (lab, _), st in zip(parts, stats):
+        for (lab, _), st in zip(parts, stats, strict=True):
             n, height, width = lab.shape
             labels = buf[offset:offset + n * height * width].reshape(n, height, width)
             offset += n * height * width
@@ -410,7 +393,7 @@ class Predictor:
             start = stop
         preds = self.to_host(parts)
         out: list[Prediction | None] = [None] * len(items)
-        for i, pred in zip(order, preds):
+        for i, pred in zip(order, preds, strict=True):
             out[i] = pred
         return out  # type: ignore[return-value]
 
@@ -429,7 +412,7 @@ class Predictor:
             for k in range(0, len(idxs), b):
                 chunk = idxs[k:k + b]
                 try:
-                    for i, pred in zip(chunk, self.predict_chunk([items[i] for i in chunk])):
+                    for i, pred in zip(chunk, self.predict_chunk([items[i] for i in chunk]), strict=True):
                         out[i] = pred
                     continue
                 except Exception as e:  # noqa: BLE001 - retried image by image below, unless the device failed

@@ -22,17 +22,19 @@ from datetime import datetime, timezone
 
 from models import Checkpoint, CheckpointError, load_checkpoint_bytes
 
-from ..errors import JobError, one_line
+from ..errors import one_line
 from ..lease import Lease
-from ..ray_setup import configure_progress, default_wait_s, init_ray, release_resource_request, wait_for_resources
+from ..ray_setup import configure_progress, default_wait_s, init_ray, wait_for_resources
+from ..run_guard import guarded_run
 from ..storage import Location, redact
 from ..telemetry import LabelMetrics
-from .commit import OWN_FOLDERS, PREVIEWS, RUNS, recover
+from .commit import recover
 from .config import LabelConfig
 from .crash_budget import batch_crash
 from .dataset import build_dataset
 from .filesets import FilesetGrouper
 from .inference import shippable
+from .layout import OutputLayout
 from .listing import Listing, listing_dataset, plan_listing
 from .previews import preview_sources, write_previews
 from .resources import InsufficientResources, plan_resources, resource_request
@@ -62,7 +64,7 @@ def load_checkpoint_at(location: Location) -> Checkpoint:
         raise CheckpointError(f"checkpoint {location.uri} is a directory, not a file") from None
     ck = load_checkpoint_bytes(data, location.uri)
     if ck.config.num_classes > 256:
-        raise ValueError(f"label maps are uint8: at most 256 classes, the checkpoint has {ck.config.num_classes}")
+        raise CheckpointError(f"label maps are uint8: at most 256 classes, the checkpoint has {ck.config.num_classes}")
     return ck
 
 
@@ -94,7 +96,7 @@ def list_todo(listing: Listing, output: Location, model_id: str, *, force: bool,
               rows_per_read_task: int = LabelConfig.rows_per_read_task):
     """(the rows to label as a materialized Ray Dataset, rows listed, rows to label): the listing minus what the
     index says this model labeled. Both sides live in the object store; the driver holds block references."""
-    own = tuple(output.child(folder).uri + "/" for folder in OWN_FOLDERS)  # never label our own previews
+    own = OutputLayout(output).own_prefixes()  # never label our own previews
     rows = listing_dataset(listing, exclude=own).materialize()
     listed = rows.count()
     todo = rows if force or not listed else drop_labeled(rows, output, model_id, listed,
@@ -111,7 +113,7 @@ def list_todo(listing: Listing, output: Location, model_id: str, *, force: bool,
 def _attempt_name(output: Location, run_id: str) -> str:
     """The run id; a retry with the same run id gets `<run_id>.attempt-<random>`, so its run record and previews
     are written beside the first attempt's, never over them."""
-    if not output.child(RUNS, f"{run_id}.json").exists():
+    if not OutputLayout(output).run_record(run_id).exists():
         return run_id
     return f"{run_id}.attempt-{uuid.uuid4().hex[:6]}"
 
@@ -131,13 +133,8 @@ def label_images(config: LabelConfig) -> dict:
     listing = plan_listing(images, config.manifest)  # a missing prefix or a wrong manifest fails here
     started = datetime.now(timezone.utc)
     run_id = config.run_id or new_run_id(started)
-    with Lease.acquire(output, holder=f"labeling run {run_id}", what=f"output {output.uri}") as lease:
-        try:
-            return _label(config, ck, checkpoint, listing, output, run_id, started, lease)
-        except KeyboardInterrupt:
-            if lease.lost:  # the heartbeat interrupted us: another run owns the output now
-                raise JobError(lease.lost) from None
-            raise
+    with guarded_run(output, holder=f"labeling run {run_id}", what=f"output {output.uri}") as lease:
+        return _label(config, ck, checkpoint, listing, output, run_id, started, lease)
 
 
 def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: Listing, output: Location,
@@ -165,7 +162,7 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
         images = listing.images
         arguments = {**config.to_dict(), "images": images.uri, "output": output.uri, "checkpoint": checkpoint.uri}
         attempt = _attempt_name(output, run_id)
-        record = RunRecord(output.child(RUNS, f"{attempt}.json"), run_id, run_date, ck.model_id, output.uri,
+        record = RunRecord(OutputLayout(output).run_record(attempt), run_id, run_date, ck.model_id, output.uri,
                            arguments, started, listed=listed, already_labeled=listed - to_label, recovered=recovered)
         record.save()
         committer = Committer(output, run_id, run_date, ck.model_id, before_commit=lease.check)
@@ -173,7 +170,7 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
             with metrics.watch(committer):
                 previews = _run_pipeline(ray, config, ck, todo, to_label, None if listing.manifest_paths else images,
                                          output, run_id, run_date, plan, committer, timings,
-                                         previews_folder=output.child(PREVIEWS, f"run_date={run_date}", attempt))
+                                         previews_folder=OutputLayout(output).previews(run_date, attempt))
         except BaseException as e:
             crashed = batch_crash(e)  # a batch that keeps killing its actor: its one line, not Ray's traceback
             try:
@@ -186,7 +183,6 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
                 raise crashed from None
             raise
     finally:
-        release_resource_request()
         metrics.finished()
     actors = _actors(committer.actors)
     if actors:  # job start -> first model loaded and ready: the fixed cost of a run

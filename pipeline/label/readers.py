@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from ..storage import Location
+from .layout import OutputLayout
 from .tables import SCHEMAS
 
 
@@ -14,7 +15,7 @@ def list_table_files(output: Location, table: str, partition: str | None = None)
     """Paths (inside the output's filesystem) of every published Parquet file of a table (or of one of its
     partition folders, e.g. `model_id=...`), sorted."""
     output.fs.invalidate_cache()
-    folder = output.child(table, partition) if partition else output.child(table)
+    folder = OutputLayout(output).table(table, partition)
     try:
         found = output.fs.find(folder.path)
     except FileNotFoundError:

@@ -18,13 +18,13 @@ import pyarrow.parquet as pq
 import ray
 
 from ..storage import Location
-from .commit import final_name, parquet_bytes
+from .commit import parquet_bytes
+from .layout import OutputLayout
 from .readers import list_table_files
 from .tables import INDEX, INDEX_SCHEMA
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "_complete.json"
 KEY = ("image_uri", "image_version")
 ROWS_PER_JOIN_PARTITION = 500_000
 
@@ -41,7 +41,7 @@ def _read_columns(output: Location, path: str, columns: list[str]) -> pa.Table:
 def ensure_index(output: Location) -> int:
     """Give every labels file its index file(s), once per output root; returns how many labels files that took.
     Call it under the output's lease, after recovery."""
-    marker = output.child(INDEX, COMPLETE)
+    marker = OutputLayout(output).index_complete()
     if marker.exists():
         return 0
     # Every labels file, even one with index files already: a backfill killed midway may have written the index
@@ -63,7 +63,7 @@ def _index_labels_files(batch: pa.Table, *, output: Location) -> pa.Table:
         table = _read_columns(output, path, ["model_id", *KEY])
         for model_id in pc.unique(table["model_id"]).to_pylist():
             rows = table.filter(pc.field("model_id") == model_id).select(list(KEY)).cast(INDEX_SCHEMA)
-            output.child(final_name(INDEX, "", _fileset_of(path), model_id)).write_bytes(parquet_bytes(rows))
+            output.child(OutputLayout.table_file(INDEX, "", _fileset_of(path), model_id)).write_bytes(parquet_bytes(rows))
     return pa.table({"done": [batch.num_rows]})
 
 

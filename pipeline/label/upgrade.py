@@ -39,13 +39,14 @@ import pyarrow.parquet as pq
 from .. import faults
 from ..errors import JobError
 from ..storage import Location
-from .commit import STAGING, parquet_bytes
+from .commit import parquet_bytes
+from .layout import SCHEMA_MARKER, OutputLayout
 from .readers import list_table_files
 from .tables import INDEX, SCHEMAS
 
 log = logging.getLogger(__name__)
 
-MARKER = "_schema.json"
+MARKER = SCHEMA_MARKER  # the name tests and messages use
 
 _TS = pa.timestamp("us", tz="UTC")
 _I32 = pa.int32()
@@ -157,7 +158,7 @@ class SchemaUpgradeError(JobError):
 
 def read_marker(output: Location) -> dict | None:
     """`_schema.json`, or None where the output has none yet."""
-    marker = output.child(MARKER)
+    marker = OutputLayout(output).schema_marker()
     try:
         return json.loads(marker.read_text())
     except FileNotFoundError:
@@ -189,7 +190,7 @@ def upgrade_tables(output: Location, run_id: str | None = None) -> dict[str, int
 
         log.warning("checking the schema of %d file(s) of %s (%s) for schema version %d: %s", len(paths),
                     output.uri, ", ".join(tables), SCHEMA_VERSION, "; ".join(s.what for s in pending))
-        scratch = f"{STAGING}/upgrade-{uuid.uuid4().hex[:12]}"
+        scratch = OutputLayout.scratch(f"upgrade-{uuid.uuid4().hex[:12]}")
         done = ray.data.from_items([{"table": t, "path": p} for t, p in paths],
                                    override_num_blocks=min(len(paths), 256)).map_batches(
             _upgrade_files, batch_size=16, batch_format="pyarrow", num_cpus=0.25, runtime_env=faults.runtime_env(),
@@ -201,7 +202,7 @@ def upgrade_tables(output: Location, run_id: str | None = None) -> dict[str, int
         if any(upgraded.values()):
             log.warning("upgraded %s of %s to schema version %d",
                         ", ".join(f"{n} {t} file(s)" for t, n in upgraded.items() if n), output.uri, SCHEMA_VERSION)
-    output.child(MARKER).write_text(json.dumps({
+    OutputLayout(output).schema_marker().write_text(json.dumps({
         "schema_version": SCHEMA_VERSION, "steps": {str(s.version): s.what for s in STEPS},
         "upgraded_files": upgraded, "upgraded_by_run": run_id,
         "upgraded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=1))
@@ -251,7 +252,7 @@ def upgrade_file(output: Location, table: str, path: str, scratch: str) -> bool:
 def _upgrade_files(batch: pa.Table, *, output: Location, scratch: str) -> pa.Table:
     """Ray task: upgrade each file of the batch; one row per file: (table, 1 if rewritten, the problem if any)."""
     tables, done, problems = batch["table"].to_pylist(), [], []
-    for table, path in zip(tables, batch["path"].to_pylist()):
+    for table, path in zip(tables, batch["path"].to_pylist(), strict=True):
         try:
             done.append(int(upgrade_file(output, table, path, scratch)))
             problems.append(None)

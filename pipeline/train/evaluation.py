@@ -18,19 +18,12 @@ from models import InputConvention
 from models.convention import Normalizer
 
 from ..amp import autocast
+from ..batching import fixed_slot_batch, to_input
 from .inputs import unpack_whole
 from .metrics import ConfusionMatrix
 from .step import cudnn_benchmark
 
 GPU_EVAL_SLOTS = 8
-
-
-def to_input(images: torch.Tensor, normalize: Normalizer, device: torch.device,
-             channels_last: bool = False) -> torch.Tensor:
-    """(N, H, W, 3) uint8 RGB -> normalised (N, 3, H, W) float on `device`, normalised there by
-    `convention.normalizer(device)` (its constants made once, not per batch)."""
-    x = normalize(images.to(device, non_blocking=True).permute(0, 3, 1, 2))
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
 def eval_slots(device: torch.device) -> int:
@@ -42,12 +35,7 @@ def predict_label_maps(model: nn.Module, normalize: Normalizer, images: list[np.
                        device: torch.device, amp: str = "off") -> torch.Tensor:
     """Equal-size RGB uint8 (H, W, 3) images (at most `slots`) -> (n, H, W) int64 class ids on `device`, from
     one forward pass of `slots` images (the unused ones zero)."""
-    h, w, _ = images[0].shape
-    batch = np.zeros((slots, h, w, 3), np.uint8)
-    batch[:len(images)] = images
-    x = torch.from_numpy(batch)
-    if device.type == "cuda":
-        x = x.pin_memory()
+    x = fixed_slot_batch(images, slots, pin=device.type == "cuda")
     x = to_input(x, normalize, device, channels_last=device.type == "cuda")
     with autocast(device, amp):
         logits = model(x)
@@ -75,7 +63,7 @@ def _evaluate_rows(model: nn.Module, convention: InputConvention, rows: Iterable
     n = 0
 
     def flush(size: tuple[int, int]) -> None:
-        images, masks = zip(*pending.pop(size))
+        images, masks = zip(*pending.pop(size), strict=True)
         pred = predict_label_maps(model, normalize, list(images), slots, device, amp)
         target = torch.from_numpy(np.stack(masks))
         cm.update(pred, (target.pin_memory() if device.type == "cuda" else target).to(device, non_blocking=True))
@@ -152,7 +140,7 @@ def evaluate_checkpoint(data: str, checkpoint_uri: str, *, split: str = "val", a
     total = ConfusionMatrix(num_classes)
     images = 0
     for batch in matrices.iter_batches(batch_size=None, batch_format="numpy"):
-        for flat, n in zip(batch["matrix"], batch["images"]):
+        for flat, n in zip(batch["matrix"], batch["images"], strict=True):
             total.merge(ConfusionMatrix.from_matrix(np.asarray(flat, dtype=np.int64).reshape(num_classes, num_classes)))
             images += int(n)
     bad = ray.get(bad_log.rows.remote())

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
 import ray
 import ray.train
@@ -27,9 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 from models import InputConvention, build_model, checkpoint_bytes, init_backbone, init_from_checkpoint, load_checkpoint
 
 from .. import faults
+from ..batching import to_input
 from ..storage import Location, redact_strings
 from .config import TrainConfig
-from .evaluation import evaluate_rows, to_input
+from .evaluation import evaluate_rows
 from .metrics import ConfusionMatrix
 from .run_log import RunLog
 from .run_state import (
@@ -39,7 +41,6 @@ from .run_state import (
     epoch_dir_name,
     ledger,
     new_attempt_id,
-    run_location,
     scan_checkpoints,
     verify_checkpoint,
     write_ledger,
@@ -92,7 +93,7 @@ class EpochInput:
             for batch in self._it:
                 self._queue.put(batch)
             self._queue.put(self._END)
-        except BaseException as e:  # re-raised on the training thread
+        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
             self._queue.put(e)
 
     def __iter__(self):
@@ -177,18 +178,70 @@ def _quiet_per_epoch_info() -> None:
             handler.setLevel(logging.WARNING)
 
 
+@dataclass
+class Worker:
+    """What one training worker holds for the whole run: made by `_setup`, then used epoch by epoch."""
+
+    cfg: TrainConfig
+    run: Location
+    class_names: list[str]
+    convention: InputConvention
+    rank: int
+    world: int
+    device: torch.device
+    nodes: list
+    attempt: str
+    core: nn.Module            # the plain module: validation (eager) and the checkpoint (plain state-dict keys)
+    model: nn.Module           # what the training step calls (compiled with --compile, DDP-wrapped on >1 worker)
+    optimizer: torch.optim.Optimizer
+    train_step: TrainStep
+    upsampling: str
+    settings: dict
+    start_epoch: int
+    history: list
+    step: int                  # optimizer steps done (the poly schedule goes by it)
+    total_steps: int
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def lr(self) -> float:
+        return _poly_lr(self.cfg, self.step, self.total_steps)
+
+
 def train_loop_per_worker(config: dict) -> None:
+    """Set up (build, resume), then per epoch: train, validate the worker's shard, report (and, rank 0: the
+    checkpoint, the ledger and the run log)."""
+    w = _setup(config)
+    shard = ray.train.get_dataset_shard("train")
+    # On a GPU: pinned batches copy asynchronously, and two prefetched keep the copy ahead of the step (on CPU
+    # workers Ray's default, one, as before: a second prefetch thread only competes for the worker's cores).
+    batches_for = dict(batch_size=w.cfg.batch_size, local_shuffle_buffer_size=w.cfg.batch_size * 8,
+                       stall_timeout=w.cfg.stall_timeout, pin_memory=w.cuda, prefetch_batches=2 if w.cuda else 1)
+    next_input = EpochInput(shard, **batches_for) if w.start_epoch <= w.cfg.epochs else None
+    run_log = RunLog(w.run, w.class_names) if w.rank == 0 else None
+    for epoch in range(w.start_epoch, w.cfg.epochs + 1):
+        t0 = time.perf_counter()
+        trained = _train_epoch(w, next_input)
+        # Start the next epoch's input now, so its start-up overlaps validation and the checkpoint.
+        next_input = EpochInput(shard, **batches_for) if epoch < w.cfg.epochs else None
+        cm, n_val, val_seconds = _validate(w, config["val_shards"])
+        _report(w, epoch, trained, cm, n_val, val_seconds, run_log, t0)
+
+
+def _setup(config: dict) -> Worker:
+    """The worker's model (built, resumed or initialised, upsamplers frozen or not, compiled, DDP-wrapped), its
+    optimizer (with the resumed state) and its training step."""
     cfg = TrainConfig(**config["cfg"])
     _quiet_per_epoch_info()
-    class_names: list[str] = config["class_names"]
-    convention = InputConvention.from_dict(config["convention"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    run = run_location(cfg.storage, cfg.name)
-    attempt = new_attempt_id()
+    run: Location = config["run"]  # resolved once, by the driver
     nodes = [ray.get_runtime_context().get_node_id()]
     if dist.is_initialized():
         nodes = [None] * world
@@ -219,15 +272,13 @@ def train_loop_per_worker(config: dict) -> None:
     use_cuda = device.type == "cuda"
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
-    # `core`: the plain module, for validation (eager: no recompilation per image size) and the checkpoint (plain
-    # state-dict keys); `model`: what the training step calls (compiled with --compile, DDP-wrapped on >1 worker).
     core = model
     model = ray.train.torch.prepare_model(compile_for_training(core, cfg.compile))
     ddp = isinstance(model, DistributedDataParallel)
     if ddp and cfg.grad_compression == "bf16":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        # Gradients all-reduced in bf16: half the bytes on the wire (see README "Scaling").
+        # Gradients all-reduced in bf16: half the bytes on the wire (docs/operations.md "Scaling").
         model.register_comm_hook(dist.group.WORLD, default_hooks.bf16_compress_hook)
     optimizer = make_optimizer(cfg, core, device)
     scaler = torch.amp.GradScaler("cuda") if use_cuda and cfg.amp == "fp16" else None
@@ -248,91 +299,94 @@ def train_loop_per_worker(config: dict) -> None:
         _say(f"[train] upsampling {upsampling}; " + ", ".join(f"{k} {v}" for k, v in settings.items()))
     train_step = TrainStep(model, optimizer, device=device, amp=cfg.amp, world=world, ddp=ddp, scaler=scaler,
                            benchmark=settings["cudnn_benchmark"])
-    accum = cfg.grad_accum
-    steps_per_epoch = -(-config["steps_per_epoch"] // accum)  # optimizer steps
-    total_steps = cfg.epochs * steps_per_epoch
+    steps_per_epoch = -(-config["steps_per_epoch"] // cfg.grad_accum)  # optimizer steps
     # The poly schedule goes by epochs done: a resume with another --grad-accum or --batch-size stays on it.
-    step = (start_epoch - 1) * steps_per_epoch
-    normalize = convention.normalizer(device)
-    has_val = rank < config["val_shards"]
-    shard = ray.train.get_dataset_shard("train")
-    # On a GPU: pinned batches copy asynchronously, and two prefetched keep the copy ahead of the step (on CPU
-    # workers Ray's default, one, as before: a second prefetch thread only competes for the worker's cores).
-    batches_for = dict(batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.batch_size * 8,
-                       stall_timeout=cfg.stall_timeout, pin_memory=use_cuda, prefetch_batches=2 if use_cuda else 1)
-    next_input = EpochInput(shard, **batches_for) if start_epoch <= cfg.epochs else None
+    return Worker(cfg, run, config["class_names"], InputConvention.from_dict(config["convention"]), rank, world,
+                  device, nodes, new_attempt_id(), core, model, optimizer, train_step, upsampling, settings,
+                  start_epoch, history, step=(start_epoch - 1) * steps_per_epoch,
+                  total_steps=cfg.epochs * steps_per_epoch)
 
-    run_log = RunLog(run, class_names) if rank == 0 else None
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        windows = images = 0
-        # streaming_split(equal=True) gives every worker the same number of rows, hence of steps.
-        window = []
-        for batch in next_input:
-            window.append((to_input(batch["image"], normalize, device, channels_last=use_cuda),
-                           batch["mask"].to(device, non_blocking=True).long()))
-            images += len(window[-1][0])
-            if len(window) == accum:
-                train_step(window, _poly_lr(cfg, step, total_steps))
-                windows, window, step = windows + 1, [], step + 1
-        if window:  # the epoch's last, shorter window
-            train_step(window, _poly_lr(cfg, step, total_steps))
-            windows, step = windows + 1, step + 1
-        loss_sum = torch.tensor([train_step.take_loss(), windows / world, images], dtype=torch.float64)
-        train_seconds = time.perf_counter() - t0
-        # Start the next epoch's input now, so its start-up overlaps validation and the checkpoint.
-        next_input = EpochInput(shard, **batches_for) if epoch < cfg.epochs else None
 
-        cm = ConfusionMatrix(cfg.num_classes)
-        n_val = 0
-        t_val = time.perf_counter()
-        if has_val:
-            val_rows = ray.train.get_dataset_shard(f"val_{rank}").iter_rows()
-            cm, n_val = evaluate_rows(core, convention, val_rows, cfg.num_classes, device, cfg.amp)
-        val_seconds = time.perf_counter() - t_val
-        totals = torch.cat([loss_sum, torch.tensor([n_val, train_seconds, val_seconds], dtype=torch.float64)])
-        matrix = torch.from_numpy(cm.matrix).to(device)
-        if dist.is_initialized():
-            totals = totals.to(device)
-            dist.all_reduce(matrix)  # exact int64 sum of every worker's confusion matrix
-            seconds = totals[4:6].clone()
-            dist.all_reduce(totals)
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the slowest worker sets the pace
-            totals[4:6] = seconds
-            totals = totals.cpu()
-        scores = ConfusionMatrix.from_matrix(matrix.cpu().numpy()).scores()
-        metrics = {
-            "epoch": epoch,
-            "loss": float(totals[0] / max(1.0, float(totals[1]))),
-            **scores,
-            "train_images": int(totals[2]),
-            "val_images": int(totals[3]),
-            "images_per_second": float(totals[2] / max(1e-9, float(totals[4]))),
-            "train_seconds": float(totals[4]),
-            "val_seconds": float(totals[5]),
-            "lr": _poly_lr(cfg, step, total_steps),
-            "worker_nodes": nodes,
-            "upsampling": upsampling,
-            "train_settings": settings,
-        }
-        if use_cuda:  # this worker's peak (rank 0 reports; the ranks hold equal shapes)
-            metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        history.append({k: v for k, v in metrics.items() if k != "per_class_iou"})
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                _save_checkpoint_dir(tmp, core, cfg, class_names, convention, optimizer, step, epoch, history, metrics)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=epoch_dir_name(epoch))
-            write_ledger(run, epoch, attempt, {k: v for k, v in metrics.items() if k != "per_class_iou"})
-            try:
-                run_log.record(metrics, epoch_seconds=time.perf_counter() - t0)
-            except Exception as e:  # noqa: BLE001 - the checkpoint is committed; metrics files are a view of it
-                _say(f"[train] warning: could not write metrics.jsonl/curves.png/tensorboard for epoch {epoch}: "
-                     f"{type(e).__name__}: {e}")
-            _say(f"[train] epoch {epoch}/{cfg.epochs} loss {metrics['loss']:.4f} mean_iou {metrics['mean_iou']:.4f} "
-                 f"pixel_acc {metrics['pixel_accuracy']:.4f} images/s {metrics['images_per_second']:.1f} "
-                 f"(train {metrics['train_images']}, val {metrics['val_images']})")
-            faults.fire(f"train.reported:epoch{epoch}")
-        else:
-            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=epoch_dir_name(epoch))
+def _train_epoch(w: Worker, epoch_input: EpochInput) -> dict:
+    """One epoch of the worker's shard, --grad-accum batches per optimizer step; its loss sum, windows, images
+    and seconds. streaming_split(equal=True) gives every worker the same number of rows, hence of steps."""
+    w.model.train()
+    t0 = time.perf_counter()
+    normalize = w.convention.normalizer(w.device)
+    windows = images = 0
+    window = []
+    for batch in epoch_input:
+        window.append((to_input(batch["image"], normalize, w.device, channels_last=w.cuda),
+                       batch["mask"].to(w.device, non_blocking=True).long()))
+        images += len(window[-1][0])
+        if len(window) == w.cfg.grad_accum:
+            w.train_step(window, w.lr)
+            windows, window, w.step = windows + 1, [], w.step + 1
+    if window:  # the epoch's last, shorter window
+        w.train_step(window, w.lr)
+        windows, w.step = windows + 1, w.step + 1
+    return {"loss_sum": w.train_step.take_loss(), "windows": windows, "images": images,
+            "seconds": time.perf_counter() - t0}
+
+
+def _validate(w: Worker, val_shards: int) -> tuple[ConfusionMatrix, int, float]:
+    """The worker's validation shard (if it has one), whole images: its confusion matrix, images and seconds."""
+    cm, n_val = ConfusionMatrix(w.cfg.num_classes), 0
+    t = time.perf_counter()
+    if w.rank < val_shards:
+        val_rows = ray.train.get_dataset_shard(f"val_{w.rank}").iter_rows()
+        cm, n_val = evaluate_rows(w.core, w.convention, val_rows, w.cfg.num_classes, w.device, w.cfg.amp)
+    return cm, n_val, time.perf_counter() - t
+
+
+def _report(w: Worker, epoch: int, trained: dict, cm: ConfusionMatrix, n_val: int, val_seconds: float,
+            run_log: RunLog | None, t0: float) -> None:
+    """Sum every worker's figures (confusion matrices exactly), report to Ray Train; rank 0 also commits the
+    checkpoint, the ledger line and the run log, and prints the epoch's line."""
+    totals = torch.tensor([trained["loss_sum"], trained["windows"] / w.world, trained["images"], n_val,
+                           trained["seconds"], val_seconds], dtype=torch.float64)
+    matrix = torch.from_numpy(cm.matrix).to(w.device)
+    if dist.is_initialized():
+        totals = totals.to(w.device)
+        dist.all_reduce(matrix)  # exact int64 sum of every worker's confusion matrix
+        seconds = totals[4:6].clone()
+        dist.all_reduce(totals)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the slowest worker sets the pace
+        totals[4:6] = seconds
+        totals = totals.cpu()
+    scores = ConfusionMatrix.from_matrix(matrix.cpu().numpy()).scores()
+    metrics = {
+        "epoch": epoch,
+        "loss": float(totals[0] / max(1.0, float(totals[1]))),
+        **scores,
+        "train_images": int(totals[2]),
+        "val_images": int(totals[3]),
+        "images_per_second": float(totals[2] / max(1e-9, float(totals[4]))),
+        "train_seconds": float(totals[4]),
+        "val_seconds": float(totals[5]),
+        "lr": w.lr,
+        "worker_nodes": w.nodes,
+        "upsampling": w.upsampling,
+        "train_settings": w.settings,
+    }
+    if w.cuda:  # this worker's peak (rank 0 reports; the ranks hold equal shapes)
+        metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(w.device) / 1e9
+    w.history.append({k: v for k, v in metrics.items() if k != "per_class_iou"})
+    if w.rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=epoch_dir_name(epoch))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        _save_checkpoint_dir(tmp, w.core, w.cfg, w.class_names, w.convention, w.optimizer, w.step, epoch, w.history,
+                             metrics)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=epoch_dir_name(epoch))
+    write_ledger(w.run, epoch, w.attempt, {k: v for k, v in metrics.items() if k != "per_class_iou"})
+    try:
+        run_log.record(metrics, epoch_seconds=time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - the checkpoint is committed; metrics files are a view of it
+        _say(f"[train] warning: could not write metrics.jsonl/curves.png/tensorboard for epoch {epoch}: "
+             f"{type(e).__name__}: {e}")
+    _say(f"[train] epoch {epoch}/{w.cfg.epochs} loss {metrics['loss']:.4f} mean_iou {metrics['mean_iou']:.4f} "
+         f"pixel_acc {metrics['pixel_accuracy']:.4f} images/s {metrics['images_per_second']:.1f} "
+         f"(train {metrics['train_images']}, val {metrics['val_images']})")
+    faults.fire(f"train.reported:epoch{epoch}")

@@ -16,16 +16,15 @@ from models import TORCHVISION, VOC_CLASSES, CheckpointError, InputConvention, M
 from .. import faults
 from ..dataset_formats import list_samples, read_class_names
 from ..errors import JobError
-from ..lease import Lease
 from ..ray_setup import (
     cluster_capacity,
     configure_progress,
     default_wait_s,
     init_ray,
-    release_resource_request,
     wait_for_resources,
 )
-from ..storage import StorageError, check_exists, normalize
+from ..run_guard import guarded_run
+from ..storage import Location, StorageError, check_exists, normalize
 from ..telemetry import TrainMetrics
 from .config import TrainConfig
 from .inputs import BadSampleLog, segmentation_dataset
@@ -37,7 +36,7 @@ from .transforms import TrainTransform
 RESUME_FIELDS = ("model", "num_classes", "width_mult", "padding", "optimizer")
 
 
-def preflight(cfg: TrainConfig) -> tuple[list, list, list[str], InputConvention]:
+def preflight(cfg: TrainConfig, run: Location | None = None) -> tuple[list, list, list[str], InputConvention]:
     """Validate options, dataset, initialisation source and storage; raise one clear error otherwise.
     Sets cfg.num_classes when it was left to the dataset."""
     cfg.validate()
@@ -69,7 +68,7 @@ def preflight(cfg: TrainConfig) -> tuple[list, list, list[str], InputConvention]
         check_exists(cfg.backbone_weights, "VGG16 weights file")
         if cfg.width_mult != 1.0:
             raise JobError("--backbone-weights needs --width-mult 1.0 (pretrained VGG16 has full width)")
-    run = run_location(cfg.storage, cfg.name)
+    run = run or run_location(cfg.storage, cfg.name)
     run.check_writable()
     check_resumable(cfg, scan_checkpoints(run))
     return train, val, class_names, convention
@@ -138,8 +137,8 @@ def check_cluster_fits(cfg: TrainConfig) -> None:
         print(f"[train] warning: {found.replace('the Ray cluster has', 'the Ray cluster has now')}", flush=True)
 
 
-def build_trainer(cfg: TrainConfig, train: list, val: list, class_names: list[str], convention: InputConvention,
-                  bad_log) -> TorchTrainer:
+def build_trainer(cfg: TrainConfig, run: Location, train: list, val: list, class_names: list[str],
+                  convention: InputConvention, bad_log) -> TorchTrainer:
     transform = TrainTransform(cfg.crop_size, cfg.min_scale, cfg.max_scale, cfg.flip)
     datasets = {"train": segmentation_dataset(train, num_classes=cfg.num_classes, transform=transform,
                                               max_pixels=cfg.max_pixels, bad_log=bad_log, num_cpus=cfg.data_cpus)}
@@ -153,7 +152,7 @@ def build_trainer(cfg: TrainConfig, train: list, val: list, class_names: list[st
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "class_names": class_names, "convention": convention.to_dict(),
+        train_loop_config={"cfg": cfg.to_dict(), "run": run, "class_names": class_names, "convention": convention.to_dict(),
                            "steps_per_epoch": steps_per_epoch, "val_shards": val_shards},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
                                      accelerator_type=cfg.accelerator_type if cfg.use_gpu else None),
@@ -185,8 +184,7 @@ def warn_dropped(bad_rows: list[dict], splits: dict[str, list], cfg: TrainConfig
                   file=sys.stderr, flush=True)
 
 
-def summarise(cfg: TrainConfig, bad_rows: list[dict], trained_epochs: list[dict]) -> dict:
-    run = run_location(cfg.storage, cfg.name)
+def summarise(run: Location, bad_rows: list[dict], trained_epochs: list[dict]) -> dict:
     found = scan_checkpoints(run)
     if not found:
         raise JobError(f"training finished without a checkpoint under {run.uri}")
@@ -217,33 +215,23 @@ def summarise(cfg: TrainConfig, bad_rows: list[dict], trained_epochs: list[dict]
 
 def run_training(cfg: TrainConfig) -> dict:
     """Train (or resume) a run; returns the summary dict printed by jobs/train.py."""
-    train, val, class_names, convention = preflight(cfg)
-    run = run_location(cfg.storage, cfg.name)
+    cfg.validate()
+    resolve_paths(cfg)
+    run = run_location(cfg.storage, cfg.name)  # resolved once: the driver, the workers and the summary share it
+    train, val, class_names, convention = preflight(cfg, run)
     started = datetime.now(timezone.utc)
-    with Lease.acquire(run, holder=f"the training started {started:%Y-%m-%d %H:%M:%S} UTC", what=f"run {run.uri}") as lease:
-        try:
-            return _train(cfg, run, train, val, class_names, convention)
-        except KeyboardInterrupt:
-            if lease.lost:  # the heartbeat interrupted us: another run owns the folder now
-                raise JobError(lease.lost) from None
-            raise
-
-
-def _train(cfg: TrainConfig, run, train: list, val: list, class_names: list[str], convention: InputConvention) -> dict:
-    done_before = {r["epoch"] for r in ledger(run)}
-    init_ray()
-    configure_progress(cfg.progress)
-    try:
+    with guarded_run(run, holder=f"the training started {started:%Y-%m-%d %H:%M:%S} UTC", what=f"run {run.uri}"):
+        done_before = {r["epoch"] for r in ledger(run)}
+        init_ray()
+        configure_progress(cfg.progress)
         check_cluster_fits(cfg)
         return _fit(cfg, run, train, val, class_names, convention, done_before)
-    finally:
-        release_resource_request()
 
 
 def _fit(cfg: TrainConfig, run, train: list, val: list, class_names: list[str], convention: InputConvention,
          done_before: set) -> dict:
     bad_log = BadSampleLog.remote()
-    trainer = build_trainer(cfg, train, val, class_names, convention, bad_log)
+    trainer = build_trainer(cfg, run, train, val, class_names, convention, bad_log)
     latest = scan_checkpoints(run)
     if latest and latest[-1]["epoch"] >= cfg.epochs:
         print(f"[train] {run.uri} already completed epoch {latest[-1]['epoch']} of {cfg.epochs}: nothing to train", flush=True)
@@ -266,4 +254,4 @@ def _fit(cfg: TrainConfig, run, train: list, val: list, class_names: list[str], 
         print(f"[train] skipped bad sample {row['uri']}: {row['reason']}", flush=True)
     warn_dropped(bad_rows, {"train": train, "val": val}, cfg)
     trained_now = [r for r in ledger(run) if r["epoch"] not in done_before and r["attempt"] != "recovered"]
-    return summarise(cfg, bad_rows, trained_now)
+    return summarise(run, bad_rows, trained_now)

@@ -12,7 +12,7 @@ _EXPORTS = {
     "checkpoint": ["Checkpoint", "CheckpointError", "build_from_state", "checkpoint_bytes", "init_from_checkpoint",
                    "load_checkpoint", "load_checkpoint_bytes", "read_checkpoint_payload", "save_checkpoint"],
     "convention": ["CAFFE", "TORCHVISION", "InputConvention"],
-    "layers": ["PADDINGS", "is_bilinear", "upsamplers"],
+    "layers": ["PADDINGS", "ModelConfigError", "is_bilinear", "upsamplers"],
     "surgery": ["BackboneError", "init_backbone", "init_from_stage", "vgg16_to_fcn"],
     "voc": ["VOC_CLASSES", "VOID_LABEL", "flat_palette", "voc_palette"],
 }

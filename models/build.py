@@ -8,7 +8,7 @@ from torch import nn
 from .fcn8s import FCN8s, FCN8sAtOnce
 from .fcn16s import FCN16s
 from .fcn32s import FCN32s
-from .layers import PADDINGS
+from .layers import PADDINGS, ModelConfigError
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "fcn32s": FCN32s,
@@ -29,13 +29,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown model {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+            raise ModelConfigError(f"unknown model {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
         if self.padding not in PADDINGS:
-            raise ValueError(f"unknown padding {self.padding!r}; choose one of {', '.join(PADDINGS)}")
+            raise ModelConfigError(f"unknown padding {self.padding!r}; choose one of {', '.join(PADDINGS)}")
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {self.num_classes!r}")
+            raise ModelConfigError(f"num_classes must be a positive integer, got {self.num_classes!r}")
         if not (0 < float(self.width_mult) <= 1):
-            raise ValueError(f"width_mult must be in (0, 1], got {self.width_mult}")
+            raise ModelConfigError(f"width_mult must be in (0, 1], got {self.width_mult}")
 
     def to_dict(self) -> dict:
         return asdict(self)

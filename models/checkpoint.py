@@ -18,6 +18,7 @@ from torch import nn
 
 from .build import ModelConfig, build_model
 from .convention import InputConvention
+from .layers import ModelConfigError
 from .storage_io import read_bytes, write_bytes_atomic
 
 FORMAT = "fcn-segmentation-checkpoint"
@@ -44,7 +45,7 @@ class Checkpoint:
 def _payload(model: nn.Module, class_names: list[str], convention: InputConvention, metadata: dict | None) -> dict:
     config = ModelConfig.of(model)
     if len(class_names) != config.num_classes:
-        raise ValueError(f"{len(class_names)} class names for a model with {config.num_classes} classes")
+        raise ModelConfigError(f"{len(class_names)} class names for a model with {config.num_classes} classes")
     # DDP wraps the model as `module.`; store the plain names so any loader finds them.
     state = {k.removeprefix("module."): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return {
@@ -117,7 +118,7 @@ def _unpickle(data: bytes, uri: str):
     except pickle.UnpicklingError:
         raise CheckpointError(f"checkpoint {uri} holds Python objects other than tensors and plain types; "
                               "refusing to unpickle it (not a checkpoint written by this project)") from None
-    except Exception as e:  # torch reports damaged archives as RuntimeError, EOFError, BadZipFile, ...
+    except Exception as e:  # noqa: BLE001 - torch reports a damaged archive as one of many types; named in the message
         raise CheckpointError(f"checkpoint {uri} is truncated or corrupt ({type(e).__name__})") from None
 
 

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .layers import ModelConfigError
+
 
 @dataclass(frozen=True)
 class InputConvention:
@@ -20,9 +22,9 @@ class InputConvention:
 
     def __post_init__(self) -> None:
         if self.channel_order not in ("RGB", "BGR"):
-            raise ValueError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
+            raise ModelConfigError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s == 0 for s in self.std):
-            raise ValueError("mean and std need three values, std non-zero")
+            raise ModelConfigError("mean and std need three values, std non-zero")
 
     def to_dict(self) -> dict:
         d = asdict(self)

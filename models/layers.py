@@ -11,6 +11,10 @@ from torch import nn
 
 PADDINGS = ("reference", "same")
 
+
+class ModelConfigError(ValueError):
+    """An architecture, padding, width, class count or input convention that cannot be built or used."""
+
 # VGG16 configuration: (block index, number of 3x3 convs, output channels at width 1.0).
 VGG16_BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
 FC_WIDTH = 4096
@@ -87,9 +91,9 @@ class VGG16Trunk(nn.Module):
 
     def _build_trunk(self, width_mult: float, padding: str, dropout: float = 0.5) -> None:
         if padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+            raise ModelConfigError(f"padding must be one of {PADDINGS}, got {padding!r}")
         if not (0 < width_mult <= 1):
-            raise ValueError(f"width_mult must be in (0, 1], got {width_mult}")
+            raise ModelConfigError(f"width_mult must be in (0, 1], got {width_mult}")
         self.width_mult = width_mult
         self.padding = padding
         in_ch = 3

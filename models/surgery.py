@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .convention import TORCHVISION, InputConvention
-from .layers import VGG16_BLOCKS
+from .layers import VGG16_BLOCKS, ModelConfigError
 from .storage_io import read_bytes
 
 # Reference names of the 13 conv layers, in torchvision's `features` order.
@@ -27,7 +27,7 @@ def vgg16_to_fcn(vgg_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     over the flattened 512x7x7 pool5 output is exactly a 7x7 convolution applied at one position.
     """
     out: dict[str, torch.Tensor] = {}
-    for name, idx in zip(TRUNK_CONVS, TORCHVISION_FEATURE_INDEX):
+    for name, idx in zip(TRUNK_CONVS, TORCHVISION_FEATURE_INDEX, strict=True):
         out[f"{name}.weight"] = vgg_state[f"features.{idx}.weight"]
         out[f"{name}.bias"] = vgg_state[f"features.{idx}.bias"]
     fc6_w = vgg_state["classifier.0.weight"]
@@ -44,7 +44,7 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
 
     try:
         return VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-    except Exception as e:  # no network, proxy, checksum... all the same to the user
+    except Exception as e:  # noqa: BLE001 - network, proxy, checksum: any failure of the download is the user's to fix, named
         raise BackboneError(
             f"could not download torchvision's ImageNet VGG16 weights ({type(e).__name__}: {e}); "
             "download vgg16-397923af.pth elsewhere and pass it as a file (--backbone-weights PATH)"
@@ -61,7 +61,7 @@ def load_vgg16_state(source: str) -> dict[str, torch.Tensor]:
         raise BackboneError(f"VGG16 weights file not found: {source}") from None
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a file that is not a state dict; named in the message
         raise BackboneError(f"VGG16 weights file {source} is not a readable torch state dict ({type(e).__name__})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -108,9 +108,9 @@ def init_from_stage(model: nn.Module, source_state: dict[str, torch.Tensor]) -> 
     shared = {k: v for k, v in source_state.items() if k in own}
     for k, v in shared.items():
         if own[k].shape != v.shape:
-            raise ValueError(f"cannot initialise {model.arch} from this checkpoint: {k} has shape "
+            raise ModelConfigError(f"cannot initialise {model.arch} from this checkpoint: {k} has shape "
                              f"{tuple(v.shape)}, expected {tuple(own[k].shape)} (same num_classes and width needed)")
     if not any(k.startswith("conv1_1") for k in shared):
-        raise ValueError(f"cannot initialise {model.arch} from this checkpoint: it shares no trunk layers")
+        raise ModelConfigError(f"cannot initialise {model.arch} from this checkpoint: it shares no trunk layers")
     model.load_state_dict(shared, strict=False)
     return sorted(shared)

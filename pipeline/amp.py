@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+from .errors import UsageError
+
 AMP_CHOICES = ("bf16", "fp16", "off")
 
 
@@ -11,7 +13,7 @@ def autocast(device, amp: str):
     import torch
 
     if amp not in AMP_CHOICES:
-        raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+        raise UsageError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
     if device.type != "cuda" or amp == "off":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

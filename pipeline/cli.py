@@ -10,13 +10,15 @@ import signal
 import sys
 from typing import Any, Callable
 
-from models import BackboneError, CheckpointError
+from models import BackboneError, CheckpointError, ModelConfigError
 
 from .errors import JobError
 from .storage import StorageError, no_space, normalize, redact, storage_error
 
-# Errors a user can fix from the message alone: printed as one line, exit code 2, no traceback.
-USER_ERRORS = (JobError, StorageError, CheckpointError, BackboneError, ValueError, FileNotFoundError)
+# Errors a user can fix from the message alone: printed as one line, exit code 2, no traceback. Only the project's
+# own types: a ValueError or FileNotFoundError from elsewhere (pyarrow's ArrowInvalid is a ValueError) is a bug,
+# and keeps its traceback (exit 1). Argument checks raise errors.UsageError, a JobError.
+USER_ERRORS = (JobError, StorageError, CheckpointError, BackboneError, ModelConfigError)
 
 
 class JobArgumentParser(argparse.ArgumentParser):

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from models.voc import VOID_LABEL, flat_palette
 
+from .errors import UsageError
 from .storage import Location
 
 SYNTHETIC_CLASSES: tuple[str, ...] = ("background", "disc", "square", "triangle", "ring", "bar")
@@ -204,21 +205,21 @@ def encode_mask(mask: np.ndarray) -> bytes:
 
 def _validate(count, size, seed, val_fraction) -> tuple[int, tuple[int, int], int, float]:
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-        raise ValueError(f"count must be an integer >= 1, got {count!r}")
+        raise UsageError(f"count must be an integer >= 1, got {count!r}")
     try:
         w, h = size
     except (TypeError, ValueError):
-        raise ValueError(f"size must be (width, height), got {size!r}") from None
+        raise UsageError(f"size must be (width, height), got {size!r}") from None
     if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in (w, h)):
-        raise ValueError(f"size must be two positive integers (width, height), got {size!r}")
+        raise UsageError(f"size must be two positive integers (width, height), got {size!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
     try:
         vf = float(val_fraction)
     except (TypeError, ValueError):
-        raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}") from None
+        raise UsageError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}") from None
     if not (0.0 <= vf < 1.0):
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     return int(count), (int(w), int(h)), int(seed), vf
 
 

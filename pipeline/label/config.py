@@ -7,6 +7,7 @@ from datetime import datetime
 
 from ..amp import AMP_CHOICES
 from ..decode import DEFAULT_MAX_PIXELS
+from ..errors import UsageError
 from .canvas import check_canvas_settings
 from .codec import ENCODINGS
 from .inference_settings import InferenceSettings
@@ -66,32 +67,32 @@ class LabelConfig:
         for name, value, choices in (("label-encoding", self.label_encoding, ENCODINGS),
                                      ("device", self.device, DEVICES), ("amp", self.amp, AMP_CHOICES)):
             if value not in choices:
-                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+                raise UsageError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
         for name in ("actors", "threads_per_actor", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.num_gpus is not None and self.num_gpus < 0:
-            raise ValueError(f"--num-gpus must be >= 0, got {self.num_gpus}")
+            raise UsageError(f"--num-gpus must be >= 0, got {self.num_gpus}")
         if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
-            raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+            raise UsageError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
         if self.previews < 0 or self.rows_per_file < 1 or self.rows_per_read_task < 1:
-            raise ValueError("--previews must be >= 0 and --rows-per-file >= 1")
+            raise UsageError("--previews must be >= 0 and --rows-per-file >= 1")
         if self.max_pixels < 1:
-            raise ValueError(f"--max-pixels must be >= 1, got {self.max_pixels}")
+            raise UsageError(f"--max-pixels must be >= 1, got {self.max_pixels}")
         if self.wait_for_resources is not None and self.wait_for_resources < 0:
-            raise ValueError(f"--wait-for-resources must be >= 0 seconds, got {self.wait_for_resources:g}")
+            raise UsageError(f"--wait-for-resources must be >= 0 seconds, got {self.wait_for_resources:g}")
         if self.max_bytes is not None and self.max_bytes < 1:
-            raise ValueError(f"--max-bytes must be >= 1, got {self.max_bytes}")
+            raise UsageError(f"--max-bytes must be >= 1, got {self.max_bytes}")
         if self.run_date is not None:
             try:  # zero-padded only: one partition per day, whatever the spelling
                 if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", self.run_date):
-                    raise ValueError
+                    raise UsageError
                 datetime.strptime(self.run_date, "%Y-%m-%d")
             except ValueError:
-                raise ValueError(f"--run-date must be a date YYYY-MM-DD (zero-padded), got {self.run_date!r}") from None
+                raise UsageError(f"--run-date must be a date YYYY-MM-DD (zero-padded), got {self.run_date!r}") from None
         if self.run_id is not None and not re.fullmatch(RUN_ID_PATTERN, self.run_id):
-            raise ValueError("--run-id must start with a letter or digit and hold letters, digits, '_', '.' and '-' "
+            raise UsageError("--run-id must start with a letter or digit and hold letters, digits, '_', '.' and '-' "
                              f"only (at most 128), got {self.run_id!r}")
         check_canvas_settings(self.max_side, self.effective_canvas_multiple)
         self.inference_settings(batch_size=1, device="cpu")  # the levers' own checks (--reproducible with --compile)

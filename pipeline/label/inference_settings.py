@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UsageError
 from .canvas import check_canvas_settings
 
 CUDNN_MODES = ("heuristic", "heuristic-b", "benchmark", "benchmark-b")
@@ -44,15 +45,15 @@ class InferenceSettings:
     def __post_init__(self) -> None:
         check_canvas_settings(self.max_side, self.canvas_multiple)
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
         for name, value, choices in (("cudnn", self.cudnn, CUDNN_MODES), ("compile", self.compile, COMPILE_MODES)):
             if value not in choices:
-                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+                raise UsageError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.reproducible:
             unfixed = [f"--cudnn {self.cudnn}"] if self.cudnn.startswith("benchmark") else []
             unfixed += [f"--compile {self.compile}"] if self.compile != "off" else []
             if unfixed:
-                raise ValueError(f"--reproducible needs a fixed kernel choice: drop {' and '.join(unfixed)} (cuDNN's "
+                raise UsageError(f"--reproducible needs a fixed kernel choice: drop {' and '.join(unfixed)} (cuDNN's "
                                  "benchmark and compiled kernels may differ between processes)")
 
     def levers(self) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..errors import UsageError
 from .config import LabelConfig
 from .stages import TASK_CPUS
 
@@ -61,7 +62,7 @@ def plan_resources(config: LabelConfig, cluster: dict) -> ResourcePlan:
         raise InsufficientResources(f"the Ray cluster has {cpus:g} CPUs; reading and decoding need at least {TASK_CPUS}")
     if use_gpus > 0:
         if config.actors is not None and config.actors != use_gpus:
-            raise ValueError("--actors is for CPU inference; with GPUs the pool has one actor per GPU (--num-gpus)")
+            raise UsageError("--actors is for CPU inference; with GPUs the pool has one actor per GPU (--num-gpus)")
         threads = config.threads_per_actor or 2
         actor_cpus = config.cpus_per_actor or max(0.05, min(1.0, math.floor(20 * cpus / (2 * use_gpus)) / 20))
         device = "cuda" if config.device == "auto" else config.device

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..amp import AMP_CHOICES
+from ..errors import UsageError
 
 OPTIMIZERS = ("sgd", "adam")
 GRAD_COMPRESSIONS = ("none", "bf16")
@@ -66,22 +67,22 @@ class TrainConfig:
         for name, value in [("epochs", self.epochs), ("batch-size", self.batch_size), ("crop-size", self.crop_size),
                             ("num-workers", self.num_workers), ("grad-accum", self.grad_accum)]:
             if value < 1:
-                raise ValueError(f"--{name} must be >= 1, got {value}")
+                raise UsageError(f"--{name} must be >= 1, got {value}")
         if self.amp not in AMP_CHOICES:
-            raise ValueError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+            raise UsageError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.grad_compression not in GRAD_COMPRESSIONS:
-            raise ValueError(f"--grad-compression must be one of {', '.join(GRAD_COMPRESSIONS)}, "
+            raise UsageError(f"--grad-compression must be one of {', '.join(GRAD_COMPRESSIONS)}, "
                              f"got {self.grad_compression!r}")
         if self.compile not in COMPILE_MODES:
-            raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+            raise UsageError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.wait_for_resources is not None and self.wait_for_resources < 0:
-            raise ValueError(f"--wait-for-resources must be >= 0 seconds, got {self.wait_for_resources:g}")
+            raise UsageError(f"--wait-for-resources must be >= 0 seconds, got {self.wait_for_resources:g}")
         if not 0 < self.stall_timeout < 1e9:
-            raise ValueError(f"--stall-timeout must be a positive number of seconds, got {self.stall_timeout}")
+            raise UsageError(f"--stall-timeout must be a positive number of seconds, got {self.stall_timeout}")
         if not self.name or "/" in self.name:
-            raise ValueError(f"--name must be a non-empty run name without '/', got {self.name!r}")
+            raise UsageError(f"--name must be a non-empty run name without '/', got {self.name!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,6 +12,8 @@ from PIL import Image
 
 from models import VOID_LABEL
 
+from ..errors import UsageError
+
 
 @dataclass(frozen=True)
 class TrainTransform:
@@ -26,9 +28,9 @@ class TrainTransform:
 
     def __post_init__(self) -> None:
         if self.crop_size < 1:
-            raise ValueError(f"crop size must be >= 1, got {self.crop_size}")
+            raise UsageError(f"crop size must be >= 1, got {self.crop_size}")
         if not (0 < self.min_scale <= self.max_scale):
-            raise ValueError(f"need 0 < min_scale <= max_scale, got {self.min_scale}, {self.max_scale}")
+            raise UsageError(f"need 0 < min_scale <= max_scale, got {self.min_scale}, {self.max_scale}")
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         h, w = mask.shape

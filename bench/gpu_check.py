@@ -391,7 +391,7 @@ def precision(checkpoint: str, s: Sizes, items: list) -> dict:
         preds[amp] = predictor.predict(items)
     differ = total = 0
     conf = {"bf16": 0.0, "off": 0.0}
-    for a, b in zip(preds["bf16"], preds["off"]):
+    for a, b in zip(preds["bf16"], preds["off"], strict=True):
         differ += int((a.label != b.label).sum())
         total += a.label.size
         conf["bf16"] += float(a.confidence_sum.sum())
@@ -420,8 +420,8 @@ def reproducibility(checkpoint: str, s: Sizes, items: list, label_args: list[str
         first = predictor.predict(items)
         again = predictor.predict(items)
         preds[name] = first
-        preds[name + "_stable"] = all((a.label == b.label).all() for a, b in zip(first, again))
-    differ = sum(int((a.label != b.label).sum()) for a, b in zip(preds["fast"], preds["reproducible"]))
+        preds[name + "_stable"] = all((a.label == b.label).all() for a, b in zip(first, again, strict=True))
+    differ = sum(int((a.label != b.label).sum()) for a, b in zip(preds["fast"], preds["reproducible"], strict=True))
     total = sum(a.label.size for a in preds["fast"])
     return {"images": len(items), "fast_levers": fast.levers(), "pixels_differing_share": round(differ / total, 8),
             "fast_stable_within_process": preds["fast_stable"],
@@ -499,7 +499,7 @@ def gpu_clocks() -> dict | None:
                               capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return None
-    return dict(zip(fields.split(","), (v.strip() for v in line.split(","))))
+    return dict(zip(fields.split(","), (v.strip() for v in line.split(",")), strict=False))
 
 
 def result_name(env: dict, dry_run: bool) -> str:

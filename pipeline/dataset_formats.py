@@ -89,7 +89,7 @@ def list_manifest(uri: str, split: str) -> list[dict[str, str]]:
         splits = [split] * len(images)
     base = dirname(uri)
     return [{"image": _resolve(base, i), "mask": _resolve(base, m)}
-            for i, m, s in zip(images, masks, splits) if s == split and i and m]
+            for i, m, s in zip(images, masks, splits, strict=True) if s == split and i and m]
 
 
 def parse_class_names(data: bytes, where: str) -> list[str]:
@@ -141,7 +141,7 @@ def check_checkpoint_classes(data: str, checkpoint: str, class_names: list[str])
         raise DatasetError(f"checkpoint {checkpoint} predicts {len(class_names)} classes, but {where} names "
                            f"{len(names)} classes ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}): evaluate it "
                            "on the dataset it was trained for")
-    for i, (ours, theirs) in enumerate(zip(class_names, names)):
+    for i, (ours, theirs) in enumerate(zip(class_names, names, strict=True)):
         if ours != theirs:
             raise DatasetError(f"checkpoint {checkpoint} names class {i} {ours!r}, but {where} line {i + 1} names it "
                                f"{theirs!r}: the class ids would mean other classes")

@@ -37,7 +37,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
     except UnidentifiedImageError:
         raise DecodeError("not a recognised image format") from None
-    except Exception as e:  # damaged headers raise all kinds of errors inside Pillow's plugins
+    except Exception as e:  # noqa: BLE001 - Pillow's plugins raise any type on damaged headers: one errors/ row, the type named
         raise DecodeError(f"truncated or corrupt image header ({type(e).__name__}: {e})") from None
     w, h = img.size
     if w < 1 or h < 1:
@@ -48,7 +48,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise any type on damaged data: one errors/ row, the type named
         raise DecodeError(f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
     return img
 
@@ -56,7 +56,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 def _orient(img: Image.Image) -> Image.Image:
     try:
         orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # a broken EXIF block must not cost the image
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not cost the image
         return img
     return ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
 
@@ -96,7 +96,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     else:  # L, 1, P, PA, LA, RGBA, CMYK, YCbCr, LAB, HSV ...
         try:
             arr = np.asarray(img.convert("RGB"))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a mode Pillow cannot convert: one errors/ row, the reason named
             raise DecodeError(f"unsupported image mode {mode} ({e})") from None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise DecodeError(f"unsupported image mode {mode} (decoded to {arr.dtype} {arr.shape})")

@@ -249,7 +249,7 @@ def _create_exclusive(location: Location, data: bytes) -> tuple[bool, str | None
         return True, None
     except FileExistsError:
         return False, None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types: named with the lease's URI
         raise storage_error(location.uri, e) from None
 
 

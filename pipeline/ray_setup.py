@@ -45,7 +45,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
     address = address or os.environ.get("RAY_ADDRESS")
     if address in (None, "local"):  # may start a local Ray, whose raylet inherits this environment
         os.environ.setdefault(IDLE_WORKERS_ENV, str(max(MIN_IDLE_WORKERS, num_cpus or os.cpu_count() or 1)))
-        kwargs.setdefault("include_dashboard", False)
+        # Ray's default (the dashboard where ray[default] is installed), so its state API answers: Ray Train's
+        # placement-group cleaner asks it every few seconds and logs a warning each time it cannot (40 lines in one
+        # `make demo` without it). ~0.5 s more to start. The GPU kit's slimmed Ray has no dashboard: it starts without.
         kwargs["num_cpus"] = num_cpus
     ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
     _connected_here = ray.get_runtime_context().get_job_id()

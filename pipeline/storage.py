@@ -150,7 +150,7 @@ class Location:
         options = {"config_kwargs": _s3_config()} if uri.startswith(("s3://", "s3a://")) else {}
         try:
             fs, path = resolve(uri, **options)  # never parses '::' as a URL chain
-        except Exception as e:  # an unknown protocol, a missing fsspec backend
+        except Exception as e:  # noqa: BLE001 - an unknown protocol or a missing fsspec backend: named with the URI
             raise storage_error(uri, e) from None
         return cls(uri, fs, path)
 
@@ -182,14 +182,14 @@ class Location:
             return read_all(self.fs, self.path)
         except (FileNotFoundError, IsADirectoryError):
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types: named with the URI
             raise storage_error(self.uri, e) from None
 
     def write_bytes(self, data: bytes) -> None:
         """Write an object so readers see the old or the complete new content, never a partial file."""
         try:
             write_atomic(self.fs, self.path, data)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types: named with the URI
             raise storage_error(self.uri, e) from None
 
     def read_text(self) -> str:
@@ -202,7 +202,7 @@ class Location:
         """True when a file or directory/prefix exists (False also when the store cannot be reached)."""
         try:
             return bool(self.fs.exists(self.path))
-        except Exception:
+        except Exception:  # noqa: BLE001 - exists() answers for what can be seen; check_exists() says why not
             return False
 
     # Deleting and copying take names literally: fsspec's rm() and copy() expand glob characters ([, ], *, ?), so
@@ -248,7 +248,7 @@ class Location:
                 raise StorageError(f"{what} not found: {self.uri}")
         except StorageError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types: named with the URI
             raise storage_error(self.uri, e) from None
 
     def check_writable(self) -> None:
@@ -263,7 +263,7 @@ class Location:
             marker.remove()
         except StorageError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types: named with the URI
             if no_space(e):  # its own message names the path and says what to do
                 raise storage_error(self.uri, e) from None
             raise StorageError(redact(f"cannot write to {self.uri}: {_describe(self.uri, e).split(': ', 1)[-1]}")) from None
@@ -282,7 +282,7 @@ class Location:
                 found = self.fs.find(self.path, detail=True)
             else:
                 found = {e["name"]: e for e in self.fs.ls(self.path, detail=True) if e.get("type") != "directory"}
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types: named with the URI
             raise storage_error(self.uri, e) from None
         # Object keys are any strings: `a//b.png` lies under the common prefix `a//`, which s3fs names `a/` and
         # lists as all of `a/`. Only keys under this exact prefix belong to it (or the key itself: one object).
@@ -393,7 +393,7 @@ def check_writable(uri: str) -> None:
 def exists(uri: str) -> bool:
     try:
         return Location.of(uri).exists()
-    except Exception:
+    except Exception:  # noqa: BLE001 - exists() answers for what can be seen; check_exists() says why not
         return False
 
 

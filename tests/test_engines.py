@@ -124,7 +124,7 @@ def test_athena_ddl_matches_the_parquet_files(output, table):
     columns = [(c.name, _sqlglot_arrow(c.args["kind"])) for c in create.this.expressions]
     files = _parquet_schema(output, table)
     assert [n for n, _ in columns] == files.names == SCHEMAS[table].names
-    for (name, declared), field in zip(columns, files):
+    for (name, declared), field in zip(columns, files, strict=True):
         assert declared == field.type, (table, name, declared, field.type)
     props = create.args["properties"].expressions
     (partition,) = [p for p in props if isinstance(p, exp.PartitionedByProperty)]
@@ -147,7 +147,7 @@ def test_trino_hive_connector_ddl_matches_the_parquet_files(output):
         assert columns[-1][0] == "run_date"
         files = _parquet_schema(output, table)
         assert [n for n, _ in columns[:-1]] == files.names
-        for (name, kind), field in zip(columns, files):
+        for (name, kind), field in zip(columns, files, strict=True):
             declared = _sqlglot_arrow(kind)
             assert declared == field.type or (pa.types.is_timestamp(declared) and pa.types.is_timestamp(field.type)), name
         text = create.sql(dialect="trino")

@@ -90,7 +90,7 @@ def test_predictor_leaves_the_given_model_alone(ck):
 def _neighbours_change_nothing(predictor: Predictor, images: list[np.ndarray]) -> list:
     items = [preprocess(im, None, 32) for im in images]
     together = predictor.predict(items)
-    for item, pred in zip(items, together):
+    for item, pred in zip(items, together, strict=True):
         alone = predictor.predict_chunk([item])[0]
         np.testing.assert_array_equal(pred.label, alone.label)
         np.testing.assert_array_equal(pred.confidence_sum, alone.confidence_sum)
@@ -118,7 +118,7 @@ def test_compiled_model_equals_eager_and_keeps_neighbour_independence():
     canvases = [preprocess(im, None, 32).canvas for im in images[:2]]
     ref = eager.forward(canvases)
     torch.testing.assert_close(compiled.forward(canvases), ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
-    for im, pred in zip(images, preds):
+    for im, pred in zip(images, preds, strict=True):
         assert (pred.label != eager.predict_chunk([preprocess(im, None, 32)])[0].label).mean() < 1e-3
 
 
@@ -152,7 +152,7 @@ def test_upsampled_bands_change_no_label(ck, monkeypatch):
     whole = predictor.to_host([predictor.labels_and_stats(scores, 71, 90)])
     monkeypatch.setattr(inference, "BAND_ELEMENTS", 6 * 90 * 7)  # bands of 7 rows
     banded = predictor.to_host([predictor.labels_and_stats(scores, 71, 90)])
-    for a, b in zip(whole, banded):
+    for a, b in zip(whole, banded, strict=True):
         for field in ("label", "class_id", "pixel_count", "x_min", "y_min", "x_max", "y_max"):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
         np.testing.assert_allclose(a.confidence_sum, b.confidence_sum, rtol=1e-6)

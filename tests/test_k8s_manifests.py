@@ -323,7 +323,7 @@ def test_jobs_end_their_clusters_and_the_night_has_a_valid_schedule(manifests):
     fields = cron["schedule"].split()
     ranges = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]
     assert len(fields) == 5
-    for field, (lo, hi) in zip(fields, ranges):
+    for field, (lo, hi) in zip(fields, ranges, strict=True):
         assert field == "*" or lo <= int(field) <= hi, cron["schedule"]
     ZoneInfo(cron["timeZone"])  # an IANA name
     # Stopped before the next night would start (the schedule is daily), so nights cannot pile up.

@@ -42,7 +42,7 @@ def test_batch_neighbours_never_change_labels(ck, batch_size):
     settings = InferenceSettings(max_side=None, batch_size=batch_size, device="cpu")
     predictor = Predictor(ck.model, ck.convention, settings)
     together = predictor.predict([preprocess(im, None, 32) for im in images])
-    for im, pred in zip(images, together):
+    for im, pred in zip(images, together, strict=True):
         alone = predict_image(ck, None, im, batch_size=batch_size)
         np.testing.assert_array_equal(pred.label, alone.label)
         np.testing.assert_array_equal(pred.confidence_sum, alone.confidence_sum)
@@ -128,7 +128,7 @@ def test_checkpoint_from_bytes_equals_models_loader(tiny_checkpoint, tmp_path):
     fast, ref = load_checkpoint_bytes(data, "s3://b/m.pt"), load_checkpoint(path)
     assert fast.model_id == ref.model_id == model_id and fast.class_names == ref.class_names
     assert fast.convention == ref.convention and fast.config == ref.config and not fast.model.training
-    for (k, a), (_, b) in zip(fast.model.state_dict().items(), ref.model.state_dict().items()):
+    for (k, a), (_, b) in zip(fast.model.state_dict().items(), ref.model.state_dict().items(), strict=True):
         assert a.device.type == "cpu" and torch.equal(a, b), k
     for bad, message in [(data[:4000], "s3://b/m.pt is truncated or corrupt"), (b"", "s3://b/m.pt is empty")]:
         with pytest.raises(CheckpointError, match=message):

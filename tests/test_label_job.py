@@ -100,7 +100,7 @@ def test_mixed_bucket_rows_schema_and_exact_labels(ray_session, tiny_checkpoint,
         rows = sorted(stats_of[r["image_uri"]], key=lambda s: s["class_id"])
         assert [s["class_id"] for s in rows] == ids.tolist()
         assert sum(s["pixel_count"] for s in rows) == r["width"] * r["height"]
-        for s, c in zip(rows, counts):
+        for s, c in zip(rows, counts, strict=True):
             assert s["pixel_count"] == c and s["class_name"] == CLASS_NAMES[s["class_id"]]
             assert s["pixel_fraction"] == pytest.approx(c / label.size)
             assert 1 / len(CLASS_NAMES) <= s["mean_confidence"] <= 1.0
@@ -148,7 +148,7 @@ def _check_queries(output, labels, stats, errors, run_date):
     images: dict[int, int] = {}
     for r in labels:
         ids, counts = np.unique(decode_row(r), return_counts=True)
-        for i, c in zip(ids.tolist(), counts.tolist()):
+        for i, c in zip(ids.tolist(), counts.tolist(), strict=True):
             pixels[i] = pixels.get(i, 0) + c
             images[i] = images.get(i, 0) + 1
     rows = con.execute(example_query("class_coverage", output), {"run_date": run_date}).fetchall()
@@ -326,7 +326,7 @@ def test_killed_inference_worker_still_exactly_once(ray_session, tiny_checkpoint
     t = tables(output)
     uris = t["labels"]["image_uri"].to_pylist()
     assert len(uris) == len(set(uris)) == 10
-    pairs = list(zip(t["class_stats"]["image_uri"].to_pylist(), t["class_stats"]["class_id"].to_pylist()))
+    pairs = list(zip(t["class_stats"]["image_uri"].to_pylist(), t["class_stats"]["class_id"].to_pylist(), strict=True))
     assert len(pairs) == len(set(pairs))
 
 

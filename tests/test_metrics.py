@@ -11,7 +11,7 @@ from pipeline.train.metrics import ConfusionMatrix
 def _naive(pred, gt, n):
     """Reference score.py semantics, computed with plain loops over pixels and classes."""
     hist = [[0] * n for _ in range(n)]
-    for p, g in zip(pred.ravel().tolist(), gt.ravel().tolist()):
+    for p, g in zip(pred.ravel().tolist(), gt.ravel().tolist(), strict=True):
         if 0 <= g < n:
             hist[g][p] += 1
     total = sum(map(sum, hist))
@@ -29,7 +29,7 @@ def _naive(pred, gt, n):
 def _check(scores, expected):
     for k in ["pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"]:
         assert math.isclose(scores[k], expected[k], rel_tol=1e-12), k
-    for a, b in zip(scores["per_class_iou"], expected["per_class_iou"]):
+    for a, b in zip(scores["per_class_iou"], expected["per_class_iou"], strict=True):
         assert (a is None and b is None) or math.isclose(a, b, rel_tol=1e-12)
 
 

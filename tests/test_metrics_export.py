@@ -55,7 +55,7 @@ def _label_config(images, ck, output, **kw) -> LabelConfig:
 def _filesets(output: str, run_id: str) -> set[str]:
     """The file sets a run published: each puts its name in the file of every table it wrote."""
     names = set()
-    for folder, _, files in os.walk(output):
+    for _, _, files in os.walk(output):
         names |= {m.group(1) for f in files if (m := re.search(rf"part-({re.escape(run_id)}-[0-9a-f]{{12}})\.parquet$", f))}
     return names
 

@@ -32,7 +32,7 @@ def _exactly_once(output: str, images: list[str]) -> None:
     t = tables(output)
     uris = t["labels"]["image_uri"].to_pylist()
     assert sorted(uris) == sorted(images)
-    stats = list(zip(t["class_stats"]["image_uri"].to_pylist(), t["class_stats"]["class_id"].to_pylist()))
+    stats = list(zip(t["class_stats"]["image_uri"].to_pylist(), t["class_stats"]["class_id"].to_pylist(), strict=True))
     assert len(stats) == len(set(stats)) and {u for u, _ in stats} == set(uris)
     keys = read_table(Location.of(output), INDEX)["image_uri"].to_pylist()
     assert sorted(keys) == sorted(uris)

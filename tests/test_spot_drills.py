@@ -70,7 +70,7 @@ def _exactly_once(output: str, count: int) -> None:
     t = tables(output)
     uris = t["labels"]["image_uri"].to_pylist()
     assert len(uris) == len(set(uris)) == count
-    pairs = list(zip(t["class_stats"]["image_uri"].to_pylist(), t["class_stats"]["class_id"].to_pylist()))
+    pairs = list(zip(t["class_stats"]["image_uri"].to_pylist(), t["class_stats"]["class_id"].to_pylist(), strict=True))
     assert len(pairs) == len(set(pairs)) and {u for u, _ in pairs} == set(uris)
     assert t["errors"].num_rows == 0, t["errors"].to_pylist()  # no image failed because a node went away
 
@@ -115,7 +115,7 @@ def test_preempted_inference_nodes_cost_no_retries_but_a_crashing_batch_ends_the
             lost = time.monotonic()
             _preempt(cluster, gpu)
             gpu = cluster.add_node(**GPU_NODE)  # the autoscaler's replacement
-            _wait(lambda: [a for a in _actors_alive("InferenceActor") if a.node_id == gpu.node_id], 120,
+            _wait(lambda node=gpu.node_id: [a for a in _actors_alive("InferenceActor") if a.node_id == node], 120,
                   "the actor restarted on the new node")
             recover_s.append(time.monotonic() - lost)
     finally:

@@ -25,7 +25,7 @@ def test_surgery_fc6_at_one_position_equals_linear(vgg16_file):
     with torch.device("cpu"):
         model = build_model("fcn8s", 21)
     assert init_backbone(model, path) == TORCHVISION
-    for name, idx in zip(TRUNK_CONVS, TORCHVISION_FEATURE_INDEX):
+    for name, idx in zip(TRUNK_CONVS, TORCHVISION_FEATURE_INDEX, strict=True):
         assert torch.equal(getattr(model, name).weight, vgg.features[idx].weight)
         assert torch.equal(getattr(model, name).bias, vgg.features[idx].bias)
     pool5 = torch.randn(2, 512, 7, 7)

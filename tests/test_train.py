@@ -70,7 +70,7 @@ def test_two_workers_learn_and_evaluate_matches_from_s3(ray_session, synthetic, 
     assert sorted(os.listdir(report)) == ["confusion.json", "confusion.png", "per_class.csv", "per_class.json"]
     rows = list(csv.DictReader(open(report / "per_class.csv")))
     assert [r["class_name"] for r in rows] == latest.class_names
-    for row, iou in zip(rows, evaluated["per_class_iou"]):
+    for row, iou in zip(rows, evaluated["per_class_iou"], strict=True):
         assert (float(row["iou"]) if row["iou"] else None) == pytest.approx(iou)
     matrix = np.array(json.loads((report / "confusion.json").read_text())["matrix"])
     assert matrix.sum() == sum(int(r["gt_pixels"]) for r in rows) > 0

@@ -47,7 +47,7 @@ class BatchLabeler:
                           int(sizes["width"][i])) for i in todo]
         preds = self.predictor.predict(items) if items else []
         done: list[Prediction | None] = [None] * n
-        for i, pred in zip(todo, preds):
+        for i, pred in zip(todo, preds, strict=True):
             if isinstance(pred, Exception):
                 stages[i], errors[i] = "inference", one_line(pred)
             else:

@@ -42,10 +42,10 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
         compute=ray.data.ActorPoolStrategy(size=plan.pool, max_concurrent_calls_per_actor=concurrent_calls,
                                            enable_true_multi_threading=concurrent_calls is not None),
         num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus,
-        # A batch whose actor died (spot reclaim, a sticky CUDA error) is retried on a restarted actor. Ray would
-        # charge a lost node to max_task_retries too (ray#50640): it retries without limit, and crash_budget ends
-        # the run when a batch has killed its actor 3 times on nodes that stayed up (lost nodes cost nothing).
-        max_task_retries=-1,
+        # A batch whose actor died (spot reclaim, a sticky CUDA error) is retried on a restarted actor: Ray Data's
+        # actor pools restart actors and retry their calls without limit by default (a fixed max_task_retries
+        # would also count lost nodes, ray#50640), and crash_budget ends the run when a batch has killed its
+        # actor 3 times on nodes that stayed up (lost nodes cost nothing).
         runtime_env=faults.runtime_env(_actor_env(settings)),
         fn_constructor_kwargs={"checkpoint": [checkpoint_ref], "settings": settings, "threads": plan.threads,
                                "postprocess_encoding": None if separate else config.label_encoding,

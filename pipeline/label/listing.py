@@ -110,13 +110,13 @@ def _rows(files: list[FileInfo]) -> pa.Table:
     uris = [printable_uri(f.uri) for f in files]
     return pa.table({"image_uri": uris, "image_version": [f.version for f in files],
                      "image_size": [int(f.size) for f in files],
-                     "list_error": [None if u == f.uri else NOT_UTF8 for u, f in zip(uris, files)]},
+                     "list_error": [None if u == f.uri else NOT_UTF8 for u, f in zip(uris, files, strict=True)]},
                     schema=LISTING_SCHEMA)
 
 
 def _list_units(batch: pa.Table, *, images: Location, exclude: tuple[str, ...]):
     """Ray task: list each unit (a sub-prefix, recursively; or the prefix's own files) in blocks of rows."""
-    for raw, recursive in zip(batch["path"].to_pylist(), batch["recursive"].to_pylist()):
+    for raw, recursive in zip(batch["path"].to_pylist(), batch["recursive"].to_pylist(), strict=True):
         path = raw.decode("utf-8", "surrogateescape")
         unit = Location(images.uri_of(path), images.fs, path)
         files = [f for f in unit.list_files(IMAGE_EXTENSIONS, recursive=recursive) if not f.uri.startswith(exclude)]
@@ -213,14 +213,14 @@ def _manifest_rows(batch: pa.Table, *, images: Location, version: str, exclude: 
         batch = batch.filter(_true(batch["is_latest"]))
     if "uri" in names:
         folders = [images.uri_of(posixpath.dirname(p)) for p in batch["path"].to_pylist()]
-        uris = [_absolute(str(u).strip(), folder) if u else None for u, folder in zip(batch["uri"].to_pylist(), folders)]
+        uris = [_absolute(str(u).strip(), folder) if u else None for u, folder in zip(batch["uri"].to_pylist(), folders, strict=True)]
     else:
         keys = batch["key"].to_pylist()
         uris = [f"s3://{b}/{unquote_plus(k) if url_encoded_keys else k}" if b and k else None
-                for b, k in zip(batch["bucket"].to_pylist(), keys)]
+                for b, k in zip(batch["bucket"].to_pylist(), keys, strict=True)]
     versions = [str(v).strip('"') if v not in (None, "") else None for v in batch[version].to_pylist()]
     sizes = batch["size"].to_pylist() if "size" in names else [None] * batch.num_rows
-    keep = [i for i, (u, v) in enumerate(zip(uris, versions))
+    keep = [i for i, (u, v) in enumerate(zip(uris, versions, strict=True))
             if u and v and u.lower().endswith(IMAGE_EXTENSIONS) and not u.startswith(exclude)]
     return pa.table({"image_uri": [uris[i] for i in keep], "image_version": [versions[i] for i in keep],
                      "image_size": [_int(sizes[i]) for i in keep], "list_error": [None] * len(keep)},

@@ -67,7 +67,7 @@ def decode_stage(batch: pa.Table, *, max_pixels: int, max_side: int | None, canv
     """Bytes -> RGB -> canvas (resize to max_side, edge-pad to the canvas), per row."""
     sizes = ("width", "height", "resized_h", "resized_w", "canvas_h", "canvas_w")
     cols: dict[str, list] = {k: [] for k in (*sizes, "canvas", "stage", "error")}
-    for data, stage, error in zip(batch["data"].to_pylist(), batch["stage"].to_pylist(), batch["error"].to_pylist()):
+    for data, stage, error in zip(batch["data"].to_pylist(), batch["stage"].to_pylist(), batch["error"].to_pylist(), strict=True):
         prepared = None
         if error is None:
             try:

@@ -66,7 +66,7 @@ def _load_batch(batch: dict, *, num_classes: int, max_pixels: int, transform: Tr
                 bad_log) -> dict:
     rng = np.random.default_rng()  # fresh augmentation every epoch
     images, masks, uris, bad = [], [], [], []
-    for image_uri, mask_uri in zip(batch["image"], batch["mask"]):
+    for image_uri, mask_uri in zip(batch["image"], batch["mask"], strict=True):
         try:
             image, mask = load_pair(str(image_uri), str(mask_uri), num_classes=num_classes, max_pixels=max_pixels)
         except DecodeError as e:

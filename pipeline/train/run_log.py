@@ -66,7 +66,7 @@ class RunLog:
             if isinstance(line.get(key), (int, float)):
                 group = "val" if key in VAL_SCALARS else "train"
                 self._writer.add_scalar(f"{group}/{key}", line[key], epoch, walltime=time.time())
-        for name, iou in zip(self.class_names, line.get("per_class_iou") or []):
+        for name, iou in zip(self.class_names, line.get("per_class_iou") or [], strict=False):
             if iou is not None:
                 self._writer.add_scalar(f"val_per_class_iou/{name}", iou, epoch)
         self._writer.flush()

@@ -89,10 +89,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sav
     if saved_names is None:
         saved_names = [[name for name, _ in model.named_parameters()]]
     groups = saved["param_groups"]
-    if len(saved_names) != len(groups) or any(len(n) != len(g["params"]) for n, g in zip(saved_names, groups)):
+    if len(saved_names) != len(groups) or any(len(n) != len(g["params"]) for n, g in zip(saved_names, groups, strict=True)):
         raise ValueError(f"the saved optimizer state has groups of {[len(g['params']) for g in groups]} parameters, "
                          f"its names {[len(n) for n in saved_names]}: not a state of this model")
-    saved_index = {name: idx for names, group in zip(saved_names, groups) for name, idx in zip(names, group["params"])}
+    saved_index = {name: idx for names, group in zip(saved_names, groups, strict=True)
+                   for name, idx in zip(names, group["params"], strict=True)}
     names = param_names(optimizer, model)
     state, new_groups, fresh, k = {}, [], [], 0
     for g, group_names in enumerate(names):

@@ -14,6 +14,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .decode import IMAGE_EXTENSIONS
+from .errors import JobError
 from .storage import FileInfo, Location, StorageError, check_exists, dirname, join, local_version, normalize, read_bytes
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,8 @@ VOC_SPLITS_DIR = "ImageSets/Segmentation"
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 
 
-class DatasetError(ValueError):
-    """A dataset is missing, empty or malformed; the message names the URI."""
+class DatasetError(JobError, ValueError):
+    """A dataset is missing, empty or malformed; the message names the URI (one error: line in a job)."""
 
 
 def detect_format(uri: str) -> str:

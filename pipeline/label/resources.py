@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import UsageError
+from ..errors import JobError, UsageError
 from .config import LabelConfig
 from .stages import TASK_CPUS
 
@@ -15,7 +15,7 @@ CPU_SECONDS_PER_IMAGE = 1.6e-3
 GPU_TARGET_IMAGES_PER_SECOND = 1500
 
 
-class InsufficientResources(ValueError):
+class InsufficientResources(JobError, ValueError):
     """The cluster, as it is now, is too small for the flags (an autoscaling cluster may still grow)."""
 
 

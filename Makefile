@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # on disk; PyPI's CPU-only torch cannot import torchvision there. Elsewhere the resolver picks.
 TORCH_PIN := $(shell test -f /etc/xdg/pip/constraints.txt && echo "torch==2.14.1 torchvision==0.29.1")
 
-.PHONY: test test-spark lint demo demo-s3 venv clean-venv
+.PHONY: test test-fast test-spark lint demo demo-s3 venv clean-venv
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ lint: venv
 
 test: venv lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop (a few minutes): lint and every test that runs no Ray job. `make test` stays the full suite and CI.
+test-fast: venv lint
+	$(PY) -m pytest -m "not spark and not ray_job" $(PYTEST_ARGS)
 
 # docs/queries.md's Spark SQL forms run by Spark against DuckDB's answers: pyspark (the 'spark' extra) and Java 17.
 test-spark: venv

@@ -136,8 +136,17 @@ def ray_stopped(s3_server):
     yield
 
 
+# Fixtures that give a test a Ray instance: such a test runs Ray jobs and is left out of `make test-fast`.
+RAY_FIXTURES = {"ray_session", "multinode_cluster", "ray_stopped"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Multi-node tests last: each tears down the shared local Ray, which is then not needed again."""
+    """Multi-node tests last: each tears down the shared local Ray, which is then not needed again. Tests that
+    use a Ray fixture or a cluster of their own (multinode) are marked ray_job; tests that start jobs with their
+    own Ray carry the marker themselves."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("multinode"):
+            item.add_marker(pytest.mark.ray_job)
     items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)
 
 

@@ -209,6 +209,7 @@ def _mount_namespace() -> list[str] | None:
     return None
 
 
+@pytest.mark.ray_job  # starts jobs with their own Ray (make test-fast leaves it out)
 def test_a_full_disk_mid_run_is_one_line_and_the_rerun_is_exactly_once(tiny_checkpoint, tmp_path):
     """A real full filesystem (a 1 MB tmpfs in a private mount namespace), not an injected error."""
     prefix = _mount_namespace()
@@ -267,6 +268,7 @@ def _delete_bucket(s3, name: str) -> None:
     assert not s3.exists(name)
 
 
+@pytest.mark.ray_job  # starts jobs with their own Ray (make test-fast leaves it out)
 def test_training_bucket_deleted_mid_run_is_one_line(small_voc, bucket, s3, tmp_path):
     go = tmp_path / "go"
     argv = ["--data", small_voc, "--storage", f"{bucket}/runs", "--name", "gone", *TINY, "--epochs", "3",

@@ -386,6 +386,7 @@ def test_fail_fast_with_one_line(tiny_checkpoint, tmp_path, capsys, s3, monkeypa
     assert code == 2 and len(lines) == 1 and "cannot reach the storage endpoint" in lines[0], stderr
 
 
+@pytest.mark.ray_job  # starts jobs with their own Ray (make test-fast leaves it out)
 def test_cli_log_with_both_streams_together_is_short_and_ends_with_the_json(tiny_checkpoint, tmp_path):
     """As `ray job submit` collects it (stdout and stderr in one file, not a terminal): a few lines, the progress
     line no more often than asked, and the summary as the very last line."""

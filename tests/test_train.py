@@ -273,6 +273,7 @@ def test_a_stopped_run_does_not_block_the_next_one(small_synthetic, tmp_path):
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.ray_job  # starts jobs with their own Ray (make test-fast leaves it out)
 def test_workers_leaving_no_cpu_for_the_input_pipeline_fail_at_start(small_synthetic, tmp_path):
     """A 2-worker run whose workers take every CPU: before, Ray Data waited for a CPU forever, without a word."""
     cpus = str(os.cpu_count())

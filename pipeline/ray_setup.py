@@ -20,6 +20,7 @@ _requested = False  # whether this process asked the autoscaler for resources (w
 # few idle workers keeps them warm. Only a Ray started by this process reads the variable; a cluster keeps its own
 # setting (on GPU nodes with many CPUs the default already allows enough idle workers).
 IDLE_WORKERS_ENV = "RAY_num_workers_soft_limit"
+RAY_DATA_LOGGING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
 MIN_IDLE_WORKERS = 4
 
 
@@ -49,6 +50,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
         # placement-group cleaner asks it every few seconds and logs a warning each time it cannot (40 lines in one
         # `make demo` without it). ~0.5 s more to start. The GPU kit's slimmed Ray has no dashboard: it starts without.
         kwargs["num_cpus"] = num_cpus
+        # Ray Data's console in every process of this Ray shows warnings only (its log file keeps everything); a
+        # path on this machine, so only for a Ray started here (a cluster's nodes keep Ray Data's defaults).
+        kwargs.setdefault("runtime_env", {"env_vars": {"RAY_DATA_LOGGING_CONFIG": RAY_DATA_LOGGING}})
     ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
     _connected_here = ray.get_runtime_context().get_job_id()
 
@@ -67,6 +71,13 @@ def configure_progress(progress: bool | None) -> bool:
     """Ray Data's progress bars on a terminal only (or when asked): on `ray job submit`'s combined log they are
     thousands of lines of cursor codes. Datasets carry this setting to the workers that run them."""
     progress = sys.stderr.isatty() if progress is None else progress
+    # Turned off on purpose: Ray Data's one-time "Progress bars disabled" warning would say so on every run; its
+    # per-execution INFO lines go to ray-data.log only (as in the workers of a local Ray, see RAY_DATA_LOGGING).
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if progress else logging.ERROR)
+    if not progress:
+        for handler in logging.getLogger("ray.data").handlers:
+            if type(handler).__name__ == "PlainRayHandler":  # the console; the file handler keeps everything
+                handler.setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.enable_operator_progress_bars = progress

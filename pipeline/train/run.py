@@ -164,11 +164,21 @@ def build_trainer(cfg: TrainConfig, run: Location, train: list, val: list, class
             # A worker group that cannot be placed is retried forever by default: bound it.
             failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=max(3, cfg.max_failures)),
             worker_runtime_env=faults.runtime_env(),
+            # Ray Train's INFO lines (worker group start, DDP wrapping) stay in its log files, off the job's log.
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
             callbacks=[TrainMetrics(cfg.name)],  # Prometheus metrics from the controller (pipeline.telemetry)
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ingest_options()),
     )
+
+
+def _ingest_options() -> ray.data.ExecutionOptions:
+    """Ray Train's default ingest options (DataConfig.default_ingest_options: the driver's DataContext), without
+    the deprecated exclude_resources that the default passes on (a RayDeprecationWarning in every run's log)."""
+    current = ray.data.DataContext.get_current().execution_options
+    return ray.data.ExecutionOptions(resource_limits=current.resource_limits, preserve_order=current.preserve_order,
+                                     verbose_progress=current.verbose_progress)
 
 
 def warn_dropped(bad_rows: list[dict], splits: dict[str, list], cfg: TrainConfig) -> None:

@@ -345,7 +345,7 @@ class Predictor:
     def to_host(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Prediction]:
         """Results of `labels_and_stats` -> Predictions (in order): one copy into pinned host memory and one
         synchronisation for all of them. Label maps are views of that one host buffer (no copy per image)."""
-        flat = torch.cat([s.reshape(-1).view(torch.uint8) for _, s in parts] + [lab.reshape(-1) for lab, _ in parts])
+        flat = self._flatten(parts)
         if self.cuda:
             host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
             host.copy_(flat, non_blocking=True)
@@ -370,12 +370,17 @@ class Predictor:
         return out
 
     @staticmethod
+    def _flatten(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Every part's statistics then every part's labels as one uint8 tensor on the device: one copy back."""
+        return torch.cat([s.reshape(-1).view(torch.uint8) for _, s in parts] + [lab.reshape(-1) for lab, _ in parts])
+
+    @staticmethod
     def _prediction(label: np.ndarray, stats: np.ndarray) -> Prediction:
         present = np.flatnonzero(stats[:, 0] > 0)
         s = stats[present]
+        box = s[:, 2:].astype(np.int32).T  # x_min, y_min, x_max, y_max: one conversion
         return Prediction(label=label, class_id=present.astype(np.int32), pixel_count=s[:, 0].astype(np.int64),
-                          confidence_sum=s[:, 1].copy(), x_min=s[:, 2].astype(np.int32), y_min=s[:, 3].astype(np.int32),
-                          x_max=s[:, 4].astype(np.int32), y_max=s[:, 5].astype(np.int32))
+                          confidence_sum=s[:, 1].copy(), x_min=box[0], y_min=box[1], x_max=box[2], y_max=box[3])
 
     # ------------------------------------------------------------------------------------------ batches
 

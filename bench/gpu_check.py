@@ -360,7 +360,7 @@ def forward_ceiling(checkpoint: str, s: Sizes, items: list, batch_sizes: tuple[i
             predictor.forward(batch)
             images += len(batch)
         sync()
-        result[str(b)] = round(images / (time.perf_counter() - t), 1)
+        result[str(b)] = round(images / (time.perf_counter() - t), 1) if images else None  # no full batch
         if predictor.compile_seconds:
             result[f"compile_seconds_{b}"] = round(predictor.compile_seconds, 1)
         del predictor

@@ -67,6 +67,14 @@ def disconnect_ray() -> None:
     _connected_here = None
 
 
+def on_driver_node() -> dict:
+    """Actor options that keep a run's bookkeeping actor on the driver's node: on Kubernetes or cluster.yaml the
+    head, which is not a spot node, so a reclaimed worker node cannot take the run's records with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
 def configure_progress(progress: bool | None) -> bool:
     """Ray Data's progress bars on a terminal only (or when asked): on `ray job submit`'s combined log they are
     thousands of lines of cursor codes. Datasets carry this setting to the workers that run them."""

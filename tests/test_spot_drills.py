@@ -225,6 +225,9 @@ def test_a_training_workers_node_preempted_mid_epoch_resumes_from_the_last_epoch
     try:
         _wait(lambda: [r for r in ledger(run_dir) if r["epoch"] == 1], 300, "epoch 1 in the ledger")
         workers = _wait(lambda: [a for a in _actors_alive("RayTrainWorker")], 60, "the training workers")
+        # The run's record of dropped samples lives on the head (the driver's node), never on a spot node.
+        (bad_log,) = _actors_alive("BadSampleLog")
+        assert bad_log.node_id == cluster.head_node.node_id
         rank_nodes = {a.node_id for a in workers}
         (victim,) = [n for n in nodes if n.node_id in rank_nodes][:1]
         lost = time.monotonic()

@@ -21,6 +21,7 @@ import pyarrow as pa
 import ray
 
 from ..errors import JobError
+from ..ray_setup import on_driver_node
 
 MAX_CRASHES = 3  # as the fixed budget before: a batch that kills its actor 3 times ends the run
 
@@ -52,10 +53,7 @@ class BatchAttempts:
 
 def start_attempts() -> ray.actor.ActorHandle:
     """The run's BatchAttempts, on this (the driver's) node: on Kubernetes the head, which is not a spot node."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = ray.get_runtime_context().get_node_id()
-    return BatchAttempts.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+    return BatchAttempts.options(**on_driver_node()).remote()
 
 
 def batch_key(batch: pa.Table) -> str:

@@ -116,7 +116,7 @@ def evaluate_checkpoint(data: str, checkpoint_uri: str, *, split: str = "val", a
     from ..dataset_formats import check_checkpoint_classes, list_samples
     from ..decode import DEFAULT_MAX_PIXELS
     from ..ray_setup import configure_progress, init_ray
-    from .inputs import BadSampleLog, segmentation_dataset
+    from .inputs import segmentation_dataset, start_bad_sample_log
 
     ck = load_checkpoint(checkpoint_uri)  # fails fast, before any cluster work, on a bad file
     check_checkpoint_classes(data, checkpoint_uri, ck.class_names)  # as training checks --num-classes
@@ -124,7 +124,7 @@ def evaluate_checkpoint(data: str, checkpoint_uri: str, *, split: str = "val", a
     samples = list_samples(data, split)
     init_ray()
     configure_progress(None)
-    bad_log = BadSampleLog.remote()
+    bad_log = start_bad_sample_log()
     ds = segmentation_dataset(samples, num_classes=num_classes, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                               bad_log=bad_log)
     matrices = ds.map_batches(

@@ -13,6 +13,7 @@ import ray
 from models import VOID_LABEL
 
 from ..decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_mask
+from ..ray_setup import on_driver_node
 from ..storage import StorageError, read_bytes
 from .transforms import TrainTransform
 
@@ -30,6 +31,12 @@ class BadSampleLog:
 
     def rows(self) -> list[dict]:
         return sorted(self._rows.values(), key=lambda r: r["uri"])
+
+
+def start_bad_sample_log() -> ray.actor.ActorHandle:
+    """The run's BadSampleLog, on the driver's node: a training worker's spot node that is reclaimed mid-run must
+    not take the run's record of dropped samples (and the run's summary) with it."""
+    return BadSampleLog.options(**on_driver_node()).remote()
 
 
 def _read(uri: str, what: str) -> bytes:

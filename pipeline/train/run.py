@@ -27,7 +27,7 @@ from ..run_guard import guarded_run
 from ..storage import Location, StorageError, check_exists, normalize
 from ..telemetry import TrainMetrics
 from .config import TrainConfig
-from .inputs import BadSampleLog, segmentation_dataset
+from .inputs import segmentation_dataset, start_bad_sample_log
 from .loop import InputStalled, train_loop_per_worker
 from .run_state import ledger, run_location, scan_checkpoints, stored_config
 from .transforms import TrainTransform
@@ -240,7 +240,7 @@ def run_training(cfg: TrainConfig) -> dict:
 
 def _fit(cfg: TrainConfig, run, train: list, val: list, class_names: list[str], convention: InputConvention,
          done_before: set) -> dict:
-    bad_log = BadSampleLog.remote()
+    bad_log = start_bad_sample_log()
     trainer = build_trainer(cfg, run, train, val, class_names, convention, bad_log)
     latest = scan_checkpoints(run)
     if latest and latest[-1]["epoch"] >= cfg.epochs:

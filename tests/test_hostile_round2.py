@@ -22,7 +22,7 @@ from pipeline.storage import Location
 from pipeline.synthetic import synthesize_voc
 from pipeline.testbed import random_checkpoint
 from tests.images import palette_mask
-from tests.jobs_util import ROOT, run_in_process
+from tests.jobs_util import ROOT
 from tests.label_fixtures import duckdb_connection, good_image, run_label_cli, tables, write_files
 
 TINY = ["--num-classes", "6", "--width-mult", "0.0625", "--padding", "same", "--num-workers", "1",
@@ -75,27 +75,8 @@ def _label(capsys, images, ck_path, output, *extra) -> dict:
 # ------------------------------------------------------------------------------ 1: relative paths
 
 
-def test_relative_storage_as_in_the_readme_keeps_metrics_ledger_and_resume(ray_session, small_voc, tmp_path,
-                                                                          monkeypatch, capsys):
-    """`--storage runs` relative to the user's folder: Ray Train's workers run in another working directory, so
-    before, metrics.jsonl and ledger/ went there and a rerun with more epochs trained nothing new."""
-    shutil.copytree(small_voc, tmp_path / "data")
-    monkeypatch.chdir(tmp_path)
-    argv = ["--data", "data", "--storage", "runs", "--name", "rel", *TINY]
-    first = run_in_process("train", [*argv, "--epochs", "1"], capsys)
-    run = tmp_path / "runs" / "rel"
-    assert first["run"] == str(run) and first["epochs_trained_now"] == [1] and first["ledger_epochs"] == [1]
-    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
-    assert len(list((run / "ledger").glob("epoch_0001-*.json"))) == 1
-    second = run_in_process("train", [*argv, "--epochs", "2"], capsys)
-    assert second["epochs_trained_now"] == [2] and second["ledger_epochs"] == [1, 2]
-    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    # evaluate.py with relative --data, --checkpoint and --report: resolved in the driver as well.
-    evaluated = run_in_process("evaluate", ["--data", "data", "--checkpoint", "runs/rel/epoch_0002/model.pt",
-                                            "--report", "report"], capsys)
-    assert evaluated["checkpoint"] == str(run / "epoch_0002" / "model.pt")
-    assert (tmp_path / "report" / "per_class.csv").exists()
-
+# A relative --storage and --data as in the README (a training run, its resume, evaluate.py) is run by
+# tests/test_train.py::test_stop_and_resume_continues_at_next_epoch.
 
 def test_every_jobs_path_arguments_are_absolute_after_parsing(tmp_path, monkeypatch):
     """The class of defect: every path argument of every job is resolved once, when the driver parses it."""

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from models import ARCHITECTURES, build_model, is_bilinear, load_checkpoint, upsamplers
-from models.layers import bilinear_kernel
 from pipeline import storage
 from pipeline.synthetic import synthesize_voc
 from pipeline.train.config import TrainConfig
@@ -300,24 +299,13 @@ def _as_written_before_names(epoch_dir: str) -> None:
     json.dump(meta, open(os.path.join(epoch_dir, "state.json"), "w"))
 
 
-def test_training_keeps_the_bilinear_kernel_unless_asked_and_resumes_older_runs(ray_session, small_set, tmp_path,
-                                                                                 capsys):
+def test_learned_upsampling_moves_the_kernel_and_an_older_run_resumes_frozen(ray_session, small_set, tmp_path, capsys):
     runs = str(tmp_path / "runs")
 
     def train(name, *extra):
         return run_in_process("train", ["--data", small_set, "--storage", runs, "--name", name, *TINY, *extra], capsys)
 
-    frozen = train("frozen", "--epochs", "1", "--num-workers", "2", "--cpus-per-worker", "0.5")
-    assert frozen["upsampling"] == "frozen"
-    assert frozen["train_settings"]["compile"] == "off" and frozen["train_settings"]["optimizer_impl"] == "fused"
-    ck = load_checkpoint(frozen["latest_checkpoint"])
-    assert ck.metadata["upsampling"] == "frozen" and ck.metadata["train_config"]["learn_upsampling"] is False
-    state = ck.model.state_dict()
-    for name in ("upscore2", "upscore_pool4", "upscore8"):
-        w = state[f"{name}.weight"]
-        assert torch.equal(w, bilinear_kernel(6, w.shape[-1])), name  # bit for bit
-    assert state["score_fr.weight"].abs().sum() > 0  # the rest trained (score layers start at zero)
-
+    # A default (frozen) run keeps the bilinear kernel bit for bit: checked on test_train.py's two-worker run.
     # Learned, compiled (one worker: compilation takes ~40 s per process on 2 cores).
     learned = train("learned", "--epochs", "1", "--num-workers", "1", "--cpus-per-worker", "1", "--learn-upsampling",
                     "--compile")

@@ -16,6 +16,7 @@ import traceback
 
 import pytest
 
+from models import load_checkpoint
 from pipeline import faults
 from pipeline.label.config import LabelConfig
 from pipeline.label.crash_budget import BatchKeepsCrashing
@@ -248,6 +249,11 @@ def test_a_training_workers_node_preempted_mid_epoch_resumes_from_the_last_epoch
     assert result["epochs"] == 2
     epochs = [r["epoch"] for r in ledger(run_dir) if r["attempt"] != "recovered"]
     assert sorted(epochs) == [1, 2]  # no epoch lost, none trained twice
+    # Each node fits one 1.5-CPU worker and keeps 0.5 CPU for decoding: the restarted group again spans two
+    # worker nodes, never the head (which has no worker resources).
+    used = result["worker_nodes"]
+    assert len(used) == 2 and len(set(used)) == 2 and cluster.head_node.node_id not in used, used
+    assert load_checkpoint(result["latest_checkpoint"]).metadata["epoch"] == 2
     assert Location.of(os.path.join(cfg.storage, cfg.name)).exists()
     print(f"\n[drill] training node preempted in epoch 2: {recover_s:.0f} s from node loss to epoch 2 committed "
           f"(restart from epoch 1's checkpoint; one epoch's work redone at most)")

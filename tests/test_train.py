@@ -242,12 +242,31 @@ def test_stop_and_resume_continues_at_next_epoch(ray_session, small_synthetic, t
     assert (tmp_path / "report" / "per_class.csv").exists()
 
 
-def _fails_fast(argv, expect):
-    proc = run_subprocess("train", argv, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
-    assert "Started a local Ray instance" not in proc.stderr + proc.stdout  # failed before any cluster work
+def _fails_fast(argv, expect, subprocess: bool = False):
+    """The job fails before any cluster work: exit 2, one `error:` line naming `expect`. In this process by default,
+    as jobs/train.py runs it (run_job), with Ray's start as a tripwire: each subprocess imported torch again (~4 s)."""
+    if subprocess:
+        proc = run_subprocess("train", argv, timeout=120)
+        code, err = proc.returncode, proc.stderr
+        assert "Started a local Ray instance" not in proc.stderr + proc.stdout  # failed before any cluster work
+    else:
+        import contextlib
+        import io
+
+        from pipeline.cli import run_job
+        from tests.jobs_util import load_job
+
+        def cluster_work(*args, **kwargs):
+            raise AssertionError("the job started Ray before failing")
+
+        buffer = io.StringIO()
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(buffer), pytest.raises(SystemExit) as exc:
+            patch.setattr("pipeline.train.run.init_ray", cluster_work)
+            run_job(load_job("train").main, argv)
+        code, err = exc.value.code, buffer.getvalue()
+    assert code == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expect in errors[0], err[-2000:]
 
 
 def test_a_run_folder_in_use_is_refused_with_its_holder(small_synthetic, tmp_path):
@@ -331,7 +350,7 @@ def test_a_stalled_input_pipeline_ends_the_run_with_one_line(ray_session, small_
 
 def test_clear_errors_before_cluster_work(small_synthetic, tmp_path):
     base = ["--storage", str(tmp_path / "runs"), "--name", "x", "--width-mult", "0.0625"]
-    _fails_fast(["--data", str(tmp_path / "missing"), *base, "--num-classes", "6"], "dataset not found")
+    _fails_fast(["--data", str(tmp_path / "missing"), *base, "--num-classes", "6"], "dataset not found", subprocess=True)
     empty = tmp_path / "empty"
     (empty / "ImageSets" / "Segmentation").mkdir(parents=True)
     (empty / "ImageSets" / "Segmentation" / "train.txt").write_text("")

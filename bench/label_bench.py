@@ -34,6 +34,7 @@ from PIL import Image  # noqa: E402
 
 from bench.memory import run_measuring_memory  # noqa: E402
 from models import VOC_CLASSES, load_checkpoint  # noqa: E402
+from pipeline.host_memory import keep_freed_memory  # noqa: E402
 from pipeline.testbed import random_checkpoint, sample_photo_paths  # noqa: E402
 
 
@@ -275,11 +276,16 @@ def main() -> None:
     ap.add_argument("--memory-images", type=int, default=48, help="N of the memory runs (N and 4N)")
     ap.add_argument("--memory-width", type=float, default=0.25, help="width multiplier of the memory runs' model")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="the bare model and the naive loop with glibc's malloc as it is (the actors keep freed memory)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs, on every side")
     ap.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off", help="autocast on CUDA, every side")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # The pipeline's inference actors keep freed memory (pipeline/host_memory.py); the bare model and the naive loop
+    # run in this process with the same setting, so the ratios compare like with like.
+    kept = keep_freed_memory() if not args.default_malloc else False
     cpus = os.cpu_count() or 1
     work = tempfile.mkdtemp(prefix="label-bench-")
     files = make_images(os.path.join(work, "images"), args.images)
@@ -288,6 +294,7 @@ def main() -> None:
     sizes = {"max_side": args.max_side, "batch_size": args.batch_size}
     on = {"device": args.device, "amp": args.amp}
     result: dict = {"machine": {"cpus": cpus, "torch": torch.__version__, "load_average_at_start": os.getloadavg()},
+                    "baselines_keep_freed_memory": kept,
                     "images": len(files), **sizes, **on, "model": "fcn8s width 1.0 (reference padding)"}
 
     server = upload_to_s3(files)  # before Ray starts: its workers inherit the environment of that moment

@@ -340,6 +340,8 @@ def test_cli_summary_line(ray_session, tiny_checkpoint, tmp_path, capsys):
     assert {"run_id", "listed", "skipped", "labelled", "errors", "images_per_second"} <= set(summary)
     assert (summary["listed"], summary["skipped"], summary["labelled"], summary["errors"]) == (2, 0, 1, 1)
     assert summary["model_id"] == model_id
+    # The inference actor keeps freed memory for its next call (pipeline/host_memory.py), on this Linux (glibc).
+    assert [a["keep_freed_memory"] for a in summary["inference_actors"]] == [True]
 
 
 def test_help_documents_every_flag(capsys):

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models import TORCHVISION  # noqa: E402
-from pipeline.host_memory import keep_freed_memory  # noqa: E402
+from pipeline.host_memory import keeps_freed_memory, restart_keeping_freed_memory  # noqa: E402
 from pipeline.label import inference  # noqa: E402
 from pipeline.label.actor import BatchLabeler  # noqa: E402
 from pipeline.label.inference import InferenceSettings, Predictor  # noqa: E402
@@ -97,8 +97,7 @@ class DeviceClock:
         return timed
 
 
-def measure(rows: pa.Table, *, batch_size: int, rows_per_call: int, repeat: int, keep_freed: bool = True) -> dict:
-    kept = keep_freed_memory() if keep_freed else False  # as InferenceActor does
+def measure(rows: pa.Table, *, batch_size: int, rows_per_call: int, repeat: int) -> dict:
     torch.set_num_threads(1)
     predictor = Predictor(PixelClassifier(), TORCHVISION, InferenceSettings(batch_size=batch_size, device="cpu"))
     labeler = BatchLabeler(predictor, {"bench": True}, postprocess_encoding="raw")
@@ -116,7 +115,7 @@ def measure(rows: pa.Table, *, batch_size: int, rows_per_call: int, repeat: int,
             best = {"total": total, "device": clock.seconds, "host": host}
     assert sum(t.num_rows for t in out) == rows.num_rows and all(t["error"].null_count == t.num_rows for t in out)
     n = rows.num_rows
-    return {"images": n, "rows_per_call": rows_per_call, "batch_size": batch_size, "keep_freed_memory": kept,
+    return {"images": n, "rows_per_call": rows_per_call, "batch_size": batch_size, "keep_freed_memory": keeps_freed_memory(),
             "host_us_per_image": round(1e6 * best["host"] / n, 1),
             "device_us_per_image_on_this_cpu": round(1e6 * best["device"] / n, 1),
             "total_us_per_image": round(1e6 * best["total"] / n, 1),
@@ -132,10 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc as it is (the actor keeps freed memory: pipeline/host_memory.py)")
     args = p.parse_args(argv)
+    if not args.default_malloc and argv is None:
+        restart_keeping_freed_memory()  # this process runs as the inference actors do
     rows = decoded_rows(args.images)
     result = {"bench": "actor_host", **measure(rows, batch_size=args.batch_size,
-                                               rows_per_call=args.calls_of * args.batch_size, repeat=args.repeat,
-                                               keep_freed=not args.default_malloc),
+                                               rows_per_call=args.calls_of * args.batch_size, repeat=args.repeat),
               "target_host_us_per_image": 300, "load_average": [round(x, 2) for x in os.getloadavg()]}
     print(json.dumps(result, sort_keys=True))
     return result

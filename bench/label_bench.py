@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 
 from bench.memory import run_measuring_memory  # noqa: E402
 from models import VOC_CLASSES, load_checkpoint  # noqa: E402
-from pipeline.host_memory import keep_freed_memory  # noqa: E402
+from pipeline.host_memory import keeps_freed_memory, restart_keeping_freed_memory  # noqa: E402
 from pipeline.testbed import random_checkpoint, sample_photo_paths  # noqa: E402
 
 
@@ -285,7 +285,8 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # The pipeline's inference actors keep freed memory (pipeline/host_memory.py); the bare model and the naive loop
     # run in this process with the same setting, so the ratios compare like with like.
-    kept = keep_freed_memory() if not args.default_malloc else False
+    if not args.default_malloc:
+        restart_keeping_freed_memory()
     cpus = os.cpu_count() or 1
     work = tempfile.mkdtemp(prefix="label-bench-")
     files = make_images(os.path.join(work, "images"), args.images)
@@ -294,7 +295,7 @@ def main() -> None:
     sizes = {"max_side": args.max_side, "batch_size": args.batch_size}
     on = {"device": args.device, "amp": args.amp}
     result: dict = {"machine": {"cpus": cpus, "torch": torch.__version__, "load_average_at_start": os.getloadavg()},
-                    "baselines_keep_freed_memory": kept,
+                    "baselines_keep_freed_memory": keeps_freed_memory(),
                     "images": len(files), **sizes, **on, "model": "fcn8s width 1.0 (reference padding)"}
 
     server = upload_to_s3(files)  # before Ray starts: its workers inherit the environment of that moment

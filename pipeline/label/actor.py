@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from .. import faults
 from ..errors import one_line
-from ..host_memory import keep_freed_memory
+from ..host_memory import keeps_freed_memory
 from .canvas import Prepared
 from .columns import binary_column, binary_views, list_column
 from .inference import DeviceFailure, InferenceSettings, Prediction, Predictor, from_shippable
@@ -88,7 +88,6 @@ class InferenceActor(BatchLabeler):
         import ray
         import torch
 
-        kept = keep_freed_memory()  # the same large buffers every call: reuse them, do not fault them in again
         torch.set_num_threads(threads)
         try:
             torch.set_num_interop_threads(1)
@@ -100,7 +99,7 @@ class InferenceActor(BatchLabeler):
         info = {"node_id": ctx.get_node_id(), "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "device": str(predictor.device), "threads": threads, "ready_at": round(time.time(), 3),
                 "grouped_upsampling": predictor.applied["grouped_upsampling"],
-                "cast_weights": predictor.applied["cast_weights"], "keep_freed_memory": kept}
+                "cast_weights": predictor.applied["cast_weights"], "keep_freed_memory": keeps_freed_memory()}
         super().__init__(predictor, info, postprocess_encoding)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ray
 
 from .. import faults
+from ..host_memory import keep_freed_memory_env
 from ..storage import Location
 from .actor import InferenceActor
 from .config import LabelConfig
@@ -60,6 +61,7 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
 
 
 def _actor_env(settings: InferenceSettings) -> dict:
-    """Environment of the inference actors' processes: cuDNN reads its heuristic mode once, at the process's
-    first convolution, so it is set before the process starts."""
-    return {"TORCH_CUDNN_USE_HEURISTIC_MODE_B": "1"} if settings.cudnn.endswith("-b") else {}
+    """Environment of the inference actors' processes, read once when each starts: glibc's malloc keeps freed
+    memory for the next call (pipeline/host_memory.py); cuDNN reads its heuristic mode at the first convolution."""
+    return {**keep_freed_memory_env(),
+            **({"TORCH_CUDNN_USE_HEURISTIC_MODE_B": "1"} if settings.cudnn.endswith("-b") else {})}

@@ -10,6 +10,7 @@ from typing import Callable
 import ray
 
 from .errors import JobError
+from .host_memory import keep_freed_memory_env
 
 log = logging.getLogger(__name__)
 _requested = False  # whether this process asked the autoscaler for resources (wait_for_resources)
@@ -52,7 +53,11 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
         kwargs["num_cpus"] = num_cpus
         # Ray Data's console in every process of this Ray shows warnings only (its log file keeps everything); a
         # path on this machine, so only for a Ray started here (a cluster's nodes keep Ray Data's defaults).
-        kwargs.setdefault("runtime_env", {"env_vars": {"RAY_DATA_LOGGING_CONFIG": RAY_DATA_LOGGING}})
+        # Its Python workers keep freed memory (pipeline/host_memory.py) for the whole job, so the inference actors
+        # need no runtime_env of their own: a worker started just for them pushed a 2-CPU machine past Ray's
+        # too-many-workers warning.
+        kwargs.setdefault("runtime_env", {"env_vars": {"RAY_DATA_LOGGING_CONFIG": RAY_DATA_LOGGING,
+                                                       **keep_freed_memory_env()}})
     ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
     _connected_here = ray.get_runtime_context().get_job_id()
 

@@ -6,6 +6,7 @@ moto and scikit-image are development dependencies (the `dev` extra); they are i
 from __future__ import annotations
 
 import os
+import threading
 
 # Credentials of the loopback server only; they open nothing else.
 LOOPBACK_CREDENTIALS = {
@@ -25,10 +26,35 @@ def start_loopback_s3():
     """
     from moto.server import ThreadedMotoServer
 
+    _atomic_object_writes()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     return server, f"http://{host}:{port}"
+
+
+def _atomic_object_writes() -> None:
+    """S3 applies a PUT's If-None-Match / If-Match and a DELETE's If-Match atomically; moto's threaded server checks
+    the condition, then writes, so two racing conditional PUTs could both succeed (the lease's takeover race test
+    saw two winners once in a full suite). One lock around moto's object PUTs and DELETEs gives the loopback server
+    S3's guarantee, which the lease and the commits rely on."""
+    import functools
+
+    from moto.s3.responses import S3Response
+
+    if getattr(S3Response, "_writes_serialised", False):
+        return
+    lock = threading.Lock()
+    for name in ("put_object", "delete_object"):
+        original = getattr(S3Response, name)
+
+        @functools.wraps(original)
+        def serialised(self, *args, _original=original, **kwargs):
+            with lock:
+                return _original(self, *args, **kwargs)
+
+        setattr(S3Response, name, serialised)
+    S3Response._writes_serialised = True
 
 
 def loopback_s3_env(endpoint: str) -> dict[str, str]:

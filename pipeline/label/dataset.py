@@ -5,7 +5,7 @@ from __future__ import annotations
 import ray
 
 from .. import faults
-from ..host_memory import keep_freed_memory_env
+from ..host_memory import keep_freed_memory_env, keeps_freed_memory
 from ..storage import Location
 from .actor import InferenceActor
 from .config import LabelConfig
@@ -62,6 +62,8 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
 
 def _actor_env(settings: InferenceSettings) -> dict:
     """Environment of the inference actors' processes, read once when each starts: glibc's malloc keeps freed
-    memory for the next call (pipeline/host_memory.py); cuDNN reads its heuristic mode at the first convolution."""
-    return {**keep_freed_memory_env(),
+    memory for the next call (pipeline/host_memory.py; a Ray the job started sets it for all its workers already);
+    cuDNN reads its heuristic mode at the first convolution."""
+    job_env = ray.get_runtime_context().runtime_env.get("env_vars") or {}
+    return {**({} if keeps_freed_memory(job_env) else keep_freed_memory_env()),
             **({"TORCH_CUDNN_USE_HEURISTIC_MODE_B": "1"} if settings.cudnn.endswith("-b") else {})}

@@ -84,9 +84,30 @@ def log(msg: str) -> None:
     print(f"[gpu_check] {time.strftime('%H:%M:%S')} {msg}", flush=True)
 
 
+_SHARED_RAY: dict = {}
+
+
+def shared_ray_address() -> str:
+    """The address of one local Ray for every job of the check, started on first use and stopped when the check
+    exits. A Ray of its own per job cost each job ~5 s (start and stop) of device time; the jobs now join it as
+    they join a cluster."""
+    if "address" not in _SHARED_RAY:
+        import ray
+
+        from pipeline.ray_setup import RAY_DATA_LOGGING, init_ray
+
+        # What a Ray started by a job gives its workers, here for every job's: Ray Data's console at warnings.
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING)
+        init_ray("local", log_to_driver=False)
+        _SHARED_RAY["address"] = ray.get_runtime_context().gcs_address
+        log(f"Ray started for the jobs at {_SHARED_RAY['address']}")
+    return _SHARED_RAY["address"]
+
+
 def run_cli(out: str, step: str, args: list[str], timeout: float) -> dict:
-    """A job as its own process; its combined output goes to OUTDIR/<step>.log; returns its JSON summary."""
-    env = dict(os.environ, RAY_ADDRESS="local")
+    """A job as its own process, on the check's Ray; its combined output goes to OUTDIR/<step>.log; returns its
+    JSON summary."""
+    env = dict(os.environ, RAY_ADDRESS=shared_ray_address())
     path = os.path.join(out, f"{step}.log")
     t = time.perf_counter()
     with open(path, "wb") as f:

@@ -11,6 +11,7 @@ import urllib.request
 
 import pytest
 
+from pipeline.ray_setup import MIN_IDLE_WORKERS
 from pipeline.testbed import loopback_s3_env, start_loopback_s3
 
 pytest_plugins = ["tests.label_fixtures"]
@@ -103,8 +104,10 @@ def ray_session(s3_server):
     if _RAY["mode"] != "local":
         _shutdown_ray()
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Idle workers kept as in a Ray the jobs start (pipeline/ray_setup.py): with Ray's default, the input
+        # pipeline's workers were reaped between epochs and runs and started again (~10 % of a training test).
         ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
-                 log_to_driver=False)
+                 log_to_driver=False, _system_config={"num_workers_soft_limit": MIN_IDLE_WORKERS})
         _RAY["mode"] = "local"
     return ray
 

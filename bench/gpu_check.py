@@ -84,24 +84,20 @@ def log(msg: str) -> None:
     print(f"[gpu_check] {time.strftime('%H:%M:%S')} {msg}", flush=True)
 
 
-_SHARED_RAY: dict = {}
-
-
 def shared_ray_address() -> str:
     """The address of one local Ray for every job of the check, started on first use and stopped when the check
     exits. A Ray of its own per job cost each job ~5 s (start and stop) of device time; the jobs now join it as
-    they join a cluster."""
-    if "address" not in _SHARED_RAY:
-        import ray
+    they join a cluster. (The check's own steps run torch in this process, never Ray.)"""
+    import ray
 
+    if not ray.is_initialized():
         from pipeline.ray_setup import RAY_DATA_LOGGING, init_ray
 
         # What a Ray started by a job gives its workers, here for every job's: Ray Data's console at warnings.
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING)
         init_ray("local", log_to_driver=False)
-        _SHARED_RAY["address"] = ray.get_runtime_context().gcs_address
-        log(f"Ray started for the jobs at {_SHARED_RAY['address']}")
-    return _SHARED_RAY["address"]
+        log(f"Ray started for the jobs at {ray.get_runtime_context().gcs_address}")
+    return ray.get_runtime_context().gcs_address
 
 
 def run_cli(out: str, step: str, args: list[str], timeout: float) -> dict:

@@ -20,8 +20,9 @@ $(VENV)/.installed: pyproject.toml
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# PYTHONFAULTHANDLER: a crash in native code, at exit too (seen once after a passing suite), prints where it was.
 test: venv lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # The inner loop (a few minutes): lint and every test that runs no Ray job. `make test` stays the full suite and CI.
 test-fast: venv lint

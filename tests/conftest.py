@@ -11,7 +11,6 @@ import urllib.request
 
 import pytest
 
-from pipeline.ray_setup import MIN_IDLE_WORKERS
 from pipeline.testbed import loopback_s3_env, start_loopback_s3
 
 pytest_plugins = ["tests.label_fixtures"]
@@ -100,6 +99,8 @@ def ray_session(s3_server):
     pytest_collection_modifyitems), so this instance starts at most twice per session.
     """
     import ray
+
+    from pipeline.ray_setup import MIN_IDLE_WORKERS
 
     if _RAY["mode"] != "local":
         _shutdown_ray()

@@ -18,6 +18,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 
 from pipeline.cli import JobArgumentParser, parse_size, print_summary, run_job  # noqa: E402
+from pipeline.errors import check_number  # noqa: E402
 
 DEMO_BUCKET = "fcn-demo"
 
@@ -150,6 +151,9 @@ def report(train_summary: dict, coverage: list[tuple], errors: list[tuple], wher
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_number("--count", args.count, at_least=1)  # before anything is written or Ray starts
+    check_number("--epochs", args.epochs, at_least=1)
+    check_number("--previews", args.previews, at_least=0)
     started = time.perf_counter()
     workdir = os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)

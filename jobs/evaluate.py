@@ -15,7 +15,7 @@ import argparse  # noqa: E402
 
 from pipeline.amp import AMP_CHOICES  # noqa: E402
 from pipeline.cli import JobArgumentParser, path_arg, print_summary, run_job  # noqa: E402
-from pipeline.errors import JobError  # noqa: E402
+from pipeline.errors import JobError, check_name, check_number  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write confusion.png (rows normalised, class names), per_class.csv/.json (IU, accuracy, "
                         "pixel counts) and confusion.json here, local or s3://")
     return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag values alone, before any I/O or cluster work (UsageError, one line)."""
+    check_number("--actors", args.actors, at_least=1)
+    check_number("--cpus-per-actor", args.cpus_per_actor, above=0.0)
+    check_name("--split", args.split, "split name")  # ImageSets/Segmentation/<split>.txt under --data
 
 
 # More than this share of a split dropped as bad samples: no score is printed (it would describe another set).
@@ -57,8 +64,7 @@ def check_dropped(bad: list[dict], evaluated: int, split: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.actors < 1:
-        raise JobError(f"--actors must be >= 1, got {args.actors}")
+    check_args(args)
     from pipeline.train.evaluation import evaluate_checkpoint
 
     if args.report:

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 
 from pipeline.cli import JobArgumentParser, parse_size, path_arg, print_summary, run_job  # noqa: E402
-from pipeline.errors import UsageError  # noqa: E402
+from pipeline.errors import check_number  # noqa: E402
 from pipeline.storage import check_writable  # noqa: E402
 from pipeline.synthetic import SYNTHETIC_CLASSES, synthesize_voc  # noqa: E402
 
@@ -39,12 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.count < 1:
-        raise UsageError(f"--count must be >= 1, got {args.count}")
-    if not (0.0 <= args.val_fraction < 1.0):
-        raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    check_number("--count", args.count, at_least=1)
+    check_number("--val-fraction", args.val_fraction, at_least=0.0, below=1.0)
+    check_number("--seed", args.seed, at_least=0)
     check_writable(args.output)
     summary = synthesize_voc(args.output, args.count, size=args.size, seed=args.seed, val_fraction=args.val_fraction)
     print_summary(summary)

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from ..amp import AMP_CHOICES
 from ..decode import DEFAULT_MAX_PIXELS
-from ..errors import UsageError
+from ..errors import UsageError, check_number
 from .canvas import check_canvas_settings
 from .codec import ENCODINGS
 from .inference_settings import InferenceSettings
@@ -63,27 +63,19 @@ class LabelConfig:
     rows_per_actor_call: int | None = None  # None: 16 (GPU) or 4 (CPU) x batch_size, to fill equal-canvas batches
 
     def validate(self) -> None:
-        """Option values alone (no I/O); raises ValueError naming the flag."""
+        """Option values alone (no I/O); raises UsageError (a ValueError) naming the flag. Every number is checked
+        here, NaN and inf included (argparse's float reads them), so a bad value fails before Ray starts."""
         for name, value, choices in (("label-encoding", self.label_encoding, ENCODINGS),
                                      ("device", self.device, DEVICES), ("amp", self.amp, AMP_CHOICES)):
             if value not in choices:
                 raise UsageError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
-        for name in ("actors", "threads_per_actor", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.num_gpus is not None and self.num_gpus < 0:
-            raise UsageError(f"--num-gpus must be >= 0, got {self.num_gpus}")
-        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
-            raise UsageError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
-        if self.previews < 0 or self.rows_per_file < 1 or self.rows_per_read_task < 1:
-            raise UsageError("--previews must be >= 0 and --rows-per-file >= 1")
-        if self.max_pixels < 1:
-            raise UsageError(f"--max-pixels must be >= 1, got {self.max_pixels}")
-        if self.wait_for_resources is not None and self.wait_for_resources < 0:
-            raise UsageError(f"--wait-for-resources must be >= 0 seconds, got {self.wait_for_resources:g}")
-        if self.max_bytes is not None and self.max_bytes < 1:
-            raise UsageError(f"--max-bytes must be >= 1, got {self.max_bytes}")
+        for name in ("actors", "threads_per_actor", "batch_size", "rows_per_file", "max_pixels", "max_bytes"):
+            check_number(f"--{name.replace('_', '-')}", getattr(self, name), at_least=1)
+        check_number("--num-gpus", self.num_gpus, at_least=0)
+        check_number("--previews", self.previews, at_least=0)
+        check_number("--cpus-per-actor", self.cpus_per_actor, above=0.0)
+        check_number("--wait-for-resources", self.wait_for_resources, at_least=0.0, unit="seconds")
+        check_number("rows_per_read_task", self.rows_per_read_task, at_least=1)  # no flag: library callers
         if self.run_date is not None:
             try:  # zero-padded only: one partition per day, whatever the spelling
                 if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", self.run_date):

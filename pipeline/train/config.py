@@ -4,12 +4,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..amp import AMP_CHOICES
-from ..errors import UsageError
+from ..errors import UsageError, check_name, check_number
 
 OPTIMIZERS = ("sgd", "adam")
 GRAD_COMPRESSIONS = ("none", "bf16")
 # torch.compile modes of --compile (no CUDA-graph modes: DDP's all-reduce hooks and the optimizer run outside them).
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
+# Masks are uint8 (255 = void) and label maps uint8: at most 256 classes, as jobs/label.py accepts.
+MAX_CLASSES = 256
+# --seed: torch.manual_seed takes 64 bits, and each worker adds its rank times 1,000,003; 32 bits leave room.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -63,11 +67,29 @@ class TrainConfig:
     val_split: str = "val"
 
     def validate(self) -> None:
-        """Option values alone (no I/O); raises ValueError naming the flag."""
+        """Option values alone (no I/O); raises UsageError (a ValueError) naming the flag. Every number is checked
+        here, NaN and inf included (argparse's float reads them), so a bad value fails before Ray starts."""
         for name, value in [("epochs", self.epochs), ("batch-size", self.batch_size), ("crop-size", self.crop_size),
-                            ("num-workers", self.num_workers), ("grad-accum", self.grad_accum)]:
-            if value < 1:
-                raise UsageError(f"--{name} must be >= 1, got {value}")
+                            ("num-workers", self.num_workers), ("grad-accum", self.grad_accum),
+                            ("keep-best", self.keep_best), ("max-pixels", self.max_pixels)]:
+            check_number(f"--{name}", value, at_least=1)
+        check_number("--num-classes", self.num_classes, at_least=1, at_most=MAX_CLASSES)
+        check_number("--max-failures", self.max_failures, at_least=0)
+        check_number("--seed", self.seed, at_least=0, at_most=MAX_SEED)
+        check_number("--width-mult", self.width_mult, above=0.0, at_most=1.0)
+        check_number("--dropout", self.dropout, at_least=0.0, below=1.0)
+        check_number("--min-scale", self.min_scale, above=0.0)
+        check_number("--max-scale", self.max_scale, above=0.0)
+        if self.max_scale < self.min_scale:
+            raise UsageError(f"--max-scale must be >= --min-scale ({self.min_scale!r}), got {self.max_scale!r}")
+        check_number("--lr", self.lr, above=0.0)
+        check_number("--momentum", self.momentum, at_least=0.0, below=1.0)
+        for name, value in [("weight-decay", self.weight_decay), ("poly-power", self.poly_power)]:
+            check_number(f"--{name}", value, at_least=0.0)
+        for name, value in [("cpus-per-worker", self.cpus_per_worker), ("data-cpus", self.data_cpus)]:
+            check_number(f"--{name}", value, above=0.0)
+        check_number("--wait-for-resources", self.wait_for_resources, at_least=0.0, unit="seconds")
+        check_number("--stall-timeout", self.stall_timeout, above=0.0, below=1e9, unit="seconds")
         if self.amp not in AMP_CHOICES:
             raise UsageError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.grad_compression not in GRAD_COMPRESSIONS:
@@ -77,12 +99,9 @@ class TrainConfig:
             raise UsageError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.wait_for_resources is not None and self.wait_for_resources < 0:
-            raise UsageError(f"--wait-for-resources must be >= 0 seconds, got {self.wait_for_resources:g}")
-        if not 0 < self.stall_timeout < 1e9:
-            raise UsageError(f"--stall-timeout must be a positive number of seconds, got {self.stall_timeout}")
-        if not self.name or "/" in self.name:
-            raise UsageError(f"--name must be a non-empty run name without '/', got {self.name!r}")
+        check_name("--name", self.name, "run name")  # STORAGE/NAME: '..' would write beside --storage
+        check_name("--train-split", self.train_split, "split name")  # ImageSets/Segmentation/<split>.txt
+        check_name("--val-split", self.val_split, "split name")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,7 +15,11 @@ The lease is `<folder>/_lease.json`:
   a dead one's lease still frees within 2 x `ttl_s`. Further ahead, its age cannot be told, so the lease is watched
   for the holder's ttl: a live holder renews it every ttl / 4 (refused, naming the skew); one that never changes is
   a dead holder's (a live holder stops writing once 3/4 of its ttl passed without a renewal) and is taken over;
-- released by its holder only while it is still its own; one already gone is not an error.
+- released by its holder only while it is still its own; one already gone is not an error;
+- a conditional write that the store applied but whose answer was lost is sent again by the SDK's retry, and the
+  repeat is refused (412): a refused create or renewal whose stored lease carries this holder's record id (a random
+  id per acquire) is this holder's own write, so the lease is held, not lost. A repeated delete (takeover or release)
+  finds nothing (404) or another run's new lease (412), and leaves it: both are what the first delete meant.
 A holder that loses its lease (a stall longer than `ttl_s`) is told: `on_lost` runs, by default interrupting the
 main thread, so a run never goes on writing beside another.
 """
@@ -80,6 +84,12 @@ class Lease:
             current = _read(location)
             if current is None:  # released between our create and our read
                 continue
+            if current.record.get("id") == record["id"]:  # our create was applied, its answer lost: a retry got 412
+                log.info("the lease of %s is this run's own: the store applied its create, and the retry of the request "
+                         "was refused as a repeat", folder.uri)
+                lease = cls(location, record, ttl_s, current.etag, on_lost)
+                lease._thread.start()
+                return lease
             found, heartbeat_age, found_etag = current.record, current.age, current.etag
             dead = _holder_died(found)
             held = f"{what} is in use by {found.get('holder', 'another run')} (host {found.get('host', '?')}, pid " \
@@ -117,7 +127,10 @@ class Lease:
                 if current is None or current.record.get("id") != self.record["id"]:
                     self._check_folder()
                     raise _Lost()
-                self._etag = _renew(self.location, _encode(self.record), self._etag)
+                # Each renewal's bytes differ (renewed_at), so its ETag does on every store; on the version just read
+                # (ours), so an earlier renewal applied but unanswered is no reason for a 412.
+                self.record = {**self.record, "renewed_at": datetime.now(timezone.utc).isoformat()}
+                self._etag = _renew(self.location, _encode(self.record), current.etag, self.record["id"])
                 self._renewed_at = time.monotonic()
             except _Lost:
                 self.lost = (f"lost the lease of {self.location.uri}: another run took it over after this one "
@@ -277,8 +290,13 @@ def _read(location: Location) -> _Found | None:
     return _Found(record, time.time() - modified, info.get("ETag"), modified)
 
 
-def _renew(location: Location, data: bytes, etag: str | None) -> str | None:
-    """Rewrite the lease (its mtime is the heartbeat); on S3 only if it is still the version this holder wrote."""
+def _renew(location: Location, data: bytes, etag: str | None, own_id: str) -> str | None:
+    """Rewrite the lease (its mtime is the heartbeat); on S3 only if it is still the version `etag`, which this
+    holder just read (its record's id `own_id`). Returns the new ETag; raises _Lost when another run holds it.
+
+    A 412 is also what a renewal gets whose answer was lost after the store applied it: the SDK's retry of the
+    same PUT finds the ETag changed by that very write. So a 412 is a lost lease only when the lease stored is not
+    this holder's: between its read and its PUT, only its own write can store a lease with its id."""
     if location.is_local:
         location.write_bytes(data)
         return None
@@ -287,9 +305,14 @@ def _renew(location: Location, data: bytes, etag: str | None) -> str | None:
         kwargs = {"IfMatch": etag} if etag else {}
         new_etag = location.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **kwargs).get("ETag")
     except OSError as e:
-        if _precondition_failed(e):
+        if not _precondition_failed(e):
+            raise
+        current = _read(location)
+        if current is None or current.record.get("id") != own_id:
             raise _Lost() from None
-        raise
+        log.info("the renewal of %s was applied and its retry refused as a repeat: the lease is still this run's",
+                 location.uri)
+        return current.etag
     location.fs.invalidate_cache()
     return new_etag
 

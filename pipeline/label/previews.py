@@ -1,17 +1,30 @@
 """Preview pictures for a person: the image blended with the class palette, with a legend of the classes
-present (colour, id, name, share of the image), written under previews/run_date=.../<run_id>/."""
+present (colour, id, name, share of the image), written under previews/run_date=.../<run_id>/.
+
+Class names come from the checkpoint and may be in any script. The legend draws each name in the first of its
+fonts that has a glyph for every character of it: DejaVu Sans (shipped inside matplotlib: Latin, Greek, Cyrillic,
+Arabic, Hebrew, some symbols), then Noto Sans CJK JP (the noto-cjk-sans-jp-regular package: Japanese, Chinese,
+Korean). Right-to-left names need Pillow's raqm layout (with FriBiDi) to be drawn shaped and in order. A name that
+no font can draw whole (an emoji, Thai, Devanagari, ...) is never drawn as blank boxes: its line says so and names
+the characters missing ("3 (name not drawable in this font: U+1F697)"); class_stats.class_name holds the name.
+"""
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
+import importlib.util
 import io
 import logging
 import math
+import os
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, features
 
 from models import voc_palette
 
@@ -27,6 +40,8 @@ MAX_SIDE = 1024     # large ones shrunk to at most this
 SWATCH = 14
 LINE = 18
 PAD = 6
+FONT_SIZE = 12
+NOT_DRAWABLE = "name not drawable in this font"
 
 
 def palette_array() -> np.ndarray:
@@ -48,16 +63,10 @@ def render_overlay(rgb: np.ndarray, label: np.ndarray, class_names: list[str], *
     elif long_side > MAX_SIDE:
         s = MAX_SIDE / long_side
         img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.NEAREST)
-    ids, counts = np.unique(label, return_counts=True)
-    order = np.argsort(-counts, kind="stable")
-    font = ImageFont.load_default()
-    lines = []
-    for i in order:
-        cid = int(ids[i])
-        name = class_names[cid] if cid < len(class_names) else f"class {cid}"
-        lines.append((cid, f"{cid} {name}  {100.0 * counts[i] / label.size:.1f}%"))
+    lines = legend_lines(label, class_names)
     draw_probe = ImageDraw.Draw(img)
-    text_w = max((draw_probe.textlength(t, font=font) for _, t in lines), default=0)
+    text_w = max((draw_probe.textlength(line.text, font=line.font.image, **line.font.options) for line in lines),
+                 default=0)
     legend_w = int(PAD * 3 + SWATCH + text_w)
     out_w = max(img.width, legend_w)
     out = Image.new("RGB", (out_w, img.height + PAD * 2 + LINE * len(lines)), (255, 255, 255))
@@ -65,13 +74,119 @@ def render_overlay(rgb: np.ndarray, label: np.ndarray, class_names: list[str], *
     draw = ImageDraw.Draw(out)
     pal = voc_palette(256)
     y = img.height + PAD
-    for cid, text in lines:
-        draw.rectangle([PAD, y + 2, PAD + SWATCH, y + 2 + SWATCH], fill=pal[cid], outline=(0, 0, 0))
-        draw.text((PAD * 2 + SWATCH, y + 2), text, fill=(0, 0, 0), font=font)
+    for line in lines:
+        draw.rectangle([PAD, y + 2, PAD + SWATCH, y + 2 + SWATCH], fill=pal[line.class_id], outline=(0, 0, 0))
+        draw.text((PAD * 2 + SWATCH, y + 2), line.text, fill=(0, 0, 0), font=line.font.image, **line.font.options)
         y += LINE
     buf = io.BytesIO()
     out.save(buf, "PNG")
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ the legend
+
+
+@dataclass(frozen=True)
+class LegendFont:
+    """One font of the legend: its file, the code points it has glyphs for, and the font to draw with."""
+
+    path: str
+    codepoints: frozenset[int]
+    image: ImageFont.FreeTypeFont
+    options: dict  # draw.text / textlength options: a left-to-right base direction where raqm lays the text out
+
+
+@dataclass(frozen=True)
+class LegendLine:
+    class_id: int
+    text: str          # what the line says: "<id> <name>  <share>%", or the note instead of a name it cannot draw
+    font: LegendFont   # the font that draws `text` whole
+    drawn_name: bool   # False: the name is replaced by the note saying why
+
+
+def _font_files() -> list[str]:
+    """The legend's font files, in the order they are tried (a missing package's font is left out)."""
+    found = []
+    spec = importlib.util.find_spec("matplotlib")  # located, not imported: its import sets up a plotting backend
+    if spec and spec.origin:
+        found.append(os.path.join(os.path.dirname(spec.origin), "mpl-data", "fonts", "ttf", "DejaVuSans.ttf"))
+    spec = importlib.util.find_spec("noto_cjk_sans_jp_regular")
+    if spec and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            found += sorted(glob.glob(os.path.join(folder, "*.otf")))
+    return [f for f in found if os.path.isfile(f)]
+
+
+def complex_layout() -> bool:
+    """Whether Pillow lays text out with raqm and FriBiDi: right-to-left scripts shaped and in reading order."""
+    return bool(features.check_feature("raqm") and features.check_feature("fribidi"))
+
+
+@functools.lru_cache(maxsize=None)
+def _legend_font(index: int) -> LegendFont | None:
+    """The index-th font of the legend, loaded on first use (a CJK font's character map takes ~0.5 s to read)."""
+    files = _font_files()
+    if index >= len(files):
+        return None
+    from fontTools.ttLib import TTFont
+
+    path = files[index]
+    with TTFont(path, lazy=True) as tt:
+        codepoints = frozenset(tt.getBestCmap() or {})
+    raqm = complex_layout()
+    image = ImageFont.truetype(path, FONT_SIZE, layout_engine=ImageFont.Layout.RAQM if raqm else ImageFont.Layout.BASIC)
+    return LegendFont(path, codepoints, image, {"direction": "ltr"} if raqm else {})
+
+
+@functools.lru_cache(maxsize=1)
+def _fallback_font() -> LegendFont:
+    """Pillow's own font, where no font file of the legend is installed: printable ASCII only is taken as drawable."""
+    return LegendFont("(Pillow's default)", frozenset(range(0x20, 0x7F)), ImageFont.load_default(), {})
+
+
+def _right_to_left(ch: str) -> bool:
+    return unicodedata.bidirectional(ch) in ("R", "AL", "AN")
+
+
+def _font_for(name: str) -> tuple[LegendFont | None, str]:
+    """The first legend font that draws `name` whole, or (None, why not)."""
+    needed = {ord(c) for c in name if not c.isspace()}
+    if not complex_layout() and any(_right_to_left(c) for c in name):
+        return None, f"{NOT_DRAWABLE}: right-to-left, and Pillow has no raqm layout here"
+    best: set[int] | None = None
+    index = 0
+    while (font := _legend_font(index)) is not None:
+        missing = needed - font.codepoints
+        if not missing:
+            return font, ""
+        best = missing if best is None or len(missing) < len(best) else best
+        index += 1
+    if index == 0:  # no font file at all
+        fallback = _fallback_font()
+        best = needed - fallback.codepoints
+        if not best:
+            return fallback, ""
+    codes = " ".join(f"U+{c:04X}" for c in sorted(best)[:3]) + (" ..." if len(best) > 3 else "")
+    return None, f"{NOT_DRAWABLE}: {codes}"
+
+
+def legend_lines(label: np.ndarray, class_names: list[str]) -> list[LegendLine]:
+    """The legend of a label map: one line per class present, most pixels first."""
+    ids, counts = np.unique(label, return_counts=True)
+    lines = []
+    for i in np.argsort(-counts, kind="stable"):
+        cid = int(ids[i])
+        name = class_names[cid] if cid < len(class_names) else f"class {cid}"
+        share = f"{100.0 * counts[i] / label.size:.1f}%"
+        font, why = _font_for(name)
+        if font is not None:
+            # A left-to-right mark after a right-to-left name keeps the share after it, where it is on every line.
+            mark = "\u200e" if any(_right_to_left(c) for c in name) else ""
+            lines.append(LegendLine(cid, f"{cid} {name}{mark}  {share}", font, True))
+        else:
+            note = f"{cid} ({why})  {share}"
+            lines.append(LegendLine(cid, note, _font_for(note)[0] or _fallback_font(), False))
+    return lines
 
 
 @dataclass

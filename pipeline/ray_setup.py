@@ -37,14 +37,21 @@ def default_wait_s(address: str | None, wait_s: float | None) -> float:
 _connected_here: str | None = None  # the job id of the connection init_ray made, if it made one
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True,
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool | str = "stdout",
              **kwargs) -> None:
     """Connect to `address` (default: $RAY_ADDRESS, else a running local cluster, else start one); no-op if
-    Ray is already initialised in this process."""
+    Ray is already initialised in this process. With `num_cpus` (the size of a Ray to start) and no address, a
+    local Ray is started: Ray cannot join a cluster with num_cpus, and `make demo` failed with a ValueError
+    traceback when a `ray start --head` was left running on the machine.
+
+    log_to_driver: what of the workers' output this process prints. "stdout" (the default): what they print to
+    stdout, the jobs' own lines (`[train] ...`); their stderr (Ray's and the libraries' logging, tracebacks of
+    failures that reach the job as one `error:` line anyway) stays in Ray's log files (worker-*.err, ray-train-*.log
+    under the session's logs/ folder). True: both; False: neither."""
     global _connected_here
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS") or ("local" if num_cpus is not None else None)
     if address in (None, "local"):  # may start a local Ray, whose raylet inherits this environment
         os.environ.setdefault(IDLE_WORKERS_ENV, str(max(MIN_IDLE_WORKERS, num_cpus or os.cpu_count() or 1)))
         # Ray's default (the dashboard where ray[default] is installed), so its state API answers: Ray Train's
@@ -56,10 +63,57 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
         # Its Python workers keep freed memory (pipeline/host_memory.py) for the whole job, so the inference actors
         # need no runtime_env of their own: a worker started just for them pushed a 2-CPU machine past Ray's
         # too-many-workers warning.
+        # Each of its worker processes is told its Ray's address (own_address_hook).
         kwargs.setdefault("runtime_env", {"env_vars": {"RAY_DATA_LOGGING_CONFIG": RAY_DATA_LOGGING,
-                                                       **keep_freed_memory_env()}})
-    ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
+                                                       **keep_freed_memory_env()},
+                                          "worker_process_setup_hook": own_address_hook()})
+    ray.init(address=address, log_to_driver=bool(log_to_driver), **kwargs)
     _connected_here = ray.get_runtime_context().get_job_id()
+    if log_to_driver == "stdout":
+        _forward_workers_stdout_only()
+
+
+def own_address_hook() -> Callable[[], None]:
+    """The worker_process_setup_hook of a Ray started by init_ray: $RAY_ADDRESS in each of its worker processes is
+    that Ray's GCS address. Ray's state API (ray.util.state), which Ray Train's placement-group cleaner asks every
+    second, finds its cluster through $RAY_ADDRESS, else through the machine: the Ray of the last `ray start` (its
+    ray_current_cluster file), else the one GCS process running. With another Ray on the machine (a `ray start`
+    left running, another job's or a test session's local Ray) the cleaner asked that one, did not find its
+    controller there and quit, or found several and its thread died with a 30-line traceback in the job's log
+    ("Found multiple active Ray instances"). The address is only known once this Ray runs, hence a hook and not an
+    env_var.
+
+    A function Ray pickles by value (a nested one), not a module path: a worker runs its hook before it has the
+    driver's sys.path, so a project used without installing it (jobs/*.py put the checkout on sys.path) could not
+    import one, and Ray ends a worker process whose hook fails. For the same reason the hook never raises."""
+    def address_own_ray() -> None:
+        try:
+            if ray.is_initialized():  # in a worker always; elsewhere the runtime context would start a Ray
+                os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        except Exception:  # noqa: BLE001 - the worker keeps Ray's own way of finding its cluster
+            pass
+
+    return address_own_ray
+
+
+def _forward_workers_stdout_only() -> None:
+    """Print what the workers write to stdout, not what they write to stderr (init_ray's log_to_driver="stdout"):
+    Ray forwards both through one handler of this process, which is wrapped here. Another Ray version without it
+    forwards both."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    printers = [handler for name, handler in getattr(dispatcher, "handlers", ()) if name == "ray_print_logs"]
+    if len(printers) != 1:
+        return
+
+    def forward(data: dict, _print=printers[0]) -> None:
+        if not data.get("is_err"):
+            _print(data)
+
+    dispatcher.remove_handler("ray_print_logs")  # ray.shutdown removes the wrapper by the same name
+    dispatcher.add_handler("ray_print_logs", forward)
 
 
 def disconnect_ray() -> None:

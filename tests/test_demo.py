@@ -1,7 +1,16 @@
 """`make demo`'s flow at a smaller size: synthesize -> train -> label -> DuckDB, twice (re-runnable)."""
+import contextlib
+import glob
 import json
 import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 
 import pytest
 from PIL import Image
@@ -12,9 +21,9 @@ from tests.jobs_util import run_subprocess
 ALARMING = re.compile(r"Traceback|Error|ERROR|WARNING|Warning|Deprecat|Failed|failed")
 
 
-def _demo(args: list[str]) -> dict:
+def _demo(args: list[str], env: dict | None = None) -> dict:
     """`jobs/demo.py` as `make demo` runs it (its own local Ray): its whole log is short and says nothing alarming."""
-    proc = run_subprocess("demo", args, timeout=600)
+    proc = run_subprocess("demo", args, timeout=600, env=env)
     log = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 0, "\n".join(log[-30:])
     assert len(log) <= 40, "\n".join(log)
@@ -24,13 +33,62 @@ def _demo(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# No other Ray on the machine while the demo's runs, as for a user: a second instance confuses Ray Train's
-# placement-group cleaner ("Found multiple active Ray instances").
+@contextlib.contextmanager
+def another_local_ray():
+    """A `ray start --head` left running on this machine, on a free port; yields the environment of a job started
+    beside it as `make demo` starts one: no $RAY_ADDRESS, and that Ray's `ray_current_cluster` file in the job's Ray
+    temp dir. The temp dir is the test's own ($RAY_TMPDIR for both), so no one else's `ray.init()` joins that Ray.
+    Stopped by ending its `ray start --block` process, which stops that Ray's processes only."""
+    with socket.socket() as gcs, socket.socket() as dashboard:  # Ray's default dashboard port may be another Ray's
+        gcs.bind(("127.0.0.1", 0))
+        dashboard.bind(("127.0.0.1", 0))
+        ports = [gcs.getsockname()[1], dashboard.getsockname()[1]]
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths under it must fit 107 bytes
+    env = {"RAY_TMPDIR": temp, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", f"--port={ports[0]}",
+                             f"--dashboard-port={ports[1]}", "--num-cpus=1", "--disable-usage-stats", "--block"],
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled", **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.join(temp, "ray", "ray_current_cluster")):  # written once its head is up
+            assert proc.poll() is None and time.monotonic() < deadline, "the other Ray did not start"
+            time.sleep(0.2)
+        yield env
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stderr_of(actor: str, ray_tmpdir: str) -> dict[str, str]:
+    """What the processes of `actor` wrote to stderr in the Rays that ran under `ray_tmpdir`, by file."""
+    found = {}
+    for path in glob.glob(os.path.join(ray_tmpdir, "ray", "session_*", "logs", "worker-*.err")):
+        with open(path, errors="replace") as f:
+            text = f.read()
+        if f":actor_name:{actor}\n" in text:
+            found[path] = text
+    return found
+
+
 @pytest.mark.multinode
 def test_demo_flow_small_and_rerunnable(ray_stopped, tmp_path):
     workdir = str(tmp_path / "demo")
     args = ["--workdir", workdir, "--count", "40", "--size", "48x40", "--epochs", "1", "--previews", "3"]
-    first = _demo(args)
+    # The first run with a `ray start --head` left running on the machine (issue 30, case 5). The demo starts a Ray of
+    # its own (it tried to join that one and failed: "When connecting to an existing cluster, num_cpus ... must not be
+    # provided"), and the processes of its Ray talk to it: Ray Train's placement-group cleaner asked the other Ray, or
+    # found two ("Found multiple active Ray instances"), and its thread died with a 30-line traceback.
+    with another_local_ray() as beside:
+        first = _demo(args, beside)
+        cleaner = _stderr_of("PlacementGroupCleaner", beside["RAY_TMPDIR"])  # in Ray's log files, not the job's log
+        trouble = [text for text in cleaner.values() if "Traceback" in text or "multiple active Ray" in text]
+        assert cleaner and not trouble, "\n".join(trouble)[-3000:]
     assert first["train"]["epochs"] == 1 and os.path.exists(first["train"]["best_checkpoint"])
     label = first["label"]
     # 8 synthetic val images + the real photos shipped with scikit-image + one broken file.

@@ -20,6 +20,19 @@ def test_cpu_stage_modules_do_not_import_torch(module):
     assert out.stdout.strip() == "False", f"importing {module} pulled in torch"
 
 
+def test_the_setup_hook_of_a_ray_the_jobs_start_imports_nothing_of_the_project():
+    # A worker runs its hook before it has the driver's sys.path, and exits when the hook fails: the hook that tells
+    # it its Ray's address (pipeline/ray_setup.py) travels by value and runs where `pipeline` cannot be imported.
+    from ray import cloudpickle
+
+    from pipeline.ray_setup import own_address_hook
+
+    code = "import pickle, sys; sys.modules['pipeline'] = None; pickle.loads(sys.stdin.buffer.read())(); print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps(own_address_hook()), cwd="/",
+                         capture_output=True, check=True)
+    assert out.stdout.strip() == b"ok"
+
+
 def test_models_names_resolve_lazily():
     import models
 

@@ -44,10 +44,13 @@ def memory_kb(pid: int) -> tuple[int, int]:
 def run_measuring_memory(cmd: list[str], *, env: dict, cwd: str, every: float = 0.2,
                          timeout: float = 1800) -> tuple[int, bytes, dict]:
     """Run `cmd` in a new session, sampling its processes every `every` s. Returns (exit code, stdout,
-    {"pss_kb", "rss_kb", "processes"} peaks). Whatever the command leaves running in its session is killed."""
+    {"pss_kb", "rss_kb", "processes", "shm_kb"} peaks). shm_kb: the most /dev/shm pages one process of the tree
+    has resident, i.e. the object store of a local Ray the command started (its store is one file there, mapped
+    whole by the raylet); other Rays on the machine do not count. Whatever the command leaves running in its session
+    is killed."""
     child = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL)
-    peak = {"pss_kb": 0, "rss_kb": 0, "processes": 0}
+    peak = {"pss_kb": 0, "rss_kb": 0, "processes": 0, "shm_kb": 0}
     done = threading.Event()
 
     def sample():
@@ -57,6 +60,7 @@ def run_measuring_memory(cmd: list[str], *, env: dict, cwd: str, every: float = 
             peak["pss_kb"] = max(peak["pss_kb"], sum(m[0] for m in mem))
             peak["rss_kb"] = max(peak["rss_kb"], sum(m[1] for m in mem))
             peak["processes"] = max(peak["processes"], len(pids))
+            peak["shm_kb"] = max([peak["shm_kb"], *(shm_resident_kb(p) for p in pids)])
             time.sleep(every)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -70,3 +74,21 @@ def run_measuring_memory(cmd: list[str], *, env: dict, cwd: str, every: float = 
         except ProcessLookupError:
             pass
     return child.returncode, stdout, peak
+
+
+
+def shm_resident_kb(pid: int) -> int:
+    """kB of /dev/shm files resident in one process's mappings (/proc/PID/smaps)."""
+    total, in_shm = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                first = line.split(None, 1)[0]
+                if "-" in first and not first.endswith(":"):  # a mapping's header line: range perms offset dev inode path
+                    fields = line.split()
+                    in_shm = len(fields) >= 6 and fields[5].startswith("/dev/shm/")
+                elif in_shm and first == "Rss:":
+                    total += int(line.split()[1])
+    except OSError:
+        pass
+    return total

@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--run-date", default=d.run_date, help="partition value YYYY-MM-DD (default: today, UTC)")
     g.add_argument("--run-id", default=d.run_id, help="run id (default: UTC timestamp plus random suffix)")
     g.add_argument("--rows-per-file", type=int, default=d.rows_per_file,
-                   help="images per committed file set (one Parquet file per table); also the most work a "
-                        "crash can lose")
+                   help="images per labels Parquet file at most (fewer once their label maps reach 256 MiB); "
+                        "results are committed in groups of about 10,000 images, the most work a crash can lose")
 
     g = p.add_argument_group("inference")
     g.add_argument("--max-side", type=int, default=d.max_side,

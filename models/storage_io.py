@@ -5,8 +5,10 @@ filesystem-level functions (`read_all`, `write_atomic`) with its own resolved lo
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from typing import BinaryIO, Iterator
 
 import fsspec
 
@@ -34,20 +36,32 @@ def read_all(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write a file so that readers see either the old file or the complete new one.
+    """Write a file so that readers see either the old file or the complete new one."""
+    with open_atomic(fs, path) as f:
+        f.write(data)
 
-    Locally: temporary file in the same directory, then rename. On object stores a single PUT is atomic.
-    """
+
+@contextlib.contextmanager
+def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[BinaryIO]:
+    """A binary file to write in pieces that appears whole under `path` when the block ends, and not at all when
+    it raises. Locally: a temporary file in the same directory, fsynced, then renamed. On object stores one upload
+    (a multipart one for large files), completed at the end and aborted on an error."""
     if not is_local(fs):
-        with fs.open(path, "wb") as f:
-            f.write(data)
+        f = fs.open(path, "wb")
+        try:
+            yield f
+        except BaseException:
+            getattr(f, "discard", lambda: None)()  # s3fs: abort the upload, so no partial object appears
+            f.closed or f.close()
+            raise
+        f.close()
         return
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

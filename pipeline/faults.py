@@ -4,7 +4,8 @@
 
 POINT is a glob over the names the code fires (`fire("label.commit:staged")`):
     label.commit:<step>      each step of the labeling commit protocol (staged, committed, published:<table>)
-    label.stage:<table>      a write task, after staging that table of a file set
+    label.stage:<table>      a write task, after staging a block's results file (label.stage:results); a group's
+                             merge, after staging each of its file set's files (labels, class_stats, ...)
     label.upgrade:<step>:<table>  the one-time schema upgrade, per file (staged: new bytes written, replaced: swapped in)
     label.inference          every call of an inference actor
     label.forward            every forward pass of the labeling predictor

@@ -11,6 +11,7 @@ contain credentials: every error text goes through `redact`.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
@@ -19,10 +20,11 @@ import shutil
 import stat
 import uuid
 from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
 
 import fsspec
 
-from models.storage_io import is_local, read_all, resolve, write_atomic
+from models.storage_io import is_local, open_atomic, read_all, resolve, write_atomic
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 # Fail fast on an unreachable endpoint instead of botocore's long default retry ladder.
@@ -191,6 +193,13 @@ class Location:
             write_atomic(self.fs, self.path, data)
         except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types: named with the URI
             raise storage_error(self.uri, e) from None
+
+    @contextlib.contextmanager
+    def open_write(self) -> Iterator[BinaryIO]:
+        """`write_bytes` in pieces (a file too large to hold in memory): the object appears complete at the end
+        of the block, or not at all when it raises (the filesystem's own errors, unnamed: use it in workers)."""
+        with open_atomic(self.fs, self.path) as f:
+            yield f
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")

@@ -158,12 +158,12 @@ def test_output_without_an_index_gets_one_built_once(ray_session, tiny_checkpoin
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_writer_killed_mid_fileset_is_exactly_once(ray_session, tiny_checkpoint, tmp_path, request, monkeypatch, where):
-    """A write task's process dies after staging part of a file set: Ray retries the task under a new file-set
-    name; the half-staged set is never committed, and the next run discards it."""
+    """A write task's process dies after staging its block's results: Ray retries the task under a new file-set
+    name; the orphaned results file is never committed, and the next run discards it."""
     ck, _ = tiny_checkpoint
     images, output = _root(where, tmp_path, request, "imgs"), _root(where, tmp_path, request, "out")
     write_files(images, {f"{i:02d}.png": good_image(i, 16, 16 + i % 3) for i in range(6)})
-    monkeypatch.setenv(faults.ENV, f"label.stage:class_stats=kill_once:{tmp_path / 'killed'}")
+    monkeypatch.setenv(faults.ENV, f"label.stage:results=kill_once:{tmp_path / 'killed'}")
     summary = label_images(_config(images, ck, output))
     monkeypatch.delenv(faults.ENV)
     assert os.path.exists(tmp_path / "killed")

@@ -47,16 +47,18 @@ def _m(name: str) -> str:
 
 
 def _label_config(images, ck, output, **kw) -> LabelConfig:
-    # images_per_small_file=1: every file set is committed on its own (pipeline.label.filesets groups none).
+    # images_per_small_file=1: every staged block (an inference call's 2 rows) is committed on its own as a file set.
     return LabelConfig(images=images, checkpoint=ck, output=output, actors=1, threads_per_actor=1, batch_size=2,
-                       rows_per_read_task=2, rows_per_file=3, images_per_small_file=1, max_side=32, progress=False, **kw)
+                       rows_per_read_task=2, rows_per_file=3, rows_per_actor_call=2, images_per_small_file=1,
+                       max_side=32, progress=False, **kw)
 
 
 def _filesets(output: str, run_id: str) -> set[str]:
-    """The file sets a run published: each puts its name in the file of every table it wrote."""
+    """The file sets a run published: each puts its name in the file of every table it wrote (labels files add -NNNN)."""
     names = set()
+    pattern = rf"part-({re.escape(run_id)}-g[0-9a-f]{{11}})(-[0-9]{{4}})?\.parquet$"
     for _, _, files in os.walk(output):
-        names |= {m.group(1) for f in files if (m := re.search(rf"part-({re.escape(run_id)}-[0-9a-f]{{12}})\.parquet$", f))}
+        names |= {m.group(1) for f in files if (m := re.search(pattern, f))}
     return names
 
 
@@ -112,7 +114,7 @@ def test_labeling_metrics_during_and_after_a_run(metrics_port, s3_server, tiny_c
     assert sum(by_stage.values()) == summary["errors"]
     assert {st: total(after, _m("fcn_label_image_errors_total"), stage=st, **tags) or 0 for st in STAGES} == by_stage
     assert total(after, _m("fcn_label_images_committed"), **tags) == summary["labelled"] + summary["errors"]
-    # One commit per file set here (10 images, 3 per file set); a commit may publish several sets at once.
+    # One commit per file set here (10 images, 2 per inference call and set); a commit may publish several sets at once.
     assert 4 <= total(after, _m("fcn_label_commits_total"), **tags) <= len(_filesets(output, "night-2"))
     assert total(after, _m("fcn_label_last_commit_timestamp_seconds"), **tags) > \
         total(after, _m("fcn_label_run_started_timestamp_seconds"), **tags)

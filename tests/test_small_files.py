@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime, timezone
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import faults, storage
@@ -74,3 +76,46 @@ def test_small_tables_get_one_file_per_group_of_file_sets(ray_session, tiny_chec
     assert again["recovered"]["rolled_forward"] == 0 and again["recovered"]["discarded"] == (1 if fault else 0)
     _exactly_once(output, [storage.join(images, n) for n in good])
     assert not out.fs.exists(out.child("_commits").path) or not out.fs.ls(out.child("_commits").path)
+
+
+def _staged_blocks(output: Location, settings, blocks: list[list[tuple[str, str, object]]]):
+    """Each block of result rows staged as the pipeline's write tasks stage them."""
+    import pyarrow as pa
+
+    from pipeline.label.writer import stage_results
+    from tests.query_output import results
+
+    at = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    return pa.concat_tables([stage_results(results(block, at, "raw"), settings=settings) for block in blocks])
+
+
+def test_a_group_streams_its_label_maps_into_files_of_bounded_rows_and_bytes(tmp_path):
+    """The merge of a group's staged blocks (in this process, as its Ray task runs it): labels files of at most
+    --rows-per-file rows that end before their label maps pass bytes_per_file (at least one row each, so an image
+    larger than the cap gets a file of its own), every row once and in order, one file per small table; and the
+    marker names the blocks it was made of."""
+    from pipeline.label.filesets import merge_staged
+    from pipeline.label.writer import OutputSettings
+    from tests.label_fixtures import CLASS_NAMES
+    from tests.query_output import label_map
+
+    output = Location.of(str(tmp_path / "out"))
+    sizes = [(8, 10)] * 5 + [(40, 40)] + [(8, 10)] * 6 + [(12, 10)]  # 80-byte maps, one of 1,600, one of 120
+    images = [(f"s3://b/{i:02d}.png", "v1", label_map(i, h, w)) for i, (h, w) in enumerate(sizes)]
+    images.insert(3, ("s3://b/broken.png", "v1", "cannot identify image file"))
+    settings = OutputSettings(output, "run-1", "2026-03-01", "model-a", tuple(CLASS_NAMES), bytes_per_file=250,
+                              rows_per_file=3)
+    staged = _staged_blocks(output, settings, [images[0:4], images[4:9], images[9:]])
+    group = merge_staged(staged, settings=settings)
+    marker = json.loads(group["marker"][0].as_py())
+    assert (group["labeled"][0].as_py(), group["errors"][0].as_py()) == (13, 1)
+    assert marker["members"] == [json.loads(m)["fileset"] for m in staged["marker"].to_pylist()]
+    labels = [e for e in marker["files"] if e["table"] == "labels"]
+    rows_per_file = [pq.read_table(output.child(e["src"]).path).num_rows for e in labels]
+    # 80-byte maps: 3 a file (240 <= 250); the 1,600-byte map ends the file before it and fills one alone.
+    assert rows_per_file == [e["rows"] for e in labels] == [3, 2, 1, 3, 3, 1], rows_per_file
+    uris = [u for e in labels for u in pq.read_table(output.child(e["src"]).path)["image_uri"].to_pylist()]
+    assert uris == [u for u, _, m in images if not isinstance(m, str)]
+    assert len({e["dst"] for e in labels}) == len(labels)
+    for table in ("class_stats", "errors", INDEX):
+        assert [e["table"] for e in marker["files"]].count(table) == 1, table

@@ -46,13 +46,17 @@ COMPRESSION = "zstd"
 STALE_TEMPORARY_SECONDS = 600
 
 
+def parquet_options(schema: pa.Schema) -> dict:
+    """The writer options of every table file: zstd; no dictionary or statistics on the label map bytes."""
+    small = [f.name for f in schema if f.name != "label_map"]
+    return {"compression": COMPRESSION, "write_statistics": small,
+            "use_dictionary": [n for n in small if pa.types.is_string(schema.field(n).type)]}
+
+
 def parquet_bytes(table: pa.Table, row_group_rows: int = 256) -> bytes:
-    """A zstd Parquet file of plain Arrow types; no dictionary or statistics on the label map bytes."""
-    small = [f.name for f in table.schema if f.name != "label_map"]
+    """A zstd Parquet file of plain Arrow types (parquet_options)."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression=COMPRESSION, row_group_size=row_group_rows,
-                   use_dictionary=[n for n in small if pa.types.is_string(table.schema.field(n).type)],
-                   write_statistics=small)
+    pq.write_table(table, buf, row_group_size=row_group_rows, **parquet_options(table.schema))
     return buf.getvalue()
 
 

@@ -55,8 +55,9 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
         ds = ds.map_batches(Postprocessor, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, plan.pool)),
                             fn_constructor_kwargs={"encoding": config.label_encoding})
-    # Label maps go from here to staging; the driver receives one small row per file set.
-    return ds.map_batches(stage_results, batch_size=config.rows_per_file, batch_format="pyarrow",
+    # Label maps go from here to staging, a block at a time (whole blocks: bundling rows up to a file's worth would
+    # hold that many label maps in the object store); the driver receives one small row per block.
+    return ds.map_batches(stage_results, batch_size=None, batch_format="pyarrow",
                           num_cpus=plan.task_cpus, runtime_env=faults.runtime_env(), fn_kwargs={"settings": output})
 
 

@@ -1,20 +1,26 @@
-"""Larger files for the small tables: the class_stats, errors and index rows of several staged file sets go into
-one file per table, committed together with the sets' labels files by one commit marker.
+"""From staged blocks to the output's files: the results files of several blocks become one file set, whose files
+are committed together by one commit marker.
 
-A file set holds about --rows-per-file images (1,000), so its labels file is megabytes of label maps while its
-class_stats, errors and index files are a few KB to a few hundred KB; at 100M images that is 100,000 small files per
-table, which Athena and Spark open one by one and S3 LISTs page through. A compaction after publication cannot keep
-a glob reader's view exactly once (for a moment the merged file and its parts are both visible, or neither), so the
-merge happens before the commit: the driver gathers the markers of staged file sets (writer.stage_results' rows)
-until they hold `images_per_small_file` images, a Ray task writes each small table's rows of all of them as one
-staged file and returns one marker naming those files and the sets' labels files, and the driver commits it like any
-file set (pipeline.label.commit): one marker write, then the moves, labels last. A crash before that marker costs the
+The write tasks stage each block of result rows as it comes (pipeline.label.writer), so label maps never wait in
+memory for a file to fill. The driver gathers the staged blocks' rows (writer.STAGED_SCHEMA) until they hold
+`images_per_small_file` images, and a Ray task (`merge_staged`) reads the group's results files one at a time and
+writes:
+- labels files of at most --rows-per-file rows, ending early once their label maps reach bytes_per_file, streamed
+  in row groups, so the task holds one results file and one row group, never a labels file;
+- one file each for class_stats, errors and index: at 100M images, files of one block's rows would be millions of
+  small files, which Athena and Spark open one by one and S3 LISTs page through.
+The driver commits the group like any file set (pipeline.label.commit): one marker write, then the moves, labels
+last. A compaction after publication could not keep a glob reader's view exactly once (for a moment the merged file
+and its parts are both visible, or neither); merging before the commit does. A crash before that marker costs the
 group (10,000 images by default, labeled again by the next run), never a row twice.
 """
 from __future__ import annotations
 
 import json
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,21 +28,25 @@ import pyarrow.parquet as pq
 import ray
 
 from .. import faults
-from .commit import parquet_bytes
+from ..storage import Location
+from .commit import parquet_bytes, parquet_options
 from .layout import OutputLayout
-from .tables import INDEX, SCHEMAS
+from .tables import INDEX, LABELS_SCHEMA, RESULT_SCHEMA, split_results
+from .writer import OutputSettings
 
 SMALL_TABLES = ("class_stats", "errors", INDEX)
+ROW_GROUP_ROWS = 256  # rows of a labels file's row group, as parquet_bytes writes them ...
+ROW_GROUP_BYTES = 64 * 1024**2  # ... or fewer, once their label maps reach this: what the merge holds at most
+READ_AHEAD = 4  # results files read ahead of the one being split (each is one block of rows)
 
 
 class FilesetGrouper:
-    """The driver's side: staged file sets (writer.STAGED_SCHEMA rows) gathered until they hold `images` images (a
-    set holds --rows-per-file, fewer when its label maps reach bytes_per_file); each group is merged by a Ray task
-    (`merge_staged`: no row passes through the driver) into one row for the Committer. The driver holds the
-    pending sets' markers only."""
+    """The driver's side: staged blocks (writer.STAGED_SCHEMA rows) gathered until they hold `images` images; each
+    group becomes one file set in a Ray task (`merge_staged`: no row passes through the driver), returned as one row
+    for the Committer. The driver holds the pending blocks' small rows only."""
 
-    def __init__(self, images: int, output, model_id: str, num_cpus: float):
-        self.images, self.output, self.model_id, self.num_cpus = images, output, model_id, num_cpus
+    def __init__(self, images: int, settings: OutputSettings, num_cpus: float):
+        self.images, self.settings, self.num_cpus = images, settings, num_cpus
         self.pending: list[pa.Table] = []
         self.pending_images = 0
 
@@ -57,46 +67,146 @@ class FilesetGrouper:
             return []
         rows = pa.concat_tables(self.pending).combine_chunks()
         self.pending, self.pending_images = [], 0
-        if rows.num_rows == 1:
-            return [rows]
         task = _MERGE.options(num_cpus=self.num_cpus, runtime_env=faults.runtime_env())
-        return [ray.get(task.remote(rows, output=self.output, model_id=self.model_id))]
+        return [ray.get(task.remote(rows, settings=self.settings))]
 
 
-def merge_staged(batch: pa.Table, *, output, model_id: str) -> pa.Table:
-    """Ray task: staged file sets -> one group (one row of the same schema, its marker naming the merged files).
-    The small tables' staged files are read and written again as one file each under `_staging/<group>/`; the labels
-    files stay where they are."""
-    if batch.num_rows <= 1:
-        return batch
+def merge_staged(batch: pa.Table, *, settings: OutputSettings) -> pa.Table:
+    """Ray task: staged blocks -> one file set under `_staging/<group>/` (one row of the same schema, its marker
+    naming the set's files and the blocks it was made of)."""
     markers = [json.loads(m) for m in batch["marker"].to_pylist()]
-    run_date = markers[0]["run_date"]
-    assert all(m["run_date"] == run_date for m in markers), "one run writes one run_date"
-    group = f"{markers[0]['fileset'].rsplit('-', 1)[0]}-g{uuid.uuid4().hex[:11]}"  # <run_id>-<random>, as every set
-    files = []
-    for table in SMALL_TABLES:
-        parts = [e for m in markers for e in m["files"] if e["table"] == table]
+    assert all(m["run_date"] == settings.run_date for m in markers), "one run writes one run_date"
+    group = f"{settings.run_id}-g{uuid.uuid4().hex[:11]}"  # <run_id>-<random>, as every set
+    output = settings.output
+    small: dict[str, list[pa.Table]] = {table: [] for table in SMALL_TABLES}
+    labels = _LabelsFiles(settings, group)
+    try:
+        for results in _read_ahead(output, [e["src"] for m in markers for e in m["files"]]):
+            tables = split_results(results, model_id=settings.model_id, run_id=settings.run_id,
+                                   class_names=list(settings.class_names))
+            del results
+            labels.add(tables.pop("labels"))
+            for table, rows in tables.items():
+                if rows.num_rows:
+                    small[table].append(rows)
+        files = labels.close()
+    except BaseException:
+        labels.abort()
+        raise
+    for table, parts in small.items():
         if not parts:
             continue
-        rows = pa.concat_tables([_read(output, e["src"]).cast(SCHEMAS[table]) for e in parts])
+        rows = pa.concat_tables(parts)
         src = OutputLayout.staged_file(group, table)
         output.child(src).write_bytes(parquet_bytes(rows))
-        files.append({"table": table, "src": src, "dst": OutputLayout.table_file(table, run_date, group, model_id),
+        faults.fire(f"label.stage:{table}")
+        files.append({"table": table, "src": src, "dst": OutputLayout.table_file(table, settings.run_date, group,
+                                                                                 settings.model_id),
                       "rows": rows.num_rows})
-    files += [e for m in markers for e in m["files"] if e["table"] not in SMALL_TABLES]
     faults.fire("label.group:merged")
-    marker = {"fileset": group, "run_date": run_date, "files": files, "members": [m["fileset"] for m in markers]}
+    marker = {"fileset": group, "run_date": settings.run_date, "files": files,
+              "members": [m["fileset"] for m in markers]}
     return pa.table({name: [json.dumps(marker) if name == "marker" else _combine(batch[name])]
                      for name in batch.column_names}, schema=batch.schema)
 
 
-def _read(output, relative: str) -> pa.Table:
+def _read_ahead(output: Location, relatives: list[str]) -> Iterator[pa.Table]:
+    """The staged results files in order, READ_AHEAD of them fetched while the current one is split."""
+    with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:
+        pending: deque = deque()
+        for relative in relatives:
+            pending.append(pool.submit(_read, output, relative))
+            if len(pending) > READ_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _read(output: Location, relative: str) -> pa.Table:
     with output.fs.open(output.child(relative).path, "rb") as f:
-        return pq.read_table(f)
+        return pq.read_table(f).cast(RESULT_SCHEMA)
+
+
+class _LabelsFiles:
+    """The group's labels rows streamed into staged files of at most rows_per_file rows and bytes_per_file of label
+    maps (at least one row each), a row group at a time."""
+
+    def __init__(self, settings: OutputSettings, group: str):
+        self.settings, self.group = settings, group
+        self.files: list[dict] = []
+        self._open = None  # (context manager, file, ParquetWriter) of the file being written
+        self._rows = self._bytes = 0  # in the file being written
+        self._buffer: list[pa.Table] = []  # rows of its next row group
+        self._buffer_rows = self._buffer_bytes = 0
+
+    def add(self, rows: pa.Table) -> None:
+        sizes = pc.binary_length(rows["label_map"]).to_pylist()
+        start = 0
+        for i, n in enumerate(sizes):
+            if self._rows and (self._rows >= self.settings.rows_per_file or self._bytes + n > self.settings.bytes_per_file):
+                self._append(rows.slice(start, i - start))
+                self._finish_file()
+                start = i
+            self._rows += 1
+            self._bytes += n
+        self._append(rows.slice(start))
+
+    def _append(self, rows: pa.Table) -> None:
+        if not rows.num_rows:
+            return
+        self._buffer.append(rows)
+        self._buffer_rows += rows.num_rows
+        self._buffer_bytes += pc.sum(pc.binary_length(rows["label_map"])).as_py() or 0
+        if self._buffer_rows >= ROW_GROUP_ROWS or self._buffer_bytes >= ROW_GROUP_BYTES:
+            self._write_row_group()
+
+    def _write_row_group(self) -> None:
+        if not self._buffer:
+            return
+        if self._open is None:
+            src = OutputLayout.staged_file(self.group, f"labels-{len(self.files):04d}")
+            context = self.settings.output.child(src).open_write()
+            f = context.__enter__()
+            self._open = (context, f, pq.ParquetWriter(f, LABELS_SCHEMA, **parquet_options(LABELS_SCHEMA)), src)
+        self._open[2].write_table(pa.concat_tables(self._buffer).cast(LABELS_SCHEMA), row_group_size=self._buffer_rows)
+        self._buffer, self._buffer_rows, self._buffer_bytes = [], 0, 0
+
+    def _finish_file(self) -> None:
+        self._write_row_group()
+        if self._open is None:
+            return
+        context, _, writer, src = self._open
+        writer.close()
+        context.__exit__(None, None, None)
+        self._open = None
+        k = len(self.files)
+        self.files.append({"table": "labels", "src": src, "rows": self._rows,
+                           "dst": OutputLayout.table_file("labels", self.settings.run_date, f"{self.group}-{k:04d}",
+                                                          self.settings.model_id)})
+        faults.fire("label.stage:labels")
+        self._rows = self._bytes = 0
+
+    def close(self) -> list[dict]:
+        """Finish the last file; the marker entries of every labels file written."""
+        self._finish_file()
+        return self.files
+
+    def abort(self) -> None:
+        """An error mid-file: the file being written never appears (a staged file left behind is removed by the
+        next run's recovery)."""
+        if self._open is None:
+            return
+        context, _, writer, _ = self._open
+        self._open = None
+        try:
+            writer.close()
+        finally:
+            error = RuntimeError("labels merge aborted")
+            context.__exit__(type(error), error, None)  # open_write's error path: no file appears
 
 
 def _combine(column: pa.ChunkedArray):
-    """One value for a group from its sets' values: counts add up, lists join, JSON count maps add up."""
+    """One value for a group from its blocks' values: counts add up, lists join, JSON count maps add up."""
     t = column.type
     if pa.types.is_integer(t):
         return pc.sum(column).as_py() or 0

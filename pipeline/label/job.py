@@ -251,10 +251,11 @@ def _run_pipeline(ray, config: LabelConfig, ck: Checkpoint, todo, to_label: int,
     if to_label:
         ref = ray.put(shippable(ck))  # the object store holds the weights; every actor gets them from there
         t = time.monotonic()
-        settings = OutputSettings(output, run_id, run_date, ck.model_id, tuple(ck.class_names), config.bytes_per_file)
+        settings = OutputSettings(output, run_id, run_date, ck.model_id, tuple(ck.class_names), config.bytes_per_file,
+                                  config.rows_per_file)
         ds = build_dataset(todo, listed_by, checkpoint_ref=ref, plan=plan, config=config, output=settings)
-        # The class_stats, errors and index rows of images_per_small_file images share one file each (filesets.py).
-        grouper = FilesetGrouper(config.images_per_small_file, output, ck.model_id, plan.task_cpus)
+        # Staged blocks of images_per_small_file images become one file set (filesets.py).
+        grouper = FilesetGrouper(config.images_per_small_file, settings, plan.task_cpus)
         with ProgressLog(committer, to_label, config.progress_interval_s):
             for staged in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 timings.setdefault("first_result", time.monotonic() - t)

@@ -1,9 +1,12 @@
-"""Writing the labeling job's results: Ray workers stage file sets, the driver commits them.
+"""Writing the labeling job's results: Ray workers stage them, the driver commits them.
 
-`stage_results` is the pipeline's last stage: it turns about --rows-per-file result rows into one file set in
-`_staging/` (pipeline.label.commit, step 1) and passes on one small row per file set: its commit marker and its
-counts. The driver's `Committer` writes the markers and publishes the files (server-side moves), so no label map
-passes through the driver.
+`stage_results` is the pipeline's last stage. It takes one block of result rows at a time (an inference call's
+rows: a bounded number of label maps, whatever --rows-per-file says) and writes them to `_staging/` as one
+results file, so a label map leaves Ray's object store as soon as its block is staged; it passes on one small row
+per block (STAGED_SCHEMA: the staged file and its counts). The driver gathers those rows into groups
+(pipeline.label.filesets), a Ray task turns each group's results files into the output tables' files (labels
+files of --rows-per-file rows), and the driver's `Committer` writes the group's marker and publishes the files
+(pipeline.label.commit): no label map passes through the driver, and none waits in memory for its group.
 """
 from __future__ import annotations
 
@@ -15,26 +18,30 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .. import faults
 from ..storage import Location
-from .commit import commit_fileset, commit_staged, stage_fileset
+from .commit import commit_fileset, commit_staged, parquet_bytes
+from .layout import OutputLayout
 from .readers import list_table_files
-from .tables import SCHEMAS, TABLES, split_results
+from .tables import RESULT_SCHEMA, SCHEMAS, TABLES
 
 STAGED_SCHEMA = pa.schema([("marker", pa.string()), ("labeled", pa.int64()), ("errors", pa.int64()),
                            ("actors", pa.list_(pa.string())),
                            ("error_stages", pa.string())])  # JSON {stage: errors}: pipeline.telemetry's errors by stage
+RESULTS = "results"  # a staged block of result rows (tables.RESULT_SCHEMA), split into the tables by its group
 
 
 @dataclass(frozen=True)
 class OutputSettings:
-    """What a writer needs to know to stage file sets (sent to every write task)."""
+    """What the writers need to know (sent to every write and merge task)."""
 
     output: Location
     run_id: str
     run_date: str
     model_id: str
     class_names: tuple[str, ...]
-    bytes_per_file: int
+    bytes_per_file: int  # a labels file ends before its label map cells exceed this (at least one row)
+    rows_per_file: int = 1000  # rows of a labels file at most
 
 
 def new_fileset_name(run_id: str) -> str:
@@ -43,36 +50,22 @@ def new_fileset_name(run_id: str) -> str:
 
 
 def stage_results(block: pa.Table, *, settings: OutputSettings) -> pa.Table:
-    """Ray task: result rows -> staged file set(s) (a new one whenever bytes_per_file of label maps is reached);
-    one STAGED_SCHEMA row per file set."""
-    out = []
-    for part in _split_by_bytes(block, settings.bytes_per_file):
-        tables = split_results(part, model_id=settings.model_id, run_id=settings.run_id,
-                               class_names=list(settings.class_names))
-        # Empty tables get no file (Committer.finish makes sure each table has one file for readers' globs).
-        tables = {name: table for name, table in tables.items() if table.num_rows}
-        marker = stage_fileset(settings.output, new_fileset_name(settings.run_id), settings.run_date,
-                               settings.model_id, tables)
-        if marker is None:
-            continue
-        actors = sorted({a for a in part["actor"].to_pylist() if a})
-        stages = tables["errors"]["stage"].value_counts().to_pylist() if "errors" in tables else []
-        out.append({"marker": json.dumps(marker), "labeled": len(tables.get("labels", [])),
-                    "errors": len(tables.get("errors", [])), "actors": actors,
-                    "error_stages": json.dumps({s["values"]: s["counts"] for s in stages})})
-    return pa.Table.from_pylist(out, schema=STAGED_SCHEMA)
-
-
-def _split_by_bytes(block: pa.Table, limit: int) -> list[pa.Table]:
-    sizes = pc.binary_length(block["label_map"]).fill_null(0).to_pylist()
-    parts, start, total = [], 0, 0
-    for i, n in enumerate(sizes):
-        if total and total + n > limit:
-            parts.append(block.slice(start, i - start))
-            start, total = i, 0
-        total += n
-    parts.append(block.slice(start))
-    return [p for p in parts if p.num_rows]
+    """Ray task: one block of result rows -> one staged results file; one STAGED_SCHEMA row (none for no rows)."""
+    if not block.num_rows:
+        return STAGED_SCHEMA.empty_table()
+    rows = block.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
+    fileset = new_fileset_name(settings.run_id)
+    src = OutputLayout.staged_file(fileset, RESULTS)
+    settings.output.child(src).write_bytes(parquet_bytes(rows))
+    faults.fire(f"label.stage:{RESULTS}")
+    failed = rows.filter(pc.is_valid(rows["error"]))
+    stages = pc.fill_null(failed["stage"], "unknown").value_counts().to_pylist()
+    marker = {"fileset": fileset, "run_date": settings.run_date,
+              "files": [{"table": RESULTS, "src": src, "rows": rows.num_rows}]}
+    return pa.Table.from_pylist([{
+        "marker": json.dumps(marker), "labeled": rows.num_rows - failed.num_rows, "errors": failed.num_rows,
+        "actors": sorted({a for a in rows["actor"].to_pylist() if a}),
+        "error_stages": json.dumps({s["values"]: s["counts"] for s in stages})}], schema=STAGED_SCHEMA)
 
 
 @dataclass

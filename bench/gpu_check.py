@@ -421,7 +421,7 @@ def precision(checkpoint: str, s: Sizes, items: list) -> dict:
 
 def reproducibility(checkpoint: str, s: Sizes, items: list, label_args: list[str], batch_size: int) -> dict:
     """Labels at the run's levers (`--label-args`) against `--reproducible` labels of the same images: the share
-    of pixels that differ (README: below 0.01 % for a default), and each mode run twice in this process (benchmark
+    of pixels that differ (docs/labeling.md: below 0.01 % for a default), and each mode run twice in this process (benchmark
     and compiled kernels are chosen per process; the second pass shows whether they are stable within one)."""
     import dataclasses
 

@@ -3,10 +3,8 @@
 glibc's malloc serves every block over its mmap threshold (at most 32 MB; in a thread's own arena, every block over
 its 64 MB heap) with a fresh mmap and unmaps it on free, and trims the heap's free top; the kernel then zeroes and
 faults in the same pages on the next call. A process that allocates the same large buffers call after call pays
-that every time (a forward pass's activations on a CPU, an inference call's input batch and results). Measured
-with bench/actor_host_bench.py on the 2-core CI machine, 2026-12-06: 15-20 s of its 37-42 s were the kernel's;
-with freed memory kept, 1 s of 21 s, the CPU's device work 30 -> 16 ms and the actor's host work 435-1,642 ->
-262-281 µs per image.
+that every time (a forward pass's activations on a CPU, an inference call's input batch and results): on a CPU
+actor, most of its system time (bench/actor_host_bench.py; the figures are in bench/RESULTS.md).
 
 glibc reads these settings once, when the process starts (`GLIBC_TUNABLES`), so they go into the runtime_env of
 the processes that need them: one arena for every thread (Ray Data runs an actor's calls in a thread of its

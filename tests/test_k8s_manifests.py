@@ -240,7 +240,7 @@ def test_training_resources_fit_its_flags(manifests):
     accel = f"accelerator_type:{cfg.accelerator_type}"
     (group,) = [g for g in workers if _ray_resources(g).get(accel)]  # the group --accelerator-type picks
     node = _ray_resources(group)
-    # All workers on one node (DDP stays inside it, README "Scaling"), with the input pipeline's CPUs beside them.
+    # All workers on one node (DDP stays inside it, docs/operations.md "Scaling"), with the input pipeline's CPUs beside them.
     assert node["GPU"] >= cfg.num_workers
     assert node["CPU"] >= cfg.num_workers * cfg.cpus_per_worker + cfg.data_cpus
     assert _capacity(doc)["GPU"] >= cfg.num_workers

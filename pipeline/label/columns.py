@@ -1,5 +1,5 @@
 """Arrow columns to and from numpy without a Python object per row: canvases and label maps are hundreds of KB
-each, and at GPU rates every copy and every `to_pylist` shows in the actor's host time (README "Inference").
+each, and at GPU rates every copy and every `to_pylist` shows in the actor's host time (docs/labeling.md "Inference").
 
 numpy and pyarrow only (the decode tasks use it and must not import torch).
 """

@@ -1,7 +1,7 @@
 """The labeling job's output tables (the Parquet contract) and how the pipeline's result rows become them.
 
 `labels/` has one row per labeled image, `class_stats/` one per (image, class present), `errors/` one per image
-that could not be labeled; README.md documents every column.
+that could not be labeled; docs/labeling.md ("Output") documents every column.
 
 Every file of a table has exactly its schema here, so readers with default options (Spark, Athena, pandas,
 polars, DuckDB without `union_by_name`) read any output whole. A change to a table's columns therefore comes with

@@ -4,11 +4,10 @@
   `voc-fcn8s/net.py` gives every Deconvolution `lr_mult=0`, and the PyTorch port leaves ConvTranspose2d out of its
   optimizer. Frozen means `requires_grad=False`: out of the optimizer and its weight decay, and autograd computes
   no weight gradient for them. `--learn-upsampling` trains them (the paper found both about equal).
-- **The optimizer** runs PyTorch's fused kernels (a few kernels per step for all parameters on CUDA; on a CPU
-  measured 2-4x faster than foreach or the for-loop: SGD 4-6 vs 11-13 ms, AdamW 5 vs 20 ms per step for the
-  width-0.25 FCN-8s); `--no-fused-optimizer` runs foreach. Its saved state carries the parameter names, and a
-  resume maps the state by name: a checkpoint written with another set of trainable parameters (older runs
-  trained the upsamplers; a run may switch `--learn-upsampling`) still loads.
+- **The optimizer** runs PyTorch's fused kernels: a few kernels per step for all parameters on CUDA, and faster than
+  foreach on a CPU too (bench/RESULTS.md, "Training"); `--no-fused-optimizer` runs foreach. Its saved state
+  carries the parameter names, and a resume maps the state by name: a checkpoint written with another set of
+  trainable parameters (older runs trained the upsamplers; a run may switch `--learn-upsampling`) still loads.
 - **cuDNN autotuning** (`torch.backends.cudnn.benchmark`) is on inside the training step only, where the crop and
   batch are fixed; validation runs at every image's native size and would autotune each new size anew.
 - **torch.compile** (`--compile MODE`) compiles the model for the training step only, before DDP wraps it (the

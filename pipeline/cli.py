@@ -28,11 +28,15 @@ class JobArgumentParser(argparse.ArgumentParser):
         raise JobError(f"{message} (see --help)")
 
 
+MAX_SYNTHETIC_SIDE = 4096  # a synthetic image's side at most: larger ones only exhaust memory
+
+
 def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' (e.g. 160x120) -> (width, height); an argparse `type`."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise argparse.ArgumentTypeError(f"must be WIDTHxHEIGHT with positive integers, e.g. 160x120; got {text!r}")
+    """'WxH' (e.g. 160x120) -> (width, height), each side in [1, MAX_SYNTHETIC_SIDE]; an argparse `type`."""
+    m = re.fullmatch(r"\s*([0-9]+)\s*[xX]\s*([0-9]+)\s*", text)
+    if not m or not all(1 <= int(side) <= MAX_SYNTHETIC_SIDE for side in m.groups()):
+        raise argparse.ArgumentTypeError(f"must be WIDTHxHEIGHT with integers from 1 to {MAX_SYNTHETIC_SIDE}, e.g. "
+                                         f"160x120; got {text!r}")
     return int(m.group(1)), int(m.group(2))
 
 

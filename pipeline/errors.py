@@ -23,6 +23,10 @@ def _bound(x: float) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
+# Ray's resource requests are whole multiples of 1/10,000: a smaller CPU fraction is refused when the job asks for it.
+CPU_QUANTUM = 0.0001
+
+
 def check_number(flag: str, value, *, at_least: float | None = None, above: float | None = None,
                  at_most: float | None = None, below: float | None = None, unit: str = "") -> None:
     """Raise UsageError naming `flag` unless `value` is a finite number within the bounds given (`at_least` and

@@ -114,3 +114,13 @@ def test_latin_names_keep_one_font_and_unknown_ids_are_named():
     assert [line.text for line in lines] == ["0 background  25.0%", "1 car  25.0%", "2 Straße  25.0%",
                                              "3 class 3  25.0%"]
     assert {os.path.basename(line.font.path) for line in lines} == {"DejaVuSans.ttf"}
+
+
+def test_a_name_with_newlines_or_of_any_length_is_one_short_legend_line(tmp_path):
+    """A class name with a newline made Pillow refuse the whole preview ("can't measure length of multiline text"),
+    and a 200,000-character name drew a legend 1.4 million pixels wide: names are one line of at most 48 characters."""
+    lines = previews.legend_lines(_label(), ["background", "a\nb\tc", "x" * 200_000, "  "])
+    assert [line.text for line in lines[:2]] == ["0 background  25.0%", "1 a b c  25.0%"]
+    assert lines[2].text == f"2 {'x' * 47}\u2026  25.0%"
+    shown = _preview(tmp_path, ["background", "a\nb\nc", "x" * 200_000, "road"], "odd")
+    assert shown.shape[1] < 2_000, shown.shape

@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 import ray
 
 from .. import faults
-from ..storage import Location
+from ..errors import JobError
+from ..storage import Location, storage_error
 from .commit import parquet_bytes, parquet_options
 from .layout import OutputLayout
 from .tables import INDEX, LABELS_SCHEMA, RESULT_SCHEMA, split_results
@@ -68,7 +69,13 @@ class FilesetGrouper:
         rows = pa.concat_tables(self.pending).combine_chunks()
         self.pending, self.pending_images = [], 0
         task = _MERGE.options(num_cpus=self.num_cpus, runtime_env=faults.runtime_env())
-        return [ray.get(task.remote(rows, settings=self.settings))]
+        try:
+            return [ray.get(task.remote(rows, settings=self.settings))]
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:  # its retries spent too
+            images = int(pc.sum(rows["labeled"]).as_py() or 0) + int(pc.sum(rows["errors"]).as_py() or 0)
+            raise JobError(f"the task that writes the file set of {images:,} images died {_MERGE_RETRIES + 1} times "
+                           f"({type(e).__name__}: out of memory, or a node lost each time?); nothing of it was "
+                           "committed, and the next run labels those images again") from None
 
 
 def merge_staged(batch: pa.Table, *, settings: OutputSettings) -> pa.Table:
@@ -163,8 +170,17 @@ class _LabelsFiles:
     def _write_row_group(self) -> None:
         if not self._buffer:
             return
+        try:
+            self._write_buffer()
+        except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types: named with the file's URI
+            raise storage_error(self.settings.output.child(self._src()).uri, e) from None
+
+    def _src(self) -> str:
+        return OutputLayout.staged_file(self.group, f"labels-{len(self.files):04d}")
+
+    def _write_buffer(self) -> None:
         if self._open is None:
-            src = OutputLayout.staged_file(self.group, f"labels-{len(self.files):04d}")
+            src = self._src()
             context = self.settings.output.child(src).open_write()
             f = context.__enter__()
             self._open = (context, f, pq.ParquetWriter(f, LABELS_SCHEMA, **parquet_options(LABELS_SCHEMA)), src)
@@ -176,8 +192,12 @@ class _LabelsFiles:
         if self._open is None:
             return
         context, _, writer, src = self._open
-        writer.close()
-        context.__exit__(None, None, None)
+        try:
+            writer.close()
+            context.__exit__(None, None, None)
+        except Exception as e:  # noqa: BLE001 - as in _write_row_group; what it left is in staging, never committed
+            self._open = None
+            raise storage_error(self.settings.output.child(src).uri, e) from None
         self._open = None
         k = len(self.files)
         self.files.append({"table": "labels", "src": src, "rows": self._rows,
@@ -221,4 +241,5 @@ def _combine(column: pa.ChunkedArray):
     raise TypeError(f"cannot combine a staged-set column of type {t}")
 
 
-_MERGE = ray.remote(max_retries=3)(merge_staged)  # a worker that dies mid-merge: the merge runs again, new group name
+_MERGE_RETRIES = 3
+_MERGE = ray.remote(max_retries=_MERGE_RETRIES)(merge_staged)  # a worker that dies mid-merge: it runs again, new group name

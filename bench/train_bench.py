@@ -34,6 +34,7 @@ from torch import nn  # noqa: E402
 from models import TORCHVISION, build_model  # noqa: E402
 from pipeline.batching import to_input  # noqa: E402
 from pipeline.dataset_formats import list_samples  # noqa: E402
+from pipeline.storage import Location  # noqa: E402
 from pipeline.synthetic import synthesize_voc  # noqa: E402
 from pipeline.train.config import COMPILE_MODES, TrainConfig  # noqa: E402
 from pipeline.train.inputs import load_pair  # noqa: E402
@@ -158,7 +159,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     data = os.path.join(tempfile.mkdtemp(prefix="trainbench-data"), "syn")
     synthesize_voc(data, args.images + 8, size=(160, 120), seed=0, val_fraction=8 / (args.images + 8))
-    samples = list_samples(data, "train")
+    samples = list_samples(Location.of(data), "train")
     t0 = time.perf_counter()
     plain = plain_loop(samples, args)
     plain_wall = time.perf_counter() - t0

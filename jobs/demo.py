@@ -19,6 +19,7 @@ import time  # noqa: E402
 
 from pipeline.cli import JobArgumentParser, parse_size, print_summary, run_job  # noqa: E402
 from pipeline.errors import check_number  # noqa: E402
+from pipeline.storage import Location, dirname  # noqa: E402
 
 DEMO_BUCKET = "fcn-demo"
 
@@ -52,16 +53,16 @@ def s3_base() -> str:
     return f"s3://{DEMO_BUCKET}/demo"
 
 
-def synthesize(data: str, count: int, size: tuple[int, int]) -> list[str]:
+def synthesize(data: Location, count: int, size: tuple[int, int]) -> list[str]:
     """The synthetic dataset (written once); returns its class names."""
     from pipeline.dataset_formats import read_class_names
     from pipeline.synthetic import synthesize_voc
 
     if read_class_names(data) is None:
-        print(f"[demo] writing {count} synthetic images to {data}", flush=True)
+        print(f"[demo] writing {count} synthetic images to {data.uri}", flush=True)
         synthesize_voc(data, count, size=size, seed=0)
     else:
-        print(f"[demo] reusing the synthetic dataset at {data}", flush=True)
+        print(f"[demo] reusing the synthetic dataset at {data.uri}", flush=True)
     return read_class_names(data)
 
 
@@ -77,22 +78,21 @@ def train(data: str, runs: str, classes: list[str], size: tuple[int, int], epoch
     return run_training(cfg)
 
 
-def stage_images(data: str, images: str) -> None:
+def stage_images(data: Location, images: Location) -> None:
     """The folder to label: 16 validation images, the sample photos and one truncated JPEG. Files are written
     once, so a rerun sees the same versions and skips them."""
-    from pipeline import storage
     from pipeline.testbed import sample_photo_paths
 
-    val_ids = storage.read_text(storage.join(data, "ImageSets", "Segmentation", "val.txt")).split()[:16]
-    wanted = {storage.join(images, "synthetic", f"{i}.jpg"): storage.join(data, "JPEGImages", f"{i}.jpg") for i in val_ids}
-    wanted.update({storage.join(images, "photos", os.path.basename(p)): p for p in sample_photo_paths()})
-    for dst, src in wanted.items():
-        if not storage.exists(dst):
-            storage.write_bytes(dst, storage.read_bytes(src))
-    broken = storage.join(images, "broken", "truncated.jpg")
-    if not storage.exists(broken):
-        jpeg = storage.read_bytes(wanted[storage.join(images, "synthetic", f"{val_ids[0]}.jpg")])
-        storage.write_bytes(broken, jpeg[: len(jpeg) // 3])
+    val_ids = data.child("ImageSets", "Segmentation", "val.txt").read_text().split()[:16]
+    wanted = [(images.child("synthetic", f"{i}.jpg"), data.child("JPEGImages", f"{i}.jpg")) for i in val_ids]
+    wanted += [(images.child("photos", os.path.basename(p)), Location.of(p)) for p in sample_photo_paths()]
+    for dst, src in wanted:
+        if not dst.exists():
+            dst.write_bytes(src.read_bytes())
+    broken = images.child("broken", "truncated.jpg")
+    if not broken.exists():
+        jpeg = data.child("JPEGImages", f"{val_ids[0]}.jpg").read_bytes()
+        broken.write_bytes(jpeg[: len(jpeg) // 3])
 
 
 def label(images: str, checkpoint: str, out: str, previews: int) -> dict:
@@ -120,17 +120,14 @@ def query(out: str, run_date: str, run_id: str) -> tuple[list[tuple], list[tuple
     return coverage, errors
 
 
-def newest_previews(out: str, workdir: str) -> str:
+def newest_previews(out: Location, workdir: str) -> str:
     """The newest run's overlay folder (a rerun labels nothing new); from S3 it is brought home to `workdir`."""
-    from pipeline import storage
-
-    root = storage.join(out, "previews")
-    pngs = storage.list_files(root, (".png",)) if storage.exists(root) else []
-    folder = max((storage.dirname(f.uri) for f in pngs), default=root)
-    if storage.is_remote(out) and pngs:  # bring the pictures home so a person can open them
+    root = out.child("previews")
+    pngs = root.list_files((".png",)) if root.exists() else []
+    folder = max((dirname(f.uri) for f in pngs), default=root.uri)
+    if not out.is_local and pngs:  # bring the pictures home so a person can open them
         local = os.path.join(workdir, "previews", os.path.basename(folder))
-        fs, path = storage.filesystem(folder)
-        fs.get(path.rstrip("/") + "/", local + "/", recursive=True)
+        out.fs.get(out.path_of(folder).rstrip("/") + "/", local + "/", recursive=True)
         folder = local
     return folder
 
@@ -162,33 +159,32 @@ def main(argv: list[str] | None = None) -> int:
     # Workers' progress bars would bury the demo's own lines; the jobs themselves keep theirs.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-    from pipeline import storage
     from pipeline.ray_setup import init_ray
 
     cores = os.cpu_count() or 2
     init_ray(num_cpus=cores)
-    data, runs = storage.join(base, "data"), storage.join(base, "runs")
-    images, out = storage.join(base, "images"), storage.join(base, "labels")
+    root = Location.of(base)
+    data, runs, images, out = (root.child(name) for name in ("data", "runs", "images", "labels"))
 
     classes = synthesize(data, args.count, args.size)
-    trained = train(data, runs, classes, args.size, args.epochs, cores)
+    trained = train(data.uri, runs.uri, classes, args.size, args.epochs, cores)
     stage_images(data, images)
-    labeled = label(images, trained["best_checkpoint"], out, args.previews)
-    coverage, errors = query(out, labeled["run_date"], labeled["run_id"])
+    labeled = label(images.uri, trained["best_checkpoint"], out.uri, args.previews)
+    coverage, errors = query(out.uri, labeled["run_date"], labeled["run_id"])
     previews = newest_previews(out, workdir)
-    run = storage.join(runs, "demo")
-    curves = storage.join(run, "curves.png")
+    run = runs.child("demo")
+    curves = run.child("curves.png").uri
     if args.s3:  # a local copy to open
         curves = os.path.join(workdir, "curves.png")
-        storage.write_bytes(curves, storage.read_bytes(storage.join(run, "curves.png")))
-    report(trained, coverage, errors, {"dataset": data, "checkpoints": run, "labels (Parquet)": out,
-                                       "metrics (one line per epoch)": storage.join(run, "metrics.jsonl"),
-                                       "curves": curves,
-                                       "TensorBoard": f"tensorboard --logdir {storage.join(run, 'tensorboard')}",
+        Location.of(curves).write_bytes(run.child("curves.png").read_bytes())
+    tensorboard = run.child("tensorboard").uri
+    report(trained, coverage, errors, {"dataset": data.uri, "checkpoints": run.uri, "labels (Parquet)": out.uri,
+                                       "metrics (one line per epoch)": run.child("metrics.jsonl").uri,
+                                       "curves": curves, "TensorBoard": f"tensorboard --logdir {tensorboard}",
                                        "previews": previews})
     print_summary({"demo": "s3" if args.s3 else "local", "base": base, "train": {k: trained[k] for k in (
         "best_mean_iou", "best_checkpoint", "epochs")}, "label": labeled, "coverage_rows": len(coverage),
-        "error_rows": len(errors), "curves": curves, "tensorboard": storage.join(run, "tensorboard"),
+        "error_rows": len(errors), "curves": curves, "tensorboard": tensorboard,
         "previews": previews, "seconds": round(time.perf_counter() - started, 1)})
     return 0
 

@@ -15,7 +15,7 @@ import argparse  # noqa: E402
 
 from pipeline.amp import AMP_CHOICES  # noqa: E402
 from pipeline.cli import JobArgumentParser, path_arg, print_summary, run_job  # noqa: E402
-from pipeline.errors import JobError, check_name, check_number  # noqa: E402
+from pipeline.errors import CPU_QUANTUM, JobError, check_name, check_number  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Flag values alone, before any I/O or cluster work (UsageError, one line)."""
     check_number("--actors", args.actors, at_least=1)
-    check_number("--cpus-per-actor", args.cpus_per_actor, above=0.0)
+    check_number("--cpus-per-actor", args.cpus_per_actor, at_least=CPU_QUANTUM)
     check_name("--split", args.split, "split name")  # ImageSets/Segmentation/<split>.txt under --data
 
 
@@ -65,13 +65,12 @@ def check_dropped(bad: list[dict], evaluated: int, split: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    from pipeline.storage import Location
     from pipeline.train.evaluation import evaluate_checkpoint
 
     if args.report:
-        from pipeline.storage import check_writable
-
-        check_writable(args.report)  # before any cluster work
-    summary = evaluate_checkpoint(args.data, args.checkpoint, split=args.split, actors=args.actors,
+        Location.writable(args.report)  # before any cluster work
+    summary = evaluate_checkpoint(Location.of(args.data), args.checkpoint, split=args.split, actors=args.actors,
                                   cpus_per_actor=args.cpus_per_actor, use_gpu=args.use_gpu,
                                   amp=args.amp if args.use_gpu else "off")
     check_dropped(summary["bad_samples"], summary["images"], args.split)

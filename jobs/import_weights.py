@@ -42,12 +42,12 @@ def read_classes(spec: str) -> list[str]:
     from models import VOC_CLASSES
     from pipeline.dataset_formats import parse_class_names
     from pipeline.errors import JobError
-    from pipeline.storage import read_bytes
+    from pipeline.storage import Location
 
     if spec == "voc":
         return list(VOC_CLASSES)
     try:
-        data = read_bytes(spec)
+        data = Location.of(spec).read_bytes()
     except FileNotFoundError:
         raise JobError(f"--classes {spec}: no such file (give voc or a file with one class name per line)") from None
     return parse_class_names(data, f"--classes {spec}")
@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from models import CAFFE, TORCHVISION, save_checkpoint
     from models.reference_weights import model_from_reference, read_state_dict
-    from pipeline.storage import check_writable, dirname, redact
+    from pipeline.storage import Location, dirname, redact
 
     class_names = read_classes(args.classes)
-    check_writable(dirname(args.output))  # the folder the checkpoint goes to, before reading 500 MB
+    Location.writable(dirname(args.output))  # the folder the checkpoint goes to, before reading 500 MB
     state, md5 = read_state_dict(args.source)
     model = model_from_reference(state, args.model, len(class_names), uri=args.source)
     convention = CAFFE if args.convention == "caffe" else TORCHVISION

@@ -120,11 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
-    if args["max_side"] == 0:
-        args["max_side"] = None  # the flag's "never shrink"
+    config = LabelConfig(**{**args, "max_side": args["max_side"] or None})  # --max-side 0: never shrink
     from pipeline.label.job import label_images
 
-    print_summary(label_images(LabelConfig(**args)))
+    print_summary(label_images(config))
     return 0
 
 

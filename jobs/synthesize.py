@@ -15,7 +15,7 @@ import argparse  # noqa: E402
 
 from pipeline.cli import JobArgumentParser, parse_size, path_arg, print_summary, run_job  # noqa: E402
 from pipeline.errors import check_number  # noqa: E402
-from pipeline.storage import check_writable  # noqa: E402
+from pipeline.storage import Location  # noqa: E402
 from pipeline.synthetic import SYNTHETIC_CLASSES, synthesize_voc  # noqa: E402
 
 
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     check_number("--count", args.count, at_least=1)
     check_number("--val-fraction", args.val_fraction, at_least=0.0, below=1.0)
     check_number("--seed", args.seed, at_least=0)
-    check_writable(args.output)
-    summary = synthesize_voc(args.output, args.count, size=args.size, seed=args.seed, val_fraction=args.val_fraction)
+    output = Location.writable(args.output)
+    summary = synthesize_voc(output, args.count, size=args.size, seed=args.seed, val_fraction=args.val_fraction)
     print_summary(summary)
     return 0
 

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=d.dropout, help="fc6/fc7 dropout probability")
     g.add_argument("--learn-upsampling", action="store_true", default=d.learn_upsampling,
                    help="train the upsampling layers (the paper's learned variant); by default they stay at the "
-                        "bilinear kernel, as the reference trains (see README 'Training')")
+                        "bilinear kernel, as the reference trains (see docs/training.md, 'Frozen upsampling')")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs, help="total epochs of the run")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per worker per step")
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", default=d.amp, choices=AMP_CHOICES, help="mixed precision on GPU (CPU: always fp32)")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="N",
                    help="sum the gradients of N batches before one all-reduce and optimizer step (an effective "
-                        "batch of N x --batch-size x --num-workers; see README 'Scaling')")
+                        "batch of N x --batch-size x --num-workers; see docs/operations.md, 'Scaling')")
     g.add_argument("--grad-compression", default=d.grad_compression, choices=GRAD_COMPRESSIONS,
                    help="all-reduce gradients in this dtype across workers (bf16 halves the bytes)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed of the initialisation")
@@ -107,9 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
-    cfg = TrainConfig(**args)
-    if cfg.amp != "off" and not cfg.use_gpu:
-        cfg.amp = "off"  # CPU workers train in fp32
+    cfg = TrainConfig(**{**args, "amp": args["amp"] if args["use_gpu"] else "off"})  # CPU workers train in fp32
     from pipeline.train.run import run_training
 
     print_summary(run_training(cfg))

@@ -10,11 +10,12 @@ import importlib
 _EXPORTS = {
     "build": ["ARCHITECTURES", "ModelConfig", "build_model"],
     "checkpoint": ["Checkpoint", "CheckpointError", "build_from_state", "checkpoint_bytes", "init_from_checkpoint",
-                   "load_checkpoint", "load_checkpoint_bytes", "read_checkpoint_payload", "save_checkpoint"],
+                   "from_shippable", "load_checkpoint", "load_checkpoint_bytes", "read_checkpoint_payload", "save_checkpoint",
+                   "shippable"],
     "convention": ["CAFFE", "TORCHVISION", "InputConvention"],
     "layers": ["PADDINGS", "ModelConfigError", "is_bilinear", "upsamplers"],
     "surgery": ["BackboneError", "init_backbone", "init_from_stage", "vgg16_to_fcn"],
-    "voc": ["VOC_CLASSES", "VOID_LABEL", "flat_palette", "voc_palette"],
+    "voc": ["MAX_CLASSES", "VOC_CLASSES", "VOID_LABEL", "flat_palette", "voc_palette"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_MODULE_OF)

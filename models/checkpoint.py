@@ -3,6 +3,9 @@
 A checkpoint is a `torch.save`d dict of plain types and tensors only, so `torch.load(weights_only=True)`
 reads it. Keys: format, version, config (ModelConfig), class_names, input (InputConvention), metadata
 (JSON text: epoch, metrics, ...), state_dict.
+
+A loaded checkpoint travels between processes as `shippable` makes it (plain types and numpy arrays, which
+Ray's object store holds zero-copy) and is rebuilt by `from_shippable`.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -202,3 +206,20 @@ def init_from_checkpoint(model: nn.Module, uri: str) -> list[str]:
         return init_from_stage(model, payload["state_dict"])
     except ValueError as e:
         raise CheckpointError(f"checkpoint {uri}: {e}") from None
+
+
+def shippable(ck: Checkpoint) -> dict:
+    """A loaded checkpoint as plain types and numpy arrays: Ray's object store holds the arrays zero-copy,
+    so inference actors get the weights without re-reading, re-hashing or unpickling the file."""
+    return {"config": ck.config.to_dict(), "class_names": list(ck.class_names), "input": ck.convention.to_dict(),
+            "model_id": ck.model_id, "uri": ck.uri,
+            "state": {k: v.detach().cpu().numpy() for k, v in ck.model.state_dict().items()}}
+
+
+def from_shippable(d: dict, map_location: str = "cpu") -> Checkpoint:
+    """The inverse of `shippable` (weights copied out of the read-only shared memory)."""
+    config = ModelConfig(**d["config"])
+    state = {k: torch.from_numpy(np.array(v)) for k, v in d["state"].items()}
+    model = build_from_state(config, state, d["uri"]).to(map_location).eval()
+    return Checkpoint(model, config, list(d["class_names"]), InputConvention.from_dict(d["input"]), {},
+                      d["model_id"], d["uri"])

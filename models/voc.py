@@ -1,4 +1,4 @@
-"""PASCAL VOC class names and colour palette: the one place they are defined."""
+"""PASCAL VOC class names and colour palette, and the bounds of a uint8 class id: the one place they are defined."""
 from __future__ import annotations
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -7,9 +7,11 @@ VOC_CLASSES: tuple[str, ...] = (
     "tvmonitor",
 )
 VOID_LABEL = 255
+# Label maps and masks hold class ids as uint8 (255 = void in masks): at most 256 classes, for training and labeling.
+MAX_CLASSES = 256
 
 
-def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
+def voc_palette(n: int = MAX_CLASSES) -> list[tuple[int, int, int]]:
     """The VOC colour map (bit-interleaved class id), as used by VOC's SegmentationClass PNGs.
 
     Entry 255 (void) is (224, 224, 192), as in the dataset.
@@ -29,4 +31,4 @@ def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
 
 def flat_palette() -> list[int]:
     """Palette as the flat 768-int list Pillow's `Image.putpalette` takes."""
-    return [v for rgb in voc_palette(256) for v in rgb]
+    return [v for rgb in voc_palette(MAX_CLASSES) for v in rgb]

@@ -1,7 +1,7 @@
 """Dataset formats: VOC layout, image/mask manifests (CSV or Parquet), and image collections to label.
 
-Listing happens on the driver and yields URIs (training) or FileInfo rows (labeling); pixels are read and
-decoded by Ray Data.
+Each takes the dataset as a `Location`, resolved once by the job. Listing happens on the driver and yields URIs
+(training) or FileInfo rows (labeling); pixels are read and decoded by Ray Data.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from .decode import IMAGE_EXTENSIONS
 from .errors import JobError
-from .storage import FileInfo, Location, StorageError, check_exists, dirname, join, local_version, normalize, read_bytes
+from .storage import FileInfo, Location, StorageError, local_version, normalize
 
 log = logging.getLogger(__name__)
 
@@ -27,68 +27,68 @@ class DatasetError(JobError, ValueError):
     """A dataset is missing, empty or malformed; the message names the URI (one error: line in a job)."""
 
 
-def detect_format(uri: str) -> str:
+def detect_format(data: Location) -> str:
     """'manifest' for a .csv/.parquet file, otherwise 'voc' (a directory or prefix in VOC layout)."""
-    return "manifest" if normalize(uri).lower().endswith(MANIFEST_SUFFIXES) else "voc"
+    return "manifest" if data.uri.lower().endswith(MANIFEST_SUFFIXES) else "voc"
 
 
-def list_samples(uri: str, split: str) -> list[dict[str, str]]:
+def list_samples(data: Location, split: str) -> list[dict[str, str]]:
     """[{"image": uri, "mask": uri}, ...] for one split of a VOC directory or a manifest, in file order."""
-    uri = normalize(uri)
-    samples = list_manifest(uri, split) if detect_format(uri) == "manifest" else list_voc(uri, split)
+    samples = list_manifest(data, split) if detect_format(data) == "manifest" else list_voc(data, split)
     if not samples:
-        raise DatasetError(f"split {split!r} of {uri} has no samples")
+        raise DatasetError(f"split {split!r} of {data.uri} has no samples")
     return samples
 
 
-def list_voc(root: str, split: str) -> list[dict[str, str]]:
+def list_voc(root: Location, split: str) -> list[dict[str, str]]:
     """Samples named in ImageSets/Segmentation/<split>.txt: JPEGImages/<id>.jpg + SegmentationClass/<id>.png."""
-    check_exists(root, "dataset")
-    split_file = join(root, VOC_SPLITS_DIR, f"{split}.txt")
+    root.check_exists("dataset")
+    split_file = root.child(VOC_SPLITS_DIR, f"{split}.txt")
     try:
-        text = read_bytes(split_file).decode("utf-8")
+        text = split_file.read_text()
     except FileNotFoundError:
-        raise DatasetError(f"no split file {split_file} (VOC layout expects {VOC_SPLITS_DIR}/{split}.txt)") from None
+        raise DatasetError(f"no split file {split_file.uri} (VOC layout expects {VOC_SPLITS_DIR}/{split}.txt)") from None
     ids = [line.strip() for line in text.splitlines() if line.strip()]
-    return [{"image": join(root, "JPEGImages", f"{i}.jpg"), "mask": join(root, "SegmentationClass", f"{i}.png")}
+    return [{"image": root.child("JPEGImages", f"{i}.jpg").uri, "mask": root.child("SegmentationClass", f"{i}.png").uri}
             for i in ids]
 
 
-def _resolve(base_dir: str, ref: str) -> str:
+def _resolve(base: Location, ref: str) -> str:
     ref = str(ref).strip()
     if "://" in ref or ref.startswith("/"):
         return normalize(ref)
-    return join(base_dir, ref)
+    return base.child(ref).uri
 
 
-def read_manifest(uri: str) -> pa.Table:
-    check_exists(uri, "manifest")
-    data = read_bytes(uri)
+def read_manifest(manifest: Location) -> pa.Table:
+    manifest.check_exists("manifest")
+    data = manifest.read_bytes()
     try:
-        if uri.lower().endswith(".csv"):
+        if manifest.uri.lower().endswith(".csv"):
             return pacsv.read_csv(io.BytesIO(data))
         return pq.read_table(io.BytesIO(data))
     except (pa.ArrowInvalid, OSError) as e:
-        raise DatasetError(f"manifest {uri} cannot be parsed: {str(e).splitlines()[0]}") from None
+        raise DatasetError(f"manifest {manifest.uri} cannot be parsed: {str(e).splitlines()[0]}") from None
 
 
-def list_manifest(uri: str, split: str) -> list[dict[str, str]]:
+def list_manifest(manifest: Location, split: str) -> list[dict[str, str]]:
     """Rows of a manifest with `image` and `mask` columns (relative URIs are relative to the manifest).
 
     With a `split` column only that split's rows are used; without one, every row belongs to every split.
     """
-    table = read_manifest(uri)
+    table = read_manifest(manifest)
     missing = {"image", "mask"} - set(table.column_names)
     if missing:
-        raise DatasetError(f"manifest {uri} lacks column(s) {', '.join(sorted(missing))} (has {', '.join(table.column_names)})")
+        raise DatasetError(f"manifest {manifest.uri} lacks column(s) {', '.join(sorted(missing))} (has "
+                           f"{', '.join(table.column_names)})")
     images = table.column("image").to_pylist()
     masks = table.column("mask").to_pylist()
     if "split" in table.column_names:
         splits = [str(s) for s in table.column("split").to_pylist()]
     else:
-        log.warning("manifest %s has no split column: all rows are used for split %r", uri, split)
+        log.warning("manifest %s has no split column: all rows are used for split %r", manifest.uri, split)
         splits = [split] * len(images)
-    base = dirname(uri)
+    base = manifest.parent
     return [{"image": _resolve(base, i), "mask": _resolve(base, m)}
             for i, m, s in zip(images, masks, splits, strict=True) if s == split and i and m]
 
@@ -118,26 +118,29 @@ def parse_class_names(data: bytes, where: str) -> list[str]:
     return list(first_line)
 
 
-def read_class_names(uri: str) -> list[str] | None:
+def classes_file(data: Location) -> Location:
+    """`classes.txt` beside the dataset: in a VOC root, or in the folder of a manifest."""
+    return (data.parent if detect_format(data) == "manifest" else data).child("classes.txt")
+
+
+def read_class_names(data: Location) -> list[str] | None:
     """Class names from `classes.txt` beside the dataset (one per line, line N = class id N-1), if present;
     DatasetError naming the line for a blank or repeated one."""
-    uri = normalize(uri)
-    base = dirname(uri) if detect_format(uri) == "manifest" else uri
-    path = join(base, "classes.txt")
+    classes = classes_file(data)
     try:
-        data = read_bytes(path)
+        raw = classes.read_bytes()
     except (FileNotFoundError, StorageError):
         return None
-    return parse_class_names(data, path)
+    return parse_class_names(raw, classes.uri)
 
 
-def check_checkpoint_classes(data: str, checkpoint: str, class_names: list[str]) -> None:
+def check_checkpoint_classes(data: Location, checkpoint: str, class_names: list[str]) -> None:
     """A checkpoint evaluated on a dataset must predict the classes its classes.txt names, id for id (otherwise
     masks would be read with another meaning, or dropped as out of range); raise DatasetError naming both."""
     names = read_class_names(data)
     if names is None:
         return
-    where = f"{dirname(normalize(data)) if detect_format(data) == 'manifest' else normalize(data)}/classes.txt"
+    where = classes_file(data).uri
     if len(names) != len(class_names):
         raise DatasetError(f"checkpoint {checkpoint} predicts {len(class_names)} classes, but {where} names "
                            f"{len(names)} classes ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}): evaluate it "

@@ -4,8 +4,8 @@
         ...  # nobody else holds `folder` meanwhile; lease.lost says why if it was lost
 
 The lease is `<folder>/_lease.json`:
-- created exclusively: locally a hard link of a complete temporary file (`O_EXCL` where the filesystem has no
-  hard links), on S3 a conditional PUT (`If-None-Match: *`);
+- created exclusively (`Location.create_exclusive`): locally a hard link of a complete temporary file (`O_EXCL`
+  where the filesystem has no hard links), on S3 a conditional PUT (`If-None-Match: *`);
 - renewed every `ttl_s / 4` seconds by a thread, on S3 with a conditional PUT on its ETag, so a renewal never
   overwrites a lease another run took meanwhile; its modification time is the heartbeat;
 - taken over when its heartbeat is older than `ttl_s`, or at once when its holder's process is gone from this
@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from typing import Callable, NamedTuple
 
 from .errors import JobError
-from .storage import Location, StorageError, storage_error
+from .storage import Location, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class Lease:
 
     def _check_folder(self) -> None:
         """Raise StorageError when the lease vanished with its bucket (deleted under the run), not by a takeover."""
-        self.location._check_bucket()
+        self.location.check_bucket()
 
     def check(self) -> None:
         """Raise JobError unless the lease is surely still ours: not lost, and renewed within the last 3/4 of its
@@ -239,31 +239,9 @@ def _holder_died(record: dict) -> bool:
 def _create_exclusive(location: Location, data: bytes) -> tuple[bool, str | None]:
     """Create the file with `data` unless it exists: (created, ETag on S3)."""
     try:
-        if not location.is_local:
-            location.fs.pipe_file(location.path, data, mode="create")  # If-None-Match: *
-            location.fs.invalidate_cache()
-            return True, location.fs.info(location.path).get("ETag")
-        os.makedirs(os.path.dirname(location.path), exist_ok=True)
-        tmp = f"{location.path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, location.path)  # fails if the name exists; readers never see a partial file
-        except OSError as e:
-            if isinstance(e, FileExistsError):
-                raise
-            fd = os.open(location.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # no hard links on this filesystem
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        finally:
-            os.unlink(tmp)
-        return True, None
+        return True, location.create_exclusive(data)
     except FileExistsError:
         return False, None
-    except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types: named with the lease's URI
-        raise storage_error(location.uri, e) from None
 
 
 class _Found(NamedTuple):

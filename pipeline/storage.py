@@ -1,13 +1,14 @@
 """Storage: local paths, file:// and s3:// URIs through fsspec, with one-line errors that name the URI.
 
-A `Location` is a root resolved once (its filesystem and the path inside it): a job resolves its inputs and
-outputs when it starts and passes the locations down; children share the parent's filesystem, and every
-listed file is opened through the filesystem that listed it. The module-level functions (`read_bytes(uri)`,
-...) are the same operations for one-off URIs.
+A `Location` is a root resolved once (its filesystem and the path inside it): both jobs resolve their inputs and
+outputs when they start and pass the locations down; children share the parent's filesystem, and every listed
+file is opened through the filesystem that listed it. A Location owns the writes that never show a partial file:
+atomic replace (`write_bytes`, `open_write`), create-exclusive (`create_exclusive`: the leases) and
+publish-without-replace (`publish_to`: the labeling commit), built on `models.storage_io`'s one fsynced writer.
 
 S3 credentials and endpoint come from the standard AWS configuration (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID,
-AWS_PROFILE, ~/.aws/config, ...), so MinIO and other S3-compatible stores need no code changes. Messages never
-contain credentials: every error text goes through `redact`.
+AWS_PROFILE, ~/.aws/config, ...), so MinIO and other S3-compatible stores need no code changes. Errors are
+pipeline.storage_errors' (StorageError, storage_error, redact: importable from here); they never hold credentials.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import contextlib
 import errno
 import os
 import posixpath
-import re
 import shutil
 import stat
 import uuid
@@ -24,9 +24,10 @@ from typing import BinaryIO, Iterator
 
 import fsspec
 
-from models.storage_io import is_local, open_atomic, read_all, resolve, write_atomic
+from models.storage_io import is_local, local_staged, open_atomic, read_all, resolve, write_atomic
 
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+from .storage_errors import StorageError, describe, no_space, redact, storage_error
+
 # Fail fast on an unreachable endpoint instead of botocore's long default retry ladder.
 S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60}
 S3_RETRIES = {"max_attempts": 3, "mode": "standard"}  # unless the operator sets AWS_MAX_ATTEMPTS / AWS_RETRY_MODE
@@ -39,34 +40,8 @@ def _s3_config() -> dict:
     return {**S3_CONFIG, "retries": S3_RETRIES}
 
 
-class StorageError(RuntimeError):
-    """A path or bucket cannot be used: unreachable endpoint, missing bucket or prefix, not writable."""
-
-
 class UnreadableFile(OSError):
     """A listed entry that must not be read: not a regular file, or over the byte limit (the message says)."""
-
-
-# Query parameters that carry credentials: presigned S3/GCS URLs (X-Amz-Signature, X-Amz-Security-Token,
-# X-Amz-Credential, X-Goog-*), Azure SAS (sig), API keys and passwords.
-_SECRET_PARAMS = re.compile(r"(?i)((?:[\w-]*(?:secret|token|signature|credential|password|passwd|api[_-]?key))|(?<![\w-])sig)"
-                            r"=[^&\s'\"]+")
-_URL_PASSWORD = re.compile(r"(://[^/\s:@'\"]+):[^/\s@'\"]+@")
-
-
-def redact(text: str) -> str:
-    """Remove credential values (from the environment), URL passwords and credential query parameters."""
-    for name in _SECRET_ENV:
-        value = os.environ.get(name)
-        if value and len(value) >= 16:  # real keys are long; a short value ("test") would mangle plain words
-            text = text.replace(value, "***")
-    text = _URL_PASSWORD.sub(r"\1:***@", text)
-    return _SECRET_PARAMS.sub(r"\1=***", text)
-
-
-def redact_strings(values: dict) -> dict:
-    """`values` with every string value redacted (a config about to be persisted: its URIs may be presigned)."""
-    return {k: redact(v) if isinstance(v, str) else v for k, v in values.items()}
 
 
 def normalize(uri: str) -> str:
@@ -91,37 +66,6 @@ def join(base: str, *parts: str) -> str:
 
 def dirname(uri: str) -> str:
     return posixpath.dirname(uri) if is_remote(uri) else os.path.dirname(uri)
-
-
-# A full disk or an exceeded quota: expected failures of any write, said in one line naming the path.
-_NO_SPACE = {errno.ENOSPC: "no space left on the device that holds {uri} (the disk is full)",
-             errno.EDQUOT: "disk quota exceeded writing {uri}"}
-
-
-def no_space(e: BaseException) -> bool:
-    """The error of a write to a full disk (ENOSPC) or over a quota (EDQUOT)."""
-    return isinstance(e, OSError) and e.errno in _NO_SPACE
-
-
-def _describe(uri: str, e: BaseException) -> str:
-    name = type(e).__name__
-    text = str(e)
-    if no_space(e):
-        return _NO_SPACE[e.errno].format(uri=uri) + ": free space, then rerun the same command"
-    if "Could not connect" in text or "EndpointConnectionError" in name or "ConnectTimeout" in name \
-            or "Connect timeout" in text or isinstance(e, ConnectionError):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
-        return f"cannot reach the storage endpoint ({endpoint}) for {uri}"
-    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
-        return f"bucket does not exist: {uri}"
-    if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
-        return f"access denied to {uri} (check the AWS credentials/profile)"
-    return f"cannot access {uri}: {name}: {text}"
-
-
-def storage_error(uri: str, e: BaseException) -> StorageError:
-    """A StorageError with one redacted line describing what went wrong with `uri`."""
-    return StorageError(redact(_describe(uri, e)).splitlines()[0])
 
 
 @dataclass(frozen=True)
@@ -156,9 +100,20 @@ class Location:
             raise storage_error(uri, e) from None
         return cls(uri, fs, path)
 
+    @classmethod
+    def of_listed(cls, uri: str, listed_by: Location | None) -> Location:
+        """A listed file: on the filesystem of the listing that gave the URI (`listed_by`; the URI is never parsed
+        again) or, for a manifest's rows (None), on the one the URI names."""
+        return cls(uri, listed_by.fs, listed_by.path_of(uri)) if listed_by else cls.of(uri)
+
     def child(self, *parts: str) -> Location:
         """A location under this one, on the same filesystem (nothing is resolved again)."""
         return Location(join(self.uri, *parts), self.fs, posixpath.join(self.path, *parts))
+
+    @property
+    def parent(self) -> Location:
+        """The folder or prefix that holds this location, on the same filesystem."""
+        return Location(dirname(self.uri), self.fs, posixpath.dirname(self.path))
 
     @property
     def is_local(self) -> bool:
@@ -195,11 +150,50 @@ class Location:
             raise storage_error(self.uri, e) from None
 
     @contextlib.contextmanager
-    def open_write(self) -> Iterator[BinaryIO]:
+    def open_write(self, staging: Location | None = None) -> Iterator[BinaryIO]:
         """`write_bytes` in pieces (a file too large to hold in memory): the object appears complete at the end
-        of the block, or not at all when it raises (the filesystem's own errors, unnamed: use it in workers)."""
-        with open_atomic(self.fs, self.path) as f:
+        of the block, or not at all when it raises (the filesystem's own errors, unnamed: use it in workers).
+        Locally its temporary file lies in `staging` (a folder of this filesystem), by default beside it."""
+        with open_atomic(self.fs, self.path, staging.path if staging else None) as f:
             yield f
+
+    def create_exclusive(self, data: bytes) -> str | None:
+        """Create this file with `data` unless it exists (FileExistsError), never showing it partial: locally a
+        hard link of a complete temporary file (`O_EXCL` where the filesystem has no hard links), on S3 a
+        conditional PUT (`If-None-Match: *`). Returns the new object's ETag on S3, None locally."""
+        try:
+            if not self.is_local:
+                self.fs.pipe_file(self.path, data, mode="create")
+                self.fs.invalidate_cache()
+                return self.fs.info(self.path).get("ETag")
+            with local_staged(self.path, _link_new, shared=True) as f:  # other users' runs read a lease
+                f.write(data)
+            return None
+        except FileExistsError:
+            raise
+        except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types: named with the URI
+            raise storage_error(self.uri, e) from None
+
+    def publish_to(self, dst: Location) -> None:
+        """Move this file to `dst` (same filesystem) without ever replacing a file there: it appears complete
+        under its new name (locally a hard link, then this name is unlinked, or where links are unsupported a
+        rename after a check, for a single writer; on S3 a server-side copy, then a delete). A `dst` that exists
+        already is this same file, published before a crash: it is kept, and this one is dropped."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(dst.path), exist_ok=True)
+            try:
+                os.link(self.path, dst.path)
+            except FileExistsError:
+                pass
+            except OSError:  # no hard links here (some network filesystems): single writer, guarded by a lease
+                if not os.path.exists(dst.path):
+                    os.replace(self.path, dst.path)
+                    return
+            os.unlink(self.path)
+            return
+        if not self.fs.exists(dst.path):
+            self.copy_to(dst)
+        self.remove()
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
@@ -238,7 +232,7 @@ class Location:
 
     # ------------------------------------------------------------------------------------- checks
 
-    def _check_bucket(self) -> None:
+    def check_bucket(self) -> None:
         """HEAD the bucket: tells an unreachable endpoint from a missing bucket (fs.exists hides both)."""
         if self.is_local or not hasattr(self.fs, "call_s3"):
             return
@@ -248,11 +242,21 @@ class Location:
         except FileNotFoundError:
             raise StorageError(f"bucket does not exist: s3://{bucket} (from {self.uri})") from None
 
+    @classmethod
+    def writable(cls, where: str) -> Location:
+        """`where` resolved and proved writable (`check_writable`); one that cannot be resolved is 'cannot write'."""
+        try:
+            location = cls.of(where)
+        except StorageError as e:
+            raise StorageError(f"cannot write to {normalize(where)}: {str(e).split(': ', 1)[-1]}") from None
+        location.check_writable()
+        return location
+
     def check_exists(self, what: str = "path") -> None:
         """Raise StorageError unless this file or prefix/directory exists and can be reached."""
         try:
             self.fs.invalidate_cache()
-            self._check_bucket()
+            self.check_bucket()
             if not self.fs.exists(self.path):
                 raise StorageError(f"{what} not found: {self.uri}")
         except StorageError:
@@ -264,7 +268,7 @@ class Location:
         """Prove that objects can be created under this directory/prefix by writing and deleting a marker."""
         marker = self.child(f".write-check-{uuid.uuid4().hex}")
         try:
-            self._check_bucket()
+            self.check_bucket()
             if self.is_local:
                 os.makedirs(self.path, exist_ok=True)
             with self.fs.open(marker.path, "wb") as f:
@@ -275,7 +279,7 @@ class Location:
         except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types: named with the URI
             if no_space(e):  # its own message names the path and says what to do
                 raise storage_error(self.uri, e) from None
-            raise StorageError(redact(f"cannot write to {self.uri}: {_describe(self.uri, e).split(': ', 1)[-1]}")) from None
+            raise StorageError(redact(f"cannot write to {self.uri}: {describe(self.uri, e).split(': ', 1)[-1]}")) from None
 
     # ------------------------------------------------------------------------------------- listing
 
@@ -359,6 +363,18 @@ def _read_at_most(f, max_bytes: int) -> bytes:
     raise UnreadableFile(f"file is over the {max_bytes / 1e6:g} MB limit (--max-bytes)")
 
 
+def _link_new(tmp: str, path: str) -> None:
+    """Give the complete file `tmp` the name `path` unless that exists (FileExistsError)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this filesystem: an exclusive create, written from the complete file
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "wb") as f, open(tmp, "rb") as src:
+            shutil.copyfileobj(src, f)
+
+
 def local_version(path: str) -> str | None:
     """A local file's version, `mtime-size` (mtime in ns, from the float st_mtime as every listing path computes
     it; a symlink's target counts); None when it cannot be read."""
@@ -376,58 +392,3 @@ def _version(info: dict) -> str:
     mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
     mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime)
     return f"{int(mtime * 1e9)}-{int(info.get('size') or 0)}"
-
-
-# --------------------------------------------------------------------------------- one-off URIs
-
-
-def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a URI. S3 filesystems get fast-failing connection settings."""
-    loc = Location.of(uri)
-    return loc.fs, loc.path
-
-
-def check_exists(uri: str, what: str = "path") -> None:
-    Location.of(uri).check_exists(what)
-
-
-def check_writable(uri: str) -> None:
-    try:
-        location = Location.of(uri)
-    except StorageError as e:
-        raise StorageError(f"cannot write to {normalize(uri)}: {str(e).split(': ', 1)[-1]}") from None
-    location.check_writable()
-
-
-def exists(uri: str) -> bool:
-    try:
-        return Location.of(uri).exists()
-    except Exception:  # noqa: BLE001 - exists() answers for what can be seen; check_exists() says why not
-        return False
-
-
-def read_bytes(uri: str) -> bytes:
-    return Location.of(uri).read_bytes()
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    Location.of(uri).write_bytes(data)
-
-
-def read_text(uri: str) -> str:
-    return Location.of(uri).read_text()
-
-
-def write_text(uri: str, text: str) -> None:
-    Location.of(uri).write_text(text)
-
-
-def read_listed_uri(uri: str, max_bytes: int, listed_by: Location | None = None) -> bytes:
-    """A listed file's bytes (see Location.read_listed): through the filesystem of the listing that gave the URI
-    (`listed_by`, the URI is never parsed again), or, for a manifest's rows, through the one the URI names."""
-    location = listed_by or Location.of(uri)
-    return location.read_listed(location.path_of(uri) if listed_by else location.path, max_bytes)
-
-
-def list_files(where: str | Location, extensions: tuple[str, ...] | None = None) -> list[FileInfo]:
-    return Location.of(where).list_files(extensions)

@@ -242,7 +242,7 @@ def _lines(items: list[str]) -> str:
     return "".join(f"{x}\n" for x in items)
 
 
-def synthesize_voc(output: str, count: int, *, size: tuple[int, int] = (160, 120), seed: int = 0,
+def synthesize_voc(output: str | Location, count: int, *, size: tuple[int, int] = (160, 120), seed: int = 0,
                    val_fraction: float = 0.2, workers: int = 8) -> dict:
     """Write `count` synthetic images and masks in VOC layout under `output` (local path or s3:// URI).
 

@@ -90,7 +90,8 @@ def sample_pair(h: int, w: int, seed: int, num_classes: int = 4) -> tuple[bytes,
 
 def write_voc(root: str, splits: dict[str, list[str]], *, h: int = 24, w: int = 32, num_classes: int = 4) -> None:
     """A small VOC-layout dataset at a local path or s3:// URI (through the product's storage layer)."""
-    from pipeline.storage import join, write_bytes
+    from pipeline.storage import join
+    from tests.storage_util import write_bytes
 
     for split, ids in splits.items():
         for n, i in enumerate(ids):

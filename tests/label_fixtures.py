@@ -15,6 +15,7 @@ from pipeline.label.readers import read_table
 from pipeline.label.tables import TABLES
 from pipeline.synthetic import SYNTHETIC_CLASSES
 from pipeline.testbed import random_checkpoint, sample_photo_paths
+from tests import storage_util
 from tests.images import broken_files, encode, exif_rotated_jpeg, gradient_rgb, png16_rgb
 
 CLASS_NAMES = list(SYNTHETIC_CLASSES)
@@ -75,7 +76,7 @@ def mixed_images() -> tuple[dict[str, bytes], dict[str, str], dict[str, tuple[in
 
 def write_files(root: str, files: dict[str, bytes]) -> None:
     for name, data in files.items():
-        storage.write_bytes(storage.join(root, name), data)
+        storage_util.write_bytes(storage.join(root, name), data)
 
 
 def run_label_cli(argv: list[str], capsys) -> tuple[int, str, str]:

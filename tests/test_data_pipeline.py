@@ -4,8 +4,10 @@ import pytest
 
 from pipeline import storage
 from pipeline.dataset_formats import list_samples
+from pipeline.storage import Location
 from pipeline.train.inputs import BadSampleLog, segmentation_dataset, unpack_whole
 from pipeline.train.transforms import TrainTransform
+from tests import storage_util
 from tests.images import broken_files, encode, gradient_rgb, palette_mask, write_voc
 
 GOOD = [f"g{i:02d}" for i in range(14)]
@@ -17,16 +19,16 @@ def _write_dataset(root):
     write_voc(root, {"train": ids})
     broken = broken_files()
     j = storage.join
-    storage.write_bytes(j(root, "JPEGImages", "bad_trunc.jpg"), broken["truncated.jpg"])
-    storage.write_bytes(j(root, "JPEGImages", "bad_zero.jpg"), broken["zero.jpg"])
-    storage.write_bytes(j(root, "JPEGImages", "bad_text.jpg"), broken["notes.jpg"])
-    storage.write_bytes(j(root, "JPEGImages", "bad_bomb.jpg"), broken["bomb.png"])
-    storage.write_bytes(j(root, "SegmentationClass", "bad_size.png"), palette_mask(np.zeros((5, 5), np.uint8)))
-    storage.write_bytes(j(root, "SegmentationClass", "bad_values.png"), palette_mask(np.full((24, 32), 9, np.uint8)))
-    storage.write_bytes(j(root, "JPEGImages", "bad_values.jpg"), encode(gradient_rgb(24, 32), "JPEG"))
-    fs, path = storage.filesystem(j(root, "SegmentationClass", "bad_missing.png"))
+    storage_util.write_bytes(j(root, "JPEGImages", "bad_trunc.jpg"), broken["truncated.jpg"])
+    storage_util.write_bytes(j(root, "JPEGImages", "bad_zero.jpg"), broken["zero.jpg"])
+    storage_util.write_bytes(j(root, "JPEGImages", "bad_text.jpg"), broken["notes.jpg"])
+    storage_util.write_bytes(j(root, "JPEGImages", "bad_bomb.jpg"), broken["bomb.png"])
+    storage_util.write_bytes(j(root, "SegmentationClass", "bad_size.png"), palette_mask(np.zeros((5, 5), np.uint8)))
+    storage_util.write_bytes(j(root, "SegmentationClass", "bad_values.png"), palette_mask(np.full((24, 32), 9, np.uint8)))
+    storage_util.write_bytes(j(root, "JPEGImages", "bad_values.jpg"), encode(gradient_rgb(24, 32), "JPEG"))
+    fs, path = storage_util.filesystem(j(root, "SegmentationClass", "bad_missing.png"))
     fs.rm(path)
-    return list_samples(root, "train")
+    return list_samples(Location.of(root), "train")
 
 
 EXPECTED_REASONS = {

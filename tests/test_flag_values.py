@@ -33,21 +33,26 @@ SECONDS = " of seconds"
 # (job, flags, fragment of the one error line); the first flag is the one the line must name.
 ROWS = [
     # ----------------------------------------------------------------- jobs/train.py: floats
-    ("train", ["--lr", "nan"], _finite("--lr", "> 0", "nan")),
-    ("train", ["--lr", "inf"], _finite("--lr", "> 0", "inf")),
-    ("train", ["--lr", "0"], _finite("--lr", "> 0", "0.0")),
-    ("train", ["--lr", "-0.01"], _finite("--lr", "> 0", "-0.01")),
+    ("train", ["--lr", "nan"], _finite("--lr", "in (0, 10]", "nan")),
+    ("train", ["--lr", "inf"], _finite("--lr", "in (0, 10]", "inf")),
+    ("train", ["--lr", "0"], _finite("--lr", "in (0, 10]", "0.0")),
+    ("train", ["--lr", "-0.01"], _finite("--lr", "in (0, 10]", "-0.01")),
     ("train", ["--dropout", "1.5"], _finite("--dropout", "in [0, 1)", "1.5")),
     ("train", ["--dropout", "1"], _finite("--dropout", "in [0, 1)", "1.0")),
     ("train", ["--dropout", "nan"], _finite("--dropout", "in [0, 1)", "nan")),
     ("train", ["--dropout", "-0.1"], _finite("--dropout", "in [0, 1)", "-0.1")),
-    ("train", ["--width-mult", "nan"], _finite("--width-mult", "in (0, 1]", "nan")),
-    ("train", ["--width-mult", "0"], _finite("--width-mult", "in (0, 1]", "0.0")),
-    ("train", ["--width-mult", "2"], _finite("--width-mult", "in (0, 1]", "2.0")),
-    ("train", ["--min-scale", "nan"], _finite("--min-scale", "> 0", "nan")),
-    ("train", ["--min-scale", "0"], _finite("--min-scale", "> 0", "0.0")),
-    ("train", ["--max-scale", "inf"], _finite("--max-scale", "> 0", "inf")),
+    ("train", ["--width-mult", "nan"], _finite("--width-mult", "in [0.015625, 1]", "nan")),
+    ("train", ["--width-mult", "0"], _finite("--width-mult", "in [0.015625, 1]", "0.0")),
+    ("train", ["--width-mult", "2"], _finite("--width-mult", "in [0.015625, 1]", "2.0")),
+    ("train", ["--min-scale", "nan"], _finite("--min-scale", "in (0, 8]", "nan")),
+    ("train", ["--min-scale", "0"], _finite("--min-scale", "in (0, 8]", "0.0")),
+    ("train", ["--max-scale", "inf"], _finite("--max-scale", "in (0, 8]", "inf")),
     ("train", ["--max-scale", "0.25"], "--max-scale must be >= --min-scale (0.5), got 0.25"),
+    ("train", ["--max-scale", "1e300"], _finite("--max-scale", "in (0, 8]", "1e+300")),  # crashed in a data worker
+    ("train", ["--lr", "1e300"], _finite("--lr", "in (0, 10]", "1e+300")),
+    ("train", ["--width-mult", "1e-300"], _finite("--width-mult", "in [0.015625, 1]", "1e-300")),
+    ("train", ["--cpus-per-worker", "0.00001"], _finite("--cpus-per-worker", ">= 0.0001", "1e-05")),  # Ray refuses it
+    ("train", ["--stall-timeout", "1e-300"], _finite("--stall-timeout", "in [1, 1e+09)", "1e-300", SECONDS)),
     ("train", ["--momentum", "nan"], _finite("--momentum", "in [0, 1)", "nan")),
     ("train", ["--momentum", "1"], _finite("--momentum", "in [0, 1)", "1.0")),
     ("train", ["--momentum", "-0.5"], _finite("--momentum", "in [0, 1)", "-0.5")),
@@ -56,17 +61,17 @@ ROWS = [
     ("train", ["--weight-decay", "inf"], _finite("--weight-decay", ">= 0", "inf")),
     ("train", ["--poly-power", "nan"], _finite("--poly-power", ">= 0", "nan")),
     ("train", ["--poly-power", "-1"], _finite("--poly-power", ">= 0", "-1.0")),
-    ("train", ["--cpus-per-worker", "nan"], _finite("--cpus-per-worker", "> 0", "nan")),
-    ("train", ["--cpus-per-worker", "inf"], _finite("--cpus-per-worker", "> 0", "inf")),
-    ("train", ["--cpus-per-worker", "0"], _finite("--cpus-per-worker", "> 0", "0.0")),
-    ("train", ["--data-cpus", "nan"], _finite("--data-cpus", "> 0", "nan")),
-    ("train", ["--data-cpus", "-1"], _finite("--data-cpus", "> 0", "-1.0")),
+    ("train", ["--cpus-per-worker", "nan"], _finite("--cpus-per-worker", ">= 0.0001", "nan")),
+    ("train", ["--cpus-per-worker", "inf"], _finite("--cpus-per-worker", ">= 0.0001", "inf")),
+    ("train", ["--cpus-per-worker", "0"], _finite("--cpus-per-worker", ">= 0.0001", "0.0")),
+    ("train", ["--data-cpus", "nan"], _finite("--data-cpus", ">= 0.0001", "nan")),
+    ("train", ["--data-cpus", "-1"], _finite("--data-cpus", ">= 0.0001", "-1.0")),
     ("train", ["--wait-for-resources", "nan"], _finite("--wait-for-resources", ">= 0", "nan", SECONDS)),
     ("train", ["--wait-for-resources", "inf"], _finite("--wait-for-resources", ">= 0", "inf", SECONDS)),
     ("train", ["--wait-for-resources", "-1"], _finite("--wait-for-resources", ">= 0", "-1.0", SECONDS)),
-    ("train", ["--stall-timeout", "nan"], _finite("--stall-timeout", "in (0, 1e+09)", "nan", SECONDS)),
-    ("train", ["--stall-timeout", "inf"], _finite("--stall-timeout", "in (0, 1e+09)", "inf", SECONDS)),
-    ("train", ["--stall-timeout", "0"], _finite("--stall-timeout", "in (0, 1e+09)", "0.0", SECONDS)),
+    ("train", ["--stall-timeout", "nan"], _finite("--stall-timeout", "in [1, 1e+09)", "nan", SECONDS)),
+    ("train", ["--stall-timeout", "inf"], _finite("--stall-timeout", "in [1, 1e+09)", "inf", SECONDS)),
+    ("train", ["--stall-timeout", "0"], _finite("--stall-timeout", "in [1, 1e+09)", "0.0", SECONDS)),
     # ----------------------------------------------------------------- jobs/train.py: integers
     ("train", ["--epochs", "nan"], _invalid("--epochs", "int", "nan")),
     ("train", ["--epochs", "0"], "--epochs must be >= 1, got 0"),
@@ -91,9 +96,9 @@ ROWS = [
     ("train", ["--train-split", "../../train"], f"--train-split must be a split name {NAME}, got '../../train'"),
     ("train", ["--val-split", ".."], f"--val-split must be a split name {NAME}, got '..'"),
     # ----------------------------------------------------------------- jobs/label.py
-    ("label", ["--cpus-per-actor", "nan"], _finite("--cpus-per-actor", "> 0", "nan")),
-    ("label", ["--cpus-per-actor", "inf"], _finite("--cpus-per-actor", "> 0", "inf")),
-    ("label", ["--cpus-per-actor", "0"], _finite("--cpus-per-actor", "> 0", "0.0")),
+    ("label", ["--cpus-per-actor", "nan"], _finite("--cpus-per-actor", ">= 0.0001", "nan")),
+    ("label", ["--cpus-per-actor", "inf"], _finite("--cpus-per-actor", ">= 0.0001", "inf")),
+    ("label", ["--cpus-per-actor", "0"], _finite("--cpus-per-actor", ">= 0.0001", "0.0")),
     ("label", ["--wait-for-resources", "nan"], _finite("--wait-for-resources", ">= 0", "nan", SECONDS)),
     ("label", ["--wait-for-resources", "inf"], _finite("--wait-for-resources", ">= 0", "inf", SECONDS)),
     ("label", ["--wait-for-resources", "-1"], _finite("--wait-for-resources", ">= 0", "-1.0", SECONDS)),
@@ -101,8 +106,10 @@ ROWS = [
     ("label", ["--previews", "nan"], _invalid("--previews", "int", "nan")),
     ("label", ["--rows-per-file", "0"], "--rows-per-file must be >= 1, got 0"),
     ("label", ["--max-side", "-1"], "--max-side must be >= 1"),
-    ("label", ["--canvas-multiple", "0"], "--canvas-multiple must be >= 1, got 0"),
+    ("label", ["--canvas-multiple", "0"], "--canvas-multiple must be in [1, 1024], got 0"),
     ("label", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    ("label", ["--batch-size", "1000000000"], "--batch-size must be in [1, 1024], got 1000000000"),  # slots
+    ("label", ["--canvas-multiple", "100000"], "--canvas-multiple must be in [1, 1024], got 100000"),  # 30 GB canvases
     ("label", ["--batch-size", "nan"], _invalid("--batch-size", "optional_int", "nan")),
     ("label", ["--max-pixels", "0"], "--max-pixels must be >= 1, got 0"),
     ("label", ["--max-bytes", "0"], "--max-bytes must be >= 1, got 0"),
@@ -113,10 +120,12 @@ ROWS = [
     ("label", ["--run-id", "../escape"], "--run-id must start with a letter or digit"),
     ("label", ["--run-id", "a/b"], "--run-id must start with a letter or digit"),
     ("label", ["--run-date", "../2026-01-05"], "--run-date must be a date YYYY-MM-DD"),
+    ("label", ["--run-date", "\uff12\uff10\uff12\uff16-01-01"], "--run-date must be a date YYYY-MM-DD"),  # fullwidth digits
+    ("label", ["--cpus-per-actor", "0.00001"], _finite("--cpus-per-actor", ">= 0.0001", "1e-05")),  # Ray's smallest step
     # ----------------------------------------------------------------- jobs/evaluate.py
-    ("evaluate", ["--cpus-per-actor", "nan"], _finite("--cpus-per-actor", "> 0", "nan")),
-    ("evaluate", ["--cpus-per-actor", "inf"], _finite("--cpus-per-actor", "> 0", "inf")),
-    ("evaluate", ["--cpus-per-actor", "0"], _finite("--cpus-per-actor", "> 0", "0.0")),
+    ("evaluate", ["--cpus-per-actor", "nan"], _finite("--cpus-per-actor", ">= 0.0001", "nan")),
+    ("evaluate", ["--cpus-per-actor", "inf"], _finite("--cpus-per-actor", ">= 0.0001", "inf")),
+    ("evaluate", ["--cpus-per-actor", "0"], _finite("--cpus-per-actor", ">= 0.0001", "0.0")),
     ("evaluate", ["--actors", "0"], "--actors must be >= 1, got 0"),
     ("evaluate", ["--actors", "nan"], _invalid("--actors", "int", "nan")),
     ("evaluate", ["--split", "../../val"], f"--split must be a split name {NAME}, got '../../val'"),
@@ -129,6 +138,7 @@ ROWS = [
     ("synthesize", ["--val-fraction", "inf"], "in [0, 1), got inf"),
     ("synthesize", ["--val-fraction", "1"], "in [0, 1), got 1.0"),
     ("synthesize", ["--size", "0x12"], "argument --size: must be WIDTHxHEIGHT"),
+    ("synthesize", ["--size", "100000x100000"], "argument --size: must be WIDTHxHEIGHT with integers from 1 to 4096"),
     # ----------------------------------------------------------------- jobs/demo.py
     ("demo", ["--count", "0"], "--count must be >= 1, got 0"),
     ("demo", ["--count", "inf"], _invalid("--count", "int", "inf")),
@@ -146,13 +156,14 @@ def inputs(tmp_path_factory):
     """Real tiny inputs, so that a job gets past its argument parsing: a VOC dataset, a checkpoint of its classes,
     a folder of images."""
     from pipeline.dataset_formats import read_class_names
+    from pipeline.storage import Location
     from pipeline.testbed import random_checkpoint
 
     root = tmp_path_factory.mktemp("inputs")
     data = str(root / "data")
     synthesize_voc(data, 4, size=(32, 24), seed=0, val_fraction=0.5)
     checkpoint = str(root / "fcn8s.pt")
-    random_checkpoint(checkpoint, read_class_names(data))
+    random_checkpoint(checkpoint, read_class_names(Location.of(data)))
     return {"data": data, "checkpoint": checkpoint, "images": os.path.join(data, "JPEGImages")}
 
 

@@ -21,6 +21,7 @@ from pipeline.lease import LEASE_FILE, Lease
 from pipeline.storage import Location
 from pipeline.synthetic import synthesize_voc
 from pipeline.testbed import random_checkpoint
+from tests import storage_util
 from tests.images import palette_mask
 from tests.jobs_util import ROOT
 from tests.label_fixtures import duckdb_connection, good_image, run_label_cli, tables, write_files
@@ -130,7 +131,7 @@ def test_a_file_name_that_is_not_utf8_costs_only_itself(ray_session, tiny_checkp
     t = tables(str(tmp_path / "out"))
     assert sorted(os.path.basename(u) for u in t["labels"]["image_uri"].to_pylist()) == [f"g{i}.png" for i in range(4)]
     errors = {r["image_uri"]: r for r in t["errors"].to_pylist()}
-    # The URI as best representable: each byte that is not UTF-8 percent-encoded (README "When a run fails").
+    # The URI as best representable: each byte that is not UTF-8 percent-encoded (docs/operations.md "When a run fails").
     assert set(errors) == {f"{images}/caf%E9.png", f"{images}/d%E9j%E0/x.png"}
     assert all(r["stage"] == "list" and "not valid UTF-8" in r["error"] for r in errors.values())
     again = _label(capsys, images, ck_path, tmp_path / "out")
@@ -170,7 +171,7 @@ def test_glob_characters_in_output_and_image_paths_are_literal(ray_session, tiny
     assert (again["skipped"], again["labelled"]) == (2, 0)
     labels = tables(output)["labels"]["image_uri"].to_pylist()
     assert sorted(labels) == [f"{images}/a.png", f"{images}/b*.png"]
-    fs, root = storage.filesystem(output)
+    fs, root = storage_util.filesystem(output)
     left = [p for p in fs.find(root) if "/_staging/" in p or "/_commits/" in p or p.endswith(LEASE_FILE)]
     assert left == []
 
@@ -181,7 +182,7 @@ def test_glob_characters_in_output_and_image_paths_are_literal(ray_session, tiny
 _DISK_FULL_SCRIPT = r"""
 set -u
 mount -t tmpfs -o size=1m tmpfs "$DISK" || exit 97
-dd if=/dev/zero of="$DISK/filler" bs=1k count=880 2>/dev/null
+dd if=/dev/zero of="$DISK/filler" bs=1k count=940 2>/dev/null
 "$PY" "$ROOT/jobs/label.py" $ARGS > "$OUT/run1.out" 2> "$OUT/run1.err"
 echo $? > "$OUT/run1.rc"
 rm "$DISK/filler"
@@ -201,7 +202,8 @@ def _mount_namespace() -> list[str] | None:
 
 @pytest.mark.ray_job  # starts jobs with their own Ray (make test-fast leaves it out)
 def test_a_full_disk_mid_run_is_one_line_and_the_rerun_is_exactly_once(tiny_checkpoint, tmp_path):
-    """A real full filesystem (a 1 MB tmpfs in a private mount namespace), not an injected error."""
+    """A real full filesystem (a 1 MB tmpfs in a private mount namespace), not an injected error: with 84 KB free the
+    run starts (lease, run record, index marker) and fills the disk while it stages its results."""
     prefix = _mount_namespace()
     if prefix is None:
         pytest.skip("needs unshare (a mount namespace) to make a small filesystem")

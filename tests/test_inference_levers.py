@@ -12,7 +12,7 @@ import torch
 
 from models import TORCHVISION, build_model, is_bilinear, load_checkpoint, upsamplers
 from models.fast_paths import cast_trunk, group_upsamplers
-from pipeline.label import inference
+from pipeline.label import device_stats, inference
 from pipeline.label.canvas import preprocess
 from pipeline.label.columns import binary_column, binary_views
 from pipeline.label.inference import InferenceSettings, Predictor, predict_image
@@ -129,8 +129,8 @@ def test_cpu_and_gpu_statistics_forms_agree():
     idx = torch.randint(0, c, (n, h, w))
     idx[1] = torch.where(idx[1] == 4, 5, idx[1])  # a class absent from one image
     conf = torch.rand(n, h, w)
-    dense = inference._DenseStats(n, c, h, w, idx.device)
-    counted = inference._BincountStats(n, c, h, w, idx.device)
+    dense = device_stats.DenseStats(n, c, h, w, idx.device)
+    counted = device_stats.BincountStats(n, c, h, w, idx.device)
     for r0 in range(0, h, 10):
         dense.add(idx[:, r0:r0 + 10], conf[:, r0:r0 + 10], r0)
         counted.add(idx[:, r0:r0 + 10], conf[:, r0:r0 + 10], r0)
@@ -150,7 +150,7 @@ def test_upsampled_bands_change_no_label(ck, monkeypatch):
     torch.manual_seed(2)
     scores = torch.randn(2, 6, 13, 17) * 3
     whole = predictor.to_host([predictor.labels_and_stats(scores, 71, 90)])
-    monkeypatch.setattr(inference, "BAND_ELEMENTS", 6 * 90 * 7)  # bands of 7 rows
+    monkeypatch.setattr(device_stats, "BAND_ELEMENTS", 6 * 90 * 7)  # bands of 7 rows
     banded = predictor.to_host([predictor.labels_and_stats(scores, 71, 90)])
     for a, b in zip(whole, banded, strict=True):
         for field in ("label", "class_id", "pixel_count", "x_min", "y_min", "x_max", "y_max"):

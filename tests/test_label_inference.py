@@ -1,5 +1,5 @@
-"""pipeline.label.inference without Ray: preprocessing is a function of the image alone, batches never change an
-image's labels, upsampling and statistics are right."""
+"""pipeline.label.inference and device_stats without Ray: preprocessing is a function of the image alone, batches
+never change an image's labels, upsampling and statistics are right."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from models import TORCHVISION, load_checkpoint
-from pipeline.label import inference
+from pipeline.label import device_stats, inference
 from pipeline.label.canvas import canvas_size, preprocess, target_size
 from pipeline.label.inference import InferenceSettings, Predictor, predict_image
 from tests.images import gradient_rgb
@@ -75,7 +75,7 @@ def test_statistics_match_numpy_and_bands_change_nothing(ck, monkeypatch):
     torch.manual_seed(1)
     scores = torch.randn(6, 23, 31) * 2
     whole, = predictor.to_host([predictor.labels_and_stats(scores[None], 23, 31)])
-    monkeypatch.setattr(inference, "BAND_ELEMENTS", 6 * 31 * 4)  # bands of 4 rows
+    monkeypatch.setattr(device_stats, "BAND_ELEMENTS", 6 * 31 * 4)  # bands of 4 rows
     banded, = predictor.to_host([predictor.labels_and_stats(scores[None], 23, 31)])
     prob = torch.softmax(scores.double(), 0).numpy()
     label = prob.argmax(0)
@@ -145,8 +145,8 @@ def test_statistics_of_several_images_at_once_match_numpy(ck, size, monkeypatch)
     scores[1, 4] += 3  # one image dominated by a class, another with a class absent
     scores[2, 0] -= 10
     height, width = size
-    for band_elements in (inference.BAND_ELEMENTS, 3 * 6 * width * 3):
-        monkeypatch.setattr(inference, "BAND_ELEMENTS", band_elements)
+    for band_elements in (device_stats.BAND_ELEMENTS, 3 * 6 * width * 3):
+        monkeypatch.setattr(device_stats, "BAND_ELEMENTS", band_elements)
         preds = predictor.to_host([predictor.labels_and_stats(scores, height, width)])
         assert len(preds) == 3
         for i, pred in enumerate(preds):

@@ -19,6 +19,7 @@ from pipeline.label.inference import predict_image
 from pipeline.label.job import label_images
 from pipeline.label.queries import EXAMPLE_QUERIES, example_query
 from pipeline.label.tables import INDEX, SCHEMAS
+from tests import storage_util
 from tests.label_fixtures import (
     CLASS_NAMES,
     decode_row,
@@ -43,7 +44,7 @@ def _config(images, checkpoint, output, **kw) -> LabelConfig:
 
 
 def _files_under(root: str, sub: str) -> list[str]:
-    fs, path = storage.filesystem(storage.join(root, sub))
+    fs, path = storage_util.filesystem(storage.join(root, sub))
     fs.invalidate_cache()
     try:
         return sorted(fs.find(path))
@@ -115,7 +116,7 @@ def test_mixed_bucket_rows_schema_and_exact_labels(ray_session, tiny_checkpoint,
         partition = f"/model_id={model_id}/" if name == INDEX else "/run_date=2026-01-02/"
         assert paths and all(partition in p for p in paths), paths
         assert len(paths) <= 4, paths  # 15 images in file sets of 4 rows
-        fs, _ = storage.filesystem(output)
+        fs, _ = storage_util.filesystem(output)
         with fs.open(paths[0], "rb") as f:
             pf = pq.ParquetFile(f)
             assert pf.schema_arrow.equals(schema, check_metadata=False), name
@@ -127,13 +128,13 @@ def test_mixed_bucket_rows_schema_and_exact_labels(ray_session, tiny_checkpoint,
     assert not _files_under(output, "_staging") and not _files_under(output, "_commits")
 
     # runs/<run_id>.json and previews/.
-    record = json.loads(storage.read_text(storage.join(output, "runs", f"{summary['run_id']}.json")))
+    record = json.loads(storage_util.read_text(storage.join(output, "runs", f"{summary['run_id']}.json")))
     assert record["status"] == "succeeded" and record["model_id"] == model_id
     assert record["counts"] == {"listed": 15, "already_labelled": 0, "to_label": 15, "labelled": 10, "errors": 5}
     assert record["arguments"]["images"] == images and record["wall_seconds"] > 0
     previews = [p for p in _files_under(output, "previews") if p.endswith(".png")]
     assert len(previews) == 2 and summary["previews"] == 2
-    fs, _ = storage.filesystem(output)
+    fs, _ = storage_util.filesystem(output)
     for p in previews:
         img = png_ok(fs.cat_file(p))
         assert img.width >= 256 or img.height >= 256  # small images are enlarged for a person to see

@@ -10,13 +10,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import faults, storage
+from pipeline import faults
 from pipeline.label.codec import decode_label_map, encode_label_map
 from pipeline.label.commit import commit_fileset, final_name, recover
 from pipeline.label.queries import LABEL_MAP_SNIPPET
 from pipeline.label.readers import list_table_files, read_table
 from pipeline.label.tables import INDEX, RESULT_SCHEMA, SCHEMAS, split_results
 from pipeline.storage import Location
+from tests import storage_util
 from tests.label_fixtures import duckdb_connection
 
 RUN_DATE = "2026-03-04"
@@ -103,7 +104,7 @@ def test_crash_at_every_commit_step_then_rerun_is_exactly_once(tmp_path, request
     assert stats == {(f"s3://photos/{n}", c): 1 for n in good for c in (0, 2)}
     errors = read_table(Location.of(root), "errors").to_pylist()
     assert [e["image_uri"] for e in errors].count("s3://photos/img3.jpg") == 1 + int(committed)
-    fs, path = storage.filesystem(root)
+    fs, path = storage_util.filesystem(root)
     fs.invalidate_cache()
     leftovers = [p for p in fs.find(path) if "/_staging/" in p or "/_commits/" in p]
     assert leftovers == []

@@ -21,6 +21,7 @@ from pipeline.label.listing import listing_dataset, plan_listing
 from pipeline.label.readers import read_table
 from pipeline.label.tables import INDEX, INDEX_SCHEMA
 from pipeline.storage import Location
+from tests import storage_util
 from tests.jobs_util import run_subprocess
 from tests.label_fixtures import duckdb_connection, good_image, tables, write_files
 
@@ -65,7 +66,7 @@ def test_streamed_listing_equals_the_driver_listing(ray_session, tmp_path, reque
 
 def _write_index(output: str, model_id: str, uris: list[str], version: str) -> None:
     table = pa.table({"image_uri": uris, "image_version": [version] * len(uris)}, schema=INDEX_SCHEMA)
-    storage.write_bytes(storage.join(output, final_name(INDEX, "", "earlier-000001", model_id)), parquet_bytes(table))
+    storage_util.write_bytes(storage.join(output, final_name(INDEX, "", "earlier-000001", model_id)), parquet_bytes(table))
 
 
 def test_manifest_of_10k_rows_skips_through_the_index(ray_session, tiny_checkpoint, tmp_path):
@@ -121,11 +122,11 @@ def test_s3_inventory_names_images_as_the_prefix_listing_does(ray_session, tiny_
         info = s3.info(f"test-bucket/photos/{key}") if key != "notes.txt" else {"size": 1, "ETag": '"x"'}
         lines.append(f'"test-bucket","{quote_plus("photos/" + key, safe="/")}","{info["size"]}",'
                      f'"{info["ETag"].strip(chr(34))}","true"')
-    storage.write_bytes(f"{bucket}/inventory/data/a1.csv.gz", gzip.compress("\n".join(lines).encode()))
+    storage_util.write_bytes(f"{bucket}/inventory/data/a1.csv.gz", gzip.compress("\n".join(lines).encode()))
     manifest = {"sourceBucket": "test-bucket", "destinationBucket": "arn:aws:s3:::test-bucket", "fileFormat": "CSV",
                 "fileSchema": "Bucket, Key, Size, ETag, IsLatest",
                 "files": [{"key": "inventory/data/a1.csv.gz", "size": 1, "MD5checksum": "x"}]}
-    storage.write_bytes(f"{bucket}/inventory/manifest.json", json.dumps(manifest).encode())
+    storage_util.write_bytes(f"{bucket}/inventory/manifest.json", json.dumps(manifest).encode())
 
     second = label_images(_config(f"{bucket}/inventory/manifest.json", ck, output))
     assert (second["listed"], second["skipped"], second["labelled"], second["errors"]) == (5, 3, 2, 0)

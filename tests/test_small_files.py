@@ -16,6 +16,7 @@ from pipeline.label.job import label_images
 from pipeline.label.readers import list_table_files, read_table
 from pipeline.label.tables import INDEX
 from pipeline.storage import Location
+from tests import storage_util
 from tests.label_fixtures import good_image, tables, write_files
 
 
@@ -63,7 +64,7 @@ def test_small_tables_get_one_file_per_group_of_file_sets(ray_session, tiny_chec
     for table in ("class_stats", INDEX):
         assert len(files[table]) <= -(-12 // 6), (table, files[table])  # 12 images, 6 per file
     assert len(files["errors"]) == 1
-    record = json.loads(storage.read_text(storage.join(output, "runs", f"{summary['run_id']}.json")))
+    record = json.loads(storage_util.read_text(storage.join(output, "runs", f"{summary['run_id']}.json")))
     assert record["files"] == {t: len(files[t]) for t in ("labels", "class_stats", "errors")}
     out = Location.of(output)
     leftover = out.fs.find(out.child("_staging").path) if out.child("_staging").exists() else []

@@ -15,8 +15,8 @@ from PIL import Image
 
 from models.voc import flat_palette
 from pipeline.cli import run_job
-from pipeline.storage import list_files, read_bytes
 from pipeline.synthetic import CLASS_HUES, SYNTHETIC_CLASSES, synthesize_voc
+from tests.storage_util import list_files, read_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = (64, 48)

@@ -21,6 +21,7 @@ from pipeline.label.readers import list_table_files
 from pipeline.label.tables import RESULT_SCHEMA, SCHEMAS, split_results
 from pipeline.label.upgrade import FIRST_RELEASE, MARKER, SCHEMA_VERSION, STEPS, history, upgrade_tables
 from pipeline.storage import Location
+from tests import storage_util
 from tests.label_fixtures import CLASS_NAMES, duckdb_connection, good_image, run_label_cli, write_files
 
 OLD_RUN, OLD_MODEL = "20260101T010000Z-0a0a0a", "00000000deadbeef"
@@ -86,7 +87,7 @@ def write_first_release_fileset(output: str, run_date: str, fileset: str, images
     written = {}
     for name in ("labels", "class_stats", "errors"):
         rows = tables[name].select(FIRST_RELEASE[name].names).cast(FIRST_RELEASE[name])
-        storage.write_bytes(storage.join(output, name, f"run_date={run_date}", f"part-{fileset}.parquet"),
+        storage_util.write_bytes(storage.join(output, name, f"run_date={run_date}", f"part-{fileset}.parquet"),
                             parquet_bytes(rows))
         written[name] = tables[name]  # with the labeled_at the upgrade must give class_stats
     return written
@@ -128,7 +129,7 @@ def test_default_readers_read_an_output_mixing_first_release_and_new_files(ray_s
 
     summary = label_images(_config(images, ck, output, run_date="2026-02-01"))
     assert (summary["labelled"], summary["errors"]) == (2, 1)
-    marker = json.loads(storage.read_text(storage.join(output, MARKER)))
+    marker = json.loads(storage_util.read_text(storage.join(output, MARKER)))
     assert marker["schema_version"] == SCHEMA_VERSION and marker["upgraded_files"] == {"class_stats": 4}
     assert marker["upgraded_by_run"] == summary["run_id"]
 
@@ -212,7 +213,7 @@ def test_an_output_of_a_newer_release_is_refused_in_one_line(ray_session, tiny_c
     ck, _ = tiny_checkpoint
     images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
     write_files(images, {"a.png": good_image(1, 16, 16)})
-    storage.write_text(storage.join(output, MARKER), json.dumps({"schema_version": SCHEMA_VERSION + 1}))
+    storage_util.write_text(storage.join(output, MARKER), json.dumps({"schema_version": SCHEMA_VERSION + 1}))
     code, out, err = run_label_cli(["--images", images, "--checkpoint", ck, "--output", output, "--max-side", "32",
                                     "--actors", "1", "--threads-per-actor", "1", "--cpus-per-actor", "1"], capsys)
     assert code == 2 and not os.path.exists(os.path.join(output, "labels"))

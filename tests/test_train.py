@@ -20,6 +20,7 @@ from pipeline.storage import Location
 from pipeline.synthetic import synthesize_voc
 from pipeline.testbed import random_checkpoint
 from pipeline.train.run_state import ledger, run_location
+from tests import storage_util
 from tests.images import encode, palette_mask
 from tests.jobs_util import run_in_process, run_subprocess
 
@@ -113,10 +114,10 @@ def _uniform_dataset(root, n_train=4):
         image = rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
         mask = rng.integers(0, 3, size=(32, 32), dtype=np.uint8)
         mask[: 2 + 5 * k, :] = 255
-        storage.write_bytes(storage.join(root, "JPEGImages", f"{i}.jpg"), encode(image, "JPEG", quality=95))
-        storage.write_bytes(storage.join(root, "SegmentationClass", f"{i}.png"), palette_mask(mask))
-    storage.write_text(storage.join(root, "ImageSets", "Segmentation", "train.txt"), "\n".join(ids[:n_train]))
-    storage.write_text(storage.join(root, "ImageSets", "Segmentation", "val.txt"), ids[-1])
+        storage_util.write_bytes(storage.join(root, "JPEGImages", f"{i}.jpg"), encode(image, "JPEG", quality=95))
+        storage_util.write_bytes(storage.join(root, "SegmentationClass", f"{i}.png"), palette_mask(mask))
+    storage_util.write_text(storage.join(root, "ImageSets", "Segmentation", "train.txt"), "\n".join(ids[:n_train]))
+    storage_util.write_text(storage.join(root, "ImageSets", "Segmentation", "val.txt"), ids[-1])
 
 
 def test_ddp_two_workers_equal_one_worker_double_batch(ray_session, tmp_path, capsys):
@@ -368,16 +369,15 @@ def test_clear_errors_before_cluster_work(small_synthetic, tmp_path):
 def test_num_classes_defaults_to_the_datasets_classes(small_synthetic, tmp_path):
     """--num-classes left out: the dataset's classes.txt decides (6 here), else the 21 VOC classes."""
     from pipeline.train.config import TrainConfig
-    from pipeline.train.run import preflight
+    from pipeline.train.run import preflight, resolve
 
-    cfg = TrainConfig(data=small_synthetic, storage=str(tmp_path / "runs"), name="n")
-    _, _, class_names, _ = preflight(cfg)
+    cfg, _, _, class_names, _ = preflight(*resolve(TrainConfig(data=small_synthetic, storage=str(tmp_path / "runs"),
+                                                               name="n")))
     assert cfg.num_classes == len(class_names) == 6 and class_names[0] == "background"
     plain = str(tmp_path / "plain")
     shutil.copytree(small_synthetic, plain)
     os.remove(os.path.join(plain, "classes.txt"))
-    cfg = TrainConfig(data=plain, storage=str(tmp_path / "runs"), name="n")
-    preflight(cfg)
+    cfg, *_ = preflight(*resolve(TrainConfig(data=plain, storage=str(tmp_path / "runs"), name="n")))
     assert cfg.num_classes == 21
 
 

@@ -12,7 +12,7 @@ REPO = __file__.rsplit("/tests/", 1)[0]
 @pytest.mark.parametrize("module", ["pipeline.train.inputs", "pipeline.train.transforms", "pipeline.label",
                                     "pipeline.label.stages", "pipeline.label.canvas", "pipeline.label.tables",
                                     "pipeline.label.codec", "pipeline.label.commit", "pipeline.label.config",
-                                    "models"])
+                                    "pipeline.label.inference_settings", "models"])
 def test_cpu_stage_modules_do_not_import_torch(module):
     # A Ray Data task on a fresh worker imports its function's module; torch would add ~1.5 s of CPU there.
     code = f"import sys, {module}; from models import VOID_LABEL, flat_palette; print('torch' in sys.modules)"
@@ -68,9 +68,13 @@ def test_epoch_input_raises_when_no_batch_comes(ray_session):
     assert [b["id"].tolist() for b in epoch] == [[0]]
 
 
-def test_epoch_input_raises_the_pipeline_error_on_the_training_thread(ray_session):
+def test_epoch_input_raises_the_pipeline_error_on_the_training_thread(ray_session, capsys):
+    """...and says its cause in one line on stdout, which is what of a worker reaches the job's log (its stderr, with
+    the traceback, stays in Ray's log files; Ray Train's own summary of it is cut short)."""
     def boom(row):
-        raise ValueError("decode failed for row 3")
+        raise OverflowError("Python int too large to convert to C long")
 
-    with pytest.raises(Exception, match="decode failed for row 3"):
+    with pytest.raises(Exception, match="Python int too large"):
         list(EpochInput(ray_session.data.range(4).map(boom).iterator(), batch_size=2))
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train]")]
+    assert said == ["[train] the training input pipeline failed: OverflowError: Python int too large to convert to C long"]

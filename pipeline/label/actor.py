@@ -3,7 +3,7 @@ CPU actors), turning prepared canvases into label maps and per-class statistics 
 
 The host side works on whole columns: canvases are views of Arrow's buffer, copied once into the (pinned)
 batch; label maps come back as views of one host buffer and are copied once into the result column; nothing
-goes through a Python object per pixel or per class (README "Inference": host microseconds per image).
+goes through a Python object per pixel or per class (docs/labeling.md "Inference"; bench/RESULTS.md has the host microseconds per image).
 """
 from __future__ import annotations
 
@@ -15,16 +15,31 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from models import from_shippable
+
 from .. import faults
 from ..errors import one_line
-from ..host_memory import keeps_freed_memory
+from ..host_memory import keep_freed_memory_env, keeps_freed_memory
 from .canvas import Prepared
 from .columns import binary_column, binary_views, list_column
-from .inference import DeviceFailure, InferenceSettings, Prediction, Predictor, from_shippable
+from .inference import DeviceFailure, Prediction, Predictor
+from .inference_settings import InferenceSettings
 from .stages import postprocess_stage
 
 _SIZES = ("width", "height", "resized_h", "resized_w", "canvas_h", "canvas_w")
 _PER_CLASS_I32 = ("class_id", "x_min", "y_min", "x_max", "y_max")
+
+
+def actor_env() -> dict[str, str]:
+    """The environment variables an inference actor's process starts with, decided here alone: glibc's malloc keeps
+    freed memory for the next call (pipeline/host_memory.py; read once, when the process starts), unless the job's
+    workers keep it already (a Ray that pipeline.ray_setup.init_ray starts gives it to all of them, so the actors
+    need no worker of their own there). cuDNN's heuristic mode is the Predictor's to set, before its first
+    convolution (pipeline.label.inference)."""
+    import ray
+
+    job_env = ray.get_runtime_context().runtime_env.get("env_vars") or {}
+    return {} if keeps_freed_memory(job_env) else keep_freed_memory_env()
 
 
 class BatchLabeler:

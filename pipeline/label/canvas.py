@@ -12,15 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..errors import UsageError
-
-
-def check_canvas_settings(max_side: int | None, canvas_multiple: int) -> None:
-    if max_side is not None and max_side < 1:
-        raise UsageError(f"--max-side must be >= 1 (or None), got {max_side}")
-    if canvas_multiple < 1:
-        raise UsageError(f"--canvas-multiple must be >= 1, got {canvas_multiple}")
-
 
 def target_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
     """(h, w) the model sees: the long side at most `max_side`, aspect ratio kept."""

@@ -10,7 +10,7 @@ Commit protocol, per *file set* (the labels, class_stats, errors and index rows 
 2. `commit_staged`, in the driver: the commit marker `_commits/<fileset>.json` is written (one atomic write):
    **the commit point**;
 3. files are moved to their final names, class_stats, errors and index first, labels last; a move never
-   replaces an existing file. Then the marker and the staging folder are deleted.
+   replaces an existing file (`Location.publish_to`). Then the marker and the staging folder are deleted.
 
 `recover()` runs at the start of every job, under the output's lease, before anything is skipped: it finishes
 step 3 for every marker it finds (moves are idempotent) and deletes staging folders without a marker (a writer
@@ -61,28 +61,6 @@ def parquet_bytes(table: pa.Table, row_group_rows: int = 256) -> bytes:
 
 
 final_name = OutputLayout.table_file  # where a file set's file of a table is published (relative to the root)
-
-
-def _move(output: Location, src: str, dst: str) -> None:
-    """Publish one file without ever replacing one: it appears complete under its final name (local hard link
-    then unlink, or rename after a check where links are unsupported; S3 server-side copy then delete). A
-    destination that exists already is this same file, published before a crash: the source is dropped."""
-    fs = output.fs
-    if output.is_local:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        try:
-            os.link(src, dst)
-        except FileExistsError:
-            pass
-        except OSError:  # no hard links here (some network filesystems): single writer, guarded by the lease
-            if not os.path.exists(dst):
-                os.replace(src, dst)
-                return
-        os.unlink(src)
-        return
-    if not fs.exists(dst):
-        Location(output.uri_of(src), fs, src).copy_to(Location(output.uri_of(dst), fs, dst))
-    Location(output.uri_of(src), fs, src).remove()
 
 
 def stage_fileset(output: Location, fileset: str, run_date: str, model_id: str,
@@ -139,11 +117,12 @@ def _publish(output: Location, marker: dict) -> None:
 
 
 def _publish_file(output: Location, marker: dict, entry: dict) -> None:
-    fs = output.fs
-    src, dst = output.child(entry["src"]).path, output.child(entry["dst"]).path
-    if fs.exists(src):
-        _move(output, src, dst)
-    elif not fs.exists(dst):
+    """Move one staged file to its final name, never replacing one (Location.publish_to: a move done before a
+    crash is done again harmlessly)."""
+    src, dst = output.child(entry["src"]), output.child(entry["dst"])
+    if output.fs.exists(src.path):
+        src.publish_to(dst)
+    elif not output.fs.exists(dst.path):
         raise StorageError(f"commit {marker['fileset']} of {output.uri}: neither {entry['src']} nor "
                            f"{entry['dst']} exists; the output was modified by hand")
     faults.fire(f"label.commit:published:{entry['table']}")

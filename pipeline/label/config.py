@@ -7,10 +7,9 @@ from datetime import datetime
 
 from ..amp import AMP_CHOICES
 from ..decode import DEFAULT_MAX_PIXELS
-from ..errors import UsageError, check_number
-from .canvas import check_canvas_settings
+from ..errors import CPU_QUANTUM, UsageError, check_number
 from .codec import ENCODINGS
-from .inference_settings import InferenceSettings
+from .inference_settings import InferenceSettings, check_settings
 
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_CANVAS_MULTIPLE = 32
@@ -49,7 +48,7 @@ class LabelConfig:
     wait_for_resources: float | None = None  # seconds; None: 600 on a joined cluster, 0 on a local Ray
     progress: bool | None = None          # None: when stderr is a terminal
     amp: str = "bf16"                     # one of AMP_CHOICES; GPU only
-    # Kernel levers (InferenceSettings; README "Inference settings").
+    # Kernel levers (InferenceSettings; docs/labeling.md "Inference settings").
     reproducible: bool = False            # only levers with a fixed kernel choice: bit-identical labels across processes
     cudnn: str = "heuristic"              # one of CUDNN_MODES
     compile: str = "off"                  # one of COMPILE_MODES
@@ -73,12 +72,12 @@ class LabelConfig:
             check_number(f"--{name.replace('_', '-')}", getattr(self, name), at_least=1)
         check_number("--num-gpus", self.num_gpus, at_least=0)
         check_number("--previews", self.previews, at_least=0)
-        check_number("--cpus-per-actor", self.cpus_per_actor, above=0.0)
+        check_number("--cpus-per-actor", self.cpus_per_actor, at_least=CPU_QUANTUM)
         check_number("--wait-for-resources", self.wait_for_resources, at_least=0.0, unit="seconds")
         check_number("rows_per_read_task", self.rows_per_read_task, at_least=1)  # no flag: library callers
         if self.run_date is not None:
-            try:  # zero-padded only: one partition per day, whatever the spelling
-                if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", self.run_date):
+            try:  # zero-padded ASCII digits only: one partition per day, whatever the spelling
+                if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", self.run_date):
                     raise UsageError
                 datetime.strptime(self.run_date, "%Y-%m-%d")
             except ValueError:
@@ -86,8 +85,10 @@ class LabelConfig:
         if self.run_id is not None and not re.fullmatch(RUN_ID_PATTERN, self.run_id):
             raise UsageError("--run-id must start with a letter or digit and hold letters, digits, '_', '.' and '-' "
                              f"only (at most 128), got {self.run_id!r}")
-        check_canvas_settings(self.max_side, self.effective_canvas_multiple)
-        self.inference_settings(batch_size=1, device="cpu")  # the levers' own checks (--reproducible with --compile)
+        # The inference settings' own rules (canvas, levers, --reproducible with --compile), before Ray plans the
+        # batch size and the device that complete them (inference_settings below).
+        check_settings(max_side=self.max_side, canvas_multiple=self.effective_canvas_multiple, batch_size=self.batch_size or 1,
+                       cudnn=self.cudnn, compile=self.compile, reproducible=self.reproducible)
 
     @property
     def effective_canvas_multiple(self) -> int:
@@ -96,7 +97,8 @@ class LabelConfig:
         return COMPILED_CANVAS_MULTIPLE if self.compile != "off" else DEFAULT_CANVAS_MULTIPLE
 
     def inference_settings(self, *, batch_size: int, device: str) -> InferenceSettings:
-        """The InferenceSettings of this run's actors (batch size and device come from the resource plan)."""
+        """The InferenceSettings of this run's actors (batch size and device come from the resource plan): built
+        once per run, by the driver once the plan is made."""
         return InferenceSettings(max_side=self.max_side, canvas_multiple=self.effective_canvas_multiple,
                                  batch_size=batch_size, device=device, amp=self.amp, cast_weights=self.cast_weights,
                                  grouped_upsampling=self.grouped_upsampling, cudnn=self.cudnn, compile=self.compile,

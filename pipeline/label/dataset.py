@@ -5,9 +5,8 @@ from __future__ import annotations
 import ray
 
 from .. import faults
-from ..host_memory import keep_freed_memory_env, keeps_freed_memory
 from ..storage import Location
-from .actor import InferenceActor
+from .actor import InferenceActor, actor_env
 from .config import LabelConfig
 from .crash_budget import bound_crashes, start_attempts
 from .inference_settings import InferenceSettings
@@ -17,10 +16,10 @@ from .writer import OutputSettings, stage_results
 
 
 def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpoint_ref, plan: ResourcePlan,
-                  config: LabelConfig, output: OutputSettings) -> ray.data.Dataset:
+                  settings: InferenceSettings, config: LabelConfig, output: OutputSettings) -> ray.data.Dataset:
     """The streaming Ray Dataset of staged file sets (writer.STAGED_SCHEMA rows) for the listing rows `todo`,
-    listed under `listed_by` (None: a manifest's rows, each read through the filesystem its URI names)."""
-    settings = config.inference_settings(batch_size=plan.batch_size, device=plan.device)
+    listed under `listed_by` (None: a manifest's rows, each read through the filesystem its URI names), labeled
+    by actors as `plan` places them with the run's `settings`."""
     ds = todo.map_batches(read_stage, batch_size=config.rows_per_read_task, batch_format="pyarrow",
                           num_cpus=plan.task_cpus, fn_kwargs={"listed_by": listed_by, "max_bytes": config.read_limit})
     ds = ds.map_batches(decode_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
@@ -31,10 +30,9 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
     # long-lived actors (tasks would start a worker process, torch import included, per call on small nodes).
     separate = config.label_encoding != "raw"
     gpu = plan.actor_gpus > 0
-    # On a GPU: calls of 16 forward passes' rows, grouped by canvas size into fixed-shape batches (simulated at
-    # batch 8: with 3 canvas sizes they fill 93% of the slots, against 76% with 4 passes' rows; with 20 sizes
-    # 67% against 25%), and two calls running at once, so one call's host work (unpacking, pinning, building
-    # the result table) overlaps the other's forward passes.
+    # On a GPU: calls of 16 forward passes' rows, so that grouping them by canvas size fills the fixed-shape
+    # batches' slots (more rows per call, fewer empty slots: bench/RESULTS.md), and two calls running at once, so
+    # one call's host work (unpacking, pinning, building the result table) overlaps the other's forward passes.
     rows_per_call = config.rows_per_actor_call or (16 if gpu else 4) * plan.batch_size
     # CUDA graphs (--compile reduce-overhead) are recorded and replayed per thread: one call at a time there.
     concurrent_calls = 2 if gpu and settings.compile != "reduce-overhead" else None
@@ -47,7 +45,7 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
         # actor pools restart actors and retry their calls without limit by default (a fixed max_task_retries
         # would also count lost nodes, ray#50640), and crash_budget ends the run when a batch has killed its
         # actor 3 times on nodes that stayed up (lost nodes cost nothing).
-        runtime_env=faults.runtime_env(_actor_env(settings)),
+        runtime_env=faults.runtime_env(actor_env()),
         fn_constructor_kwargs={"checkpoint": [checkpoint_ref], "settings": settings, "threads": plan.threads,
                                "postprocess_encoding": None if separate else config.label_encoding,
                                "attempts": [start_attempts()]})
@@ -59,12 +57,3 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
     # hold that many label maps in the object store); the driver receives one small row per block.
     return ds.map_batches(stage_results, batch_size=None, batch_format="pyarrow",
                           num_cpus=plan.task_cpus, runtime_env=faults.runtime_env(), fn_kwargs={"settings": output})
-
-
-def _actor_env(settings: InferenceSettings) -> dict:
-    """Environment of the inference actors' processes, read once when each starts: glibc's malloc keeps freed
-    memory for the next call (pipeline/host_memory.py; a Ray the job started sets it for all its workers already);
-    cuDNN reads its heuristic mode at the first convolution."""
-    job_env = ray.get_runtime_context().runtime_env.get("env_vars") or {}
-    return {**({} if keeps_freed_memory(job_env) else keep_freed_memory_env()),
-            **({"TORCH_CUDNN_USE_HEURISTIC_MODE_B": "1"} if settings.cudnn.endswith("-b") else {})}

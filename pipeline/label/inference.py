@@ -14,7 +14,8 @@ neighbours:
   for an image is the same whatever its neighbours (verified bit for bit by the tests).
 - Logits are cropped back to the image, bilinearly upsampled to the original resolution when the image was
   shrunk (in row bands, so memory stays bounded for large images), then argmax and softmax statistics are
-  computed on the device: only the uint8 label map and a few numbers per class come back to the host.
+  computed on the device (`device_stats`): only the uint8 label map and a few numbers per class come back to
+  the host.
 
 On CUDA: bf16 autocast, channels-last, pinned host memory and non-blocking copies. The kernel levers
 (`InferenceSettings`: weights cast once, grouped bilinear upsamplers, cuDNN's kernel choice, torch.compile) keep
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import os
 import threading
 import time
@@ -33,21 +33,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models import Checkpoint, InputConvention, ModelConfig, build_from_state
+from models import MAX_CLASSES, Checkpoint, InputConvention
 from models.fast_paths import cast_trunk, group_upsamplers
 
 from .. import faults
 from ..amp import autocast
 from ..batching import fixed_slot_batch, to_input
 from .canvas import Prepared, preprocess
+from .device_stats import labels_and_stats
 from .inference_settings import COMPILE_SHAPE_LIMIT, InferenceSettings
-
-# Elements (classes x rows x width) of one band of one image's upsampled logits: bounds memory for large images.
-# Per image, never per chunk: the band split orders the float sums, and must not depend on the neighbours.
-BAND_ELEMENTS = 4_000_000
 
 
 def resolve_device(device: str) -> torch.device:
@@ -79,109 +75,6 @@ class Prediction:
     @property
     def pixel_fraction(self) -> np.ndarray:
         return self.pixel_count / float(self.label.size)
-
-
-def _lerp_index(out_size: int, in_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source indices and weights of bilinear resampling with align_corners=False (PyTorch's convention), made
-    on the device (a host-built index would be a blocking copy)."""
-    src = (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * (in_size / out_size) - 0.5
-    src = src.clamp(min=0)
-    i0 = src.floor().long().clamp(max=in_size - 1)
-    i1 = (i0 + 1).clamp(max=in_size - 1)
-    t = (src - i0).float()
-    return i0, i1, t
-
-
-def _source_rows(r0: int, r1: int, in_size: int, out_size: int) -> tuple[int, int]:
-    """Source rows [lo, hi) that output rows [r0, r1) interpolate from, with a row of margin on each side
-    (host arithmetic: the exact indices live on the device)."""
-    scale = in_size / out_size
-    lo = max(0, math.floor((r0 + 0.5) * scale - 0.5) - 1)
-    hi = min(in_size, math.floor((r1 - 0.5) * scale - 0.5) + 3)
-    return lo, hi
-
-
-class _BandUpsampler:
-    """Rows r0..r1 of logits (n, C, h, w) bilinearly resized to (height, width), align_corners=False: across
-    with F.interpolate on just the source rows the band needs, then down by a lerp between two of those rows.
-    Every band does the same arithmetic per pixel, so the band split changes no bit."""
-
-    def __init__(self, scores: torch.Tensor, height: int, width: int):
-        self.scores, self.height, self.width = scores, height, width
-        self.h, self.w = scores.shape[-2:]
-        if self.h != height:
-            self.yi0, self.yi1, self.yt = _lerp_index(height, self.h, scores.device)
-
-    def _across(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.w == self.width:
-            return rows
-        return F.interpolate(rows, size=(rows.shape[2], self.width), mode="bilinear", align_corners=False)
-
-    def __call__(self, r0: int, r1: int) -> torch.Tensor:
-        if self.h == self.height:
-            return self._across(self.scores[:, :, r0:r1])
-        lo, hi = _source_rows(r0, r1, self.h, self.height)
-        src = self._across(self.scores[:, :, lo:hi])
-        a = src.index_select(2, self.yi0[r0:r1] - lo)
-        b = src.index_select(2, self.yi1[r0:r1] - lo)
-        return torch.lerp(a, b, self.yt[r0:r1].view(1, 1, -1, 1))
-
-
-class _DenseStats:
-    """Per-class statistics by dense reductions over (n, C, band, width) one-hot masks: no atomics, no
-    boolean indexing, no host synchronisation; deterministic on a GPU, where the extra traffic is cheap."""
-
-    def __init__(self, n: int, c: int, height: int, width: int, dev: torch.device):
-        self.height, self.width, self.dev = height, width, dev
-        self.classes = torch.arange(c, device=dev).view(1, c, 1, 1)
-        self.xs = torch.arange(width, device=dev)
-        self.counts = torch.zeros((n, c), dtype=torch.int64, device=dev)
-        self.conf_sum = torch.zeros((n, c), dtype=torch.float64, device=dev)
-        self.y_min = torch.full((n, c), height, dtype=torch.int64, device=dev)
-        self.x_min = torch.full((n, c), width, dtype=torch.int64, device=dev)
-        self.y_max = torch.full((n, c), -1, dtype=torch.int64, device=dev)
-        self.x_max = torch.full((n, c), -1, dtype=torch.int64, device=dev)
-
-    def add(self, idx: torch.Tensor, conf: torch.Tensor, r0: int) -> None:
-        onehot = idx.unsqueeze(1) == self.classes  # (n, C, band, width)
-        self.counts += onehot.sum((2, 3))
-        self.conf_sum += torch.where(onehot, conf.unsqueeze(1).double(), 0.0).sum((2, 3))
-        rows_hit, cols_hit = onehot.any(3), onehot.any(2)  # (n, C, band), (n, C, width)
-        ys = torch.arange(r0, r0 + idx.shape[1], device=self.dev)
-        self.y_min = torch.minimum(self.y_min, torch.where(rows_hit, ys, self.height).amin(2))
-        self.y_max = torch.maximum(self.y_max, torch.where(rows_hit, ys, -1).amax(2))
-        self.x_min = torch.minimum(self.x_min, torch.where(cols_hit, self.xs, self.width).amin(2))
-        self.x_max = torch.maximum(self.x_max, torch.where(cols_hit, self.xs, -1).amax(2))
-
-    def result(self) -> torch.Tensor:
-        return torch.stack([self.counts.double(), self.conf_sum, self.x_min.double(), self.y_min.double(),
-                            self.x_max.double(), self.y_max.double()], dim=-1)
-
-
-class _BincountStats(_DenseStats):
-    """The same statistics from bincounts over (image, class[, row or column]) keys: one pass over the pixels
-    instead of one per class (on a CPU the dense form cost ~10x the labels themselves). Sequential sums on the
-    CPU: deterministic."""
-
-    def add(self, idx: torch.Tensor, conf: torch.Tensor, r0: int) -> None:
-        n, band, width = idx.shape
-        c = self.classes.shape[1]
-        key = idx.long() + c * torch.arange(n, device=self.dev).view(n, 1, 1)  # (n, band, width): image, class
-        flat = key.reshape(-1)
-        self.counts += torch.bincount(flat, minlength=n * c).view(n, c)
-        self.conf_sum += torch.bincount(flat, weights=conf.reshape(-1).double(), minlength=n * c).view(n, c)
-        rows_hit = torch.bincount((key * band + torch.arange(band, device=self.dev).view(1, band, 1)).reshape(-1),
-                                  minlength=n * c * band).view(n, c, band) > 0
-        cols_hit = torch.bincount((key * width + self.xs).reshape(-1), minlength=n * c * width).view(n, c, width) > 0
-        ys = torch.arange(r0, r0 + band, device=self.dev)
-        self.y_min = torch.minimum(self.y_min, torch.where(rows_hit, ys, self.height).amin(2))
-        self.y_max = torch.maximum(self.y_max, torch.where(rows_hit, ys, -1).amax(2))
-        self.x_min = torch.minimum(self.x_min, torch.where(cols_hit, self.xs, self.width).amin(2))
-        self.x_max = torch.maximum(self.x_max, torch.where(cols_hit, self.xs, -1).amax(2))
-
-
-# Per-class statistics on the device, one float64 each (exact for integers below 2**53), in this order.
-STATS = ("pixel_count", "confidence_sum", "x_min", "y_min", "x_max", "y_max")
 
 
 class DeviceFailure(RuntimeError):
@@ -254,11 +147,12 @@ class Predictor:
         self.normalize = convention.normalizer(self.device)
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         self.num_classes = int(getattr(model, "num_classes", 0)) or None
-        if self.num_classes is not None and self.num_classes > 256:
-            raise ValueError(f"label maps are uint8: at most 256 classes, the model has {self.num_classes}")
+        if self.num_classes is not None and self.num_classes > MAX_CLASSES:
+            raise ValueError(f"label maps are uint8: at most {MAX_CLASSES} classes, the model has {self.num_classes}")
         if self.cuda and settings.cudnn.endswith("-b"):
-            # Read once per process, at cuDNN's first convolution (a static in ATen): the inference actor sets it
-            # before any; a process that already ran a convolution keeps the mode it started with.
+            # The one place that sets cuDNN's heuristic mode, for the inference actors and every other caller alike.
+            # cuDNN reads it once per process, at its first convolution (a static in ATen): a Predictor is made
+            # before any (an actor makes its own first); a process that already ran one keeps the mode it started with.
             os.environ["TORCH_CUDNN_USE_HEURISTIC_MODE_B"] = "1"
         self.model, self.applied = self._prepare_model(model)
         self._compiled = None
@@ -318,29 +212,11 @@ class Predictor:
 
     # --------------------------------------------------------------------------------- labels and stats
 
-    @torch.inference_mode()
     def labels_and_stats(self, scores: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (n, C, h, w) of n images of one size -> label maps (n, height, width) uint8 and per-class
-        statistics (n, C, len(STATS)) float64, on the device, without a host synchronisation.
-
-        When (h, w) != (height, width) the logits are bilinearly upsampled first (align_corners=False). Work goes
-        in row bands, so memory stays bounded for large images; the band split depends on the image's size
-        alone. The statistics are deterministic: on CUDA dense per-class reductions (no float atomics), on the
-        CPU bincounts (sequential sums), the cheaper form there.
-        """
-        n, c, h, w = scores.shape
-        band_rows = max(1, min(height, BAND_ELEMENTS // max(1, c * width)))
-        label = torch.empty((n, height, width), dtype=torch.uint8, device=scores.device)
-        stats = (_DenseStats if self.cuda else _BincountStats)(n, c, height, width, scores.device)
-        upsample = _BandUpsampler(scores, height, width)
-        for r0 in range(0, height, band_rows):
-            r1 = min(height, r0 + band_rows)
-            band = upsample(r0, r1)  # (n, C, r1 - r0, width)
-            top, idx = band.max(1)
-            conf = torch.exp(band - top.unsqueeze(1)).sum(1).reciprocal()  # max softmax probability
-            label[:, r0:r1] = idx.to(torch.uint8)
-            stats.add(idx, conf, r0)
-        return label, stats.result()
+        statistics (n, C, len(device_stats.STATS)) float64, on the device (`device_stats.labels_and_stats`):
+        dense reductions on CUDA, bincounts on the CPU."""
+        return labels_and_stats(scores, height, width, dense=self.cuda)
 
     def to_host(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Prediction]:
         """Results of `labels_and_stats` -> Predictions (in order): one copy into pinned host memory and one
@@ -466,20 +342,3 @@ def predict_image(checkpoint_or_model: Checkpoint | nn.Module, convention: Input
                                      device=device, amp=amp, channels_last=channels_last)
     predictor = Predictor(model, convention, settings)
     return predictor.predict_chunk([preprocess(rgb, settings.max_side, settings.canvas_multiple)])[0]
-
-
-def shippable(ck: Checkpoint) -> dict:
-    """A loaded checkpoint as plain types and numpy arrays: Ray's object store holds the arrays zero-copy,
-    so inference actors get the weights without re-reading, re-hashing or unpickling the file."""
-    return {"config": ck.config.to_dict(), "class_names": list(ck.class_names), "input": ck.convention.to_dict(),
-            "model_id": ck.model_id, "uri": ck.uri,
-            "state": {k: v.detach().cpu().numpy() for k, v in ck.model.state_dict().items()}}
-
-
-def from_shippable(d: dict, map_location: str = "cpu") -> Checkpoint:
-    """The inverse of `shippable` (weights copied out of the read-only shared memory)."""
-    config = ModelConfig(**d["config"])
-    state = {k: torch.from_numpy(np.array(v)) for k, v in d["state"].items()}
-    model = build_from_state(config, state, d["uri"]).to(map_location).eval()
-    return Checkpoint(model, config, list(d["class_names"]), InputConvention.from_dict(d["input"]), {},
-                      d["model_id"], d["uri"])

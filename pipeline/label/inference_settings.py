@@ -1,11 +1,12 @@
 """InferenceSettings: everything besides the model and the image that decides an image's labels, with the kernel
-levers and their checks. No torch here: the driver validates flags with it before anything heavy loads."""
+levers and their checks, here alone. No torch here: the driver checks the flags with them before anything heavy
+loads (LabelConfig.validate), then builds the run's one InferenceSettings once the resource plan gives the batch
+size and the device."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from .canvas import check_canvas_settings
 
 CUDNN_MODES = ("heuristic", "heuristic-b", "benchmark", "benchmark-b")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -21,7 +22,7 @@ class InferenceSettings:
     original resolution. canvas_multiple: canvas sides are rounded up to it. batch_size: slots per forward.
     device: "cpu", "cuda", "cuda:N" or "auto". amp: "bf16", "fp16" or "off" autocast on CUDA (CPU: fp32).
 
-    The levers (README "Inference settings"), each recorded in the run record:
+    The levers (docs/labeling.md "Inference settings"), each recorded in the run record:
     cast_weights: the trunk's weights stored in the autocast dtype once (bit-identical logits; CUDA with amp).
     grouped_upsampling: upsamplers holding the exact bilinear kernel run as grouped (per-class) transposed convs.
     cudnn: how cuDNN picks kernels: its instant heuristic, heuristic mode B, or timing candidates (benchmark).
@@ -43,21 +44,39 @@ class InferenceSettings:
     reproducible: bool = False
 
     def __post_init__(self) -> None:
-        check_canvas_settings(self.max_side, self.canvas_multiple)
-        if self.batch_size < 1:
-            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
-        for name, value, choices in (("cudnn", self.cudnn, CUDNN_MODES), ("compile", self.compile, COMPILE_MODES)):
-            if value not in choices:
-                raise UsageError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
-        if self.reproducible:
-            unfixed = [f"--cudnn {self.cudnn}"] if self.cudnn.startswith("benchmark") else []
-            unfixed += [f"--compile {self.compile}"] if self.compile != "off" else []
-            if unfixed:
-                raise UsageError(f"--reproducible needs a fixed kernel choice: drop {' and '.join(unfixed)} (cuDNN's "
-                                 "benchmark and compiled kernels may differ between processes)")
+        check_settings(max_side=self.max_side, canvas_multiple=self.canvas_multiple, batch_size=self.batch_size,
+                       cudnn=self.cudnn, compile=self.compile, reproducible=self.reproducible)
 
     def levers(self) -> dict:
         """The settings that choose kernels, as the run record and the summary state them."""
         return {"reproducible": self.reproducible, "cast_weights": self.cast_weights,
                 "grouped_upsampling": self.grouped_upsampling, "cudnn": self.cudnn, "compile": self.compile,
                 "batch_size": self.batch_size, "amp": self.amp, "canvas_multiple": self.canvas_multiple}
+
+
+# Upper bounds where a larger value only allocates memory: every canvas is padded up to a multiple of the first
+# (100,000 would make each 30 GB), the second is the fixed slots of every forward pass.
+MAX_CANVAS_MULTIPLE = 1024
+MAX_BATCH_SIZE = 1024
+
+
+def check_settings(*, max_side: int | None, canvas_multiple: int, batch_size: int, cudnn: str, compile: str,
+                   reproducible: bool) -> None:
+    """The rules of InferenceSettings' values; raises UsageError naming the flag. InferenceSettings checks itself
+    with them, and LabelConfig.validate checks the flags with them before Ray starts (the resource plan, which
+    gives the run's batch size and device, comes later)."""
+    if max_side is not None and max_side < 1:
+        raise UsageError(f"--max-side must be >= 1 (or None), got {max_side}")
+    if not 1 <= canvas_multiple <= MAX_CANVAS_MULTIPLE:
+        raise UsageError(f"--canvas-multiple must be in [1, {MAX_CANVAS_MULTIPLE}], got {canvas_multiple}")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise UsageError(f"--batch-size must be in [1, {MAX_BATCH_SIZE}], got {batch_size}")
+    for name, value, choices in (("cudnn", cudnn, CUDNN_MODES), ("compile", compile, COMPILE_MODES)):
+        if value not in choices:
+            raise UsageError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+    if reproducible:
+        unfixed = [f"--cudnn {cudnn}"] if cudnn.startswith("benchmark") else []
+        unfixed += [f"--compile {compile}"] if compile != "off" else []
+        if unfixed:
+            raise UsageError(f"--reproducible needs a fixed kernel choice: drop {' and '.join(unfixed)} (cuDNN's "
+                             "benchmark and compiled kernels may differ between processes)")

@@ -17,14 +17,16 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from models import Checkpoint, CheckpointError, load_checkpoint_bytes
+import ray
+
+from models import MAX_CLASSES, Checkpoint, CheckpointError, load_checkpoint_bytes, shippable
 
 from ..errors import one_line
 from ..lease import Lease
-from ..ray_setup import configure_progress, default_wait_s, init_ray, wait_for_resources
+from ..ray_setup import configure_progress, init_ray
 from ..run_guard import guarded_run
 from ..storage import Location, redact
 from ..telemetry import LabelMetrics
@@ -33,11 +35,11 @@ from .config import LabelConfig
 from .crash_budget import batch_crash
 from .dataset import build_dataset
 from .filesets import FilesetGrouper
-from .inference import shippable
+from .inference_settings import InferenceSettings
 from .layout import OutputLayout
 from .listing import Listing, listing_dataset, plan_listing
 from .previews import preview_sources, write_previews
-from .resources import InsufficientResources, plan_resources, resource_request
+from .resources import ResourcePlan, plan_when_ready
 from .run_record import RunRecord
 from .skip import drop_labeled, ensure_index
 from .upgrade import upgrade_tables
@@ -63,33 +65,52 @@ def load_checkpoint_at(location: Location) -> Checkpoint:
     except IsADirectoryError:
         raise CheckpointError(f"checkpoint {location.uri} is a directory, not a file") from None
     ck = load_checkpoint_bytes(data, location.uri)
-    if ck.config.num_classes > 256:
-        raise CheckpointError(f"label maps are uint8: at most 256 classes, the checkpoint has {ck.config.num_classes}")
+    if ck.config.num_classes > MAX_CLASSES:
+        raise CheckpointError(f"label maps are uint8: at most {MAX_CLASSES} classes, the checkpoint has "
+                              f"{ck.config.num_classes}")
     return ck
 
 
-def _start_ray(config: LabelConfig):
-    import ray
+@dataclass(frozen=True)
+class LabelRun:
+    """One labeling run as the driver settles it before any work (`label_images`): the flags, the checkpoint, where
+    the images come from and the results go, the run's names and the output's lease. Made once, then handed down
+    whole; what Ray decides later (the resource plan, and with it the InferenceSettings) travels beside it."""
 
+    config: LabelConfig
+    ck: Checkpoint
+    checkpoint: Location       # where `ck` was read
+    listing: Listing
+    output: Location
+    run_id: str
+    run_date: str              # the partition value YYYY-MM-DD
+    started: datetime
+    lease: Lease
+
+    @property
+    def layout(self) -> OutputLayout:
+        return OutputLayout(self.output)
+
+    @property
+    def listed_by(self) -> Location | None:
+        """Where the listed rows are read from (None: a manifest's rows, each through the filesystem its URI names)."""
+        return None if self.listing.manifest_paths else self.listing.images
+
+    def arguments(self) -> dict:
+        """The run record's arguments: the flags, with the locations as this run resolved them."""
+        return {**self.config.to_dict(), "images": self.listing.images.uri, "output": self.output.uri,
+                "checkpoint": self.checkpoint.uri}
+
+    def output_settings(self) -> OutputSettings:
+        return OutputSettings(self.output, self.run_id, self.run_date, self.ck.model_id, tuple(self.ck.class_names),
+                              self.config.bytes_per_file, self.config.rows_per_file)
+
+
+def _start_ray(config: LabelConfig) -> None:
     # A job submitted to a cluster joins it ($RAY_ADDRESS); otherwise it starts its own local Ray, never a stray one.
     init_ray(config.ray_address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False,
              logging_level=logging.WARNING)
     configure_progress(config.progress)
-    return ray
-
-
-def _plan_when_ready(config: LabelConfig):
-    """The resource plan on the cluster as it is, or as the autoscaler grows it within --wait-for-resources."""
-    def problem(resources: dict) -> str | None:
-        try:
-            plan_resources(config, resources)
-        except InsufficientResources as e:
-            return str(e)
-        return None
-
-    wait_s = default_wait_s(config.ray_address, config.wait_for_resources)
-    resources = wait_for_resources(problem, resource_request(config), wait_s, _say)
-    return plan_resources(config, resources)
 
 
 def list_todo(listing: Listing, output: Location, model_id: str, *, force: bool, rows_per_file: int,
@@ -133,44 +154,47 @@ def label_images(config: LabelConfig) -> dict:
     listing = plan_listing(images, config.manifest)  # a missing prefix or a wrong manifest fails here
     started = datetime.now(timezone.utc)
     run_id = config.run_id or new_run_id(started)
+    run_date = config.run_date or started.strftime("%Y-%m-%d")
     with guarded_run(output, holder=f"labeling run {run_id}", what=f"output {output.uri}") as lease:
-        return _label(config, ck, checkpoint, listing, output, run_id, started, lease)
+        return _label(LabelRun(config, ck, checkpoint, listing, output, run_id, run_date, started, lease))
 
 
-def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: Listing, output: Location,
-           run_id: str, started: datetime, lease: Lease) -> dict:
+def _label(run: LabelRun) -> dict:
+    config, output, ck = run.config, run.output, run.ck
     t0, t0_epoch = time.monotonic(), time.time()
     timings: dict[str, float] = {}
-    run_date = config.run_date or started.strftime("%Y-%m-%d")
     recovered = recover(output)
-    ray = _start_ray(config)
-    metrics = LabelMetrics(run_id, t0)  # Prometheus, through Ray's metrics agent (pipeline.telemetry)
+    _start_ray(config)
+    metrics = LabelMetrics(run.run_id, t0)  # Prometheus, through Ray's metrics agent (pipeline.telemetry)
     try:
-        plan = _plan_when_ready(config)
+        plan = plan_when_ready(config, _say)
+        settings = config.inference_settings(batch_size=plan.batch_size, device=plan.device)  # the run's one
         if plan.decode_warning():
             _say(f"warning: {plan.decode_warning()}")
         timings["ray_start_and_resources"] = time.monotonic() - t0
         t = time.monotonic()
-        upgrade_tables(output, run_id)  # older files get today's columns before this run adds any (once per output)
+        upgrade_tables(output, run.run_id)  # older files get today's columns before this run adds any (once per output)
         ensure_index(output)
-        todo, listed, to_label = list_todo(listing, output, ck.model_id, force=config.force,
+        todo, listed, to_label = list_todo(run.listing, output, ck.model_id, force=config.force,
                                            rows_per_file=max(config.rows_per_file, config.images_per_small_file),
                                            rows_per_read_task=config.rows_per_read_task)
         timings["list_and_skip"] = time.monotonic() - t
         metrics.listed(listed, listed - to_label)
 
-        images = listing.images
-        arguments = {**config.to_dict(), "images": images.uri, "output": output.uri, "checkpoint": checkpoint.uri}
-        attempt = _attempt_name(output, run_id)
-        record = RunRecord(OutputLayout(output).run_record(attempt), run_id, run_date, ck.model_id, output.uri,
-                           arguments, started, listed=listed, already_labeled=listed - to_label, recovered=recovered)
+        attempt = _attempt_name(output, run.run_id)
+        record = RunRecord(run.layout.run_record(attempt), run.run_id, run.run_date, ck.model_id, output.uri,
+                           run.arguments(), run.started, listed=listed, already_labeled=listed - to_label,
+                           recovered=recovered)
         record.save()
-        committer = Committer(output, run_id, run_date, ck.model_id, before_commit=lease.check)
+        committer = Committer(output, run.run_id, run.run_date, ck.model_id, before_commit=run.lease.check)
         try:
             with metrics.watch(committer):
-                previews = _run_pipeline(ray, config, ck, todo, to_label, None if listing.manifest_paths else images,
-                                         output, run_id, run_date, plan, committer, timings,
-                                         previews_folder=OutputLayout(output).previews(run_date, attempt))
+                if to_label:
+                    timings.update(_label_todo(run, plan, settings, todo, to_label, committer))
+                committer.finish()
+                t = time.monotonic()
+                previews = _write_previews(run, committer, run.layout.previews(run.run_date, attempt))
+                timings["previews"] = time.monotonic() - t
         except BaseException as e:
             crashed = batch_crash(e)  # a batch that keeps killing its actor: its one line, not Ray's traceback
             try:
@@ -190,7 +214,7 @@ def _label(config: LabelConfig, ck: Checkpoint, checkpoint: Location, listing: L
     record.finish("succeeded", labeled=committer.labeled, errors=committer.errors, wall_seconds=time.monotonic() - t0,
                   files=committer.files, previews=previews, inference_actors=actors, resources=asdict(plan),
                   driver_bytes=committer.driver_bytes, timings_seconds={k: round(v, 3) for k, v in timings.items()},
-                  inference=_inference_summary(config, plan, ck, actors))
+                  inference=_inference_summary(settings, ck, actors))
     metrics.finished(record.summary())
     return record.summary()
 
@@ -206,12 +230,12 @@ def _actors(seen: set[str]) -> list[dict]:
     return [latest[k] for k in sorted(latest)]
 
 
-def _inference_summary(config: LabelConfig, plan, ck: Checkpoint, actors: list[dict]) -> dict:
-    """The kernel levers of the run (README "Inference settings") and what they did with this checkpoint."""
+def _inference_summary(settings: InferenceSettings, ck: Checkpoint, actors: list[dict]) -> dict:
+    """The kernel levers of the run (docs/labeling.md "Inference settings") and what they did with this checkpoint."""
     from models import is_bilinear, upsamplers
 
-    summary = config.inference_settings(batch_size=plan.batch_size, device=plan.device).levers()
-    summary["upsampling"] = {name: ("dense (--no-grouped-upsampling)" if not config.grouped_upsampling else
+    summary = settings.levers()
+    summary["upsampling"] = {name: ("dense (--no-grouped-upsampling)" if not settings.grouped_upsampling else
                                     "grouped" if is_bilinear(layer) else "dense (weights are not the bilinear kernel)")
                              for name, layer in upsamplers(ck.model).items()}
     summary["compile_seconds"] = round(sum(a.get("compile_seconds", 0) for a in actors), 1)
@@ -244,33 +268,34 @@ class ProgressLog:
                  f"{self.committer.errors:,} errors, {done / seconds:.1f} images/s over {seconds:.0f} s")
 
 
-def _run_pipeline(ray, config: LabelConfig, ck: Checkpoint, todo, to_label: int, listed_by: Location | None,
-                  output: Location, run_id: str, run_date: str, plan, committer: Committer, timings: dict, *,
-                  previews_folder: Location) -> int:
-    """Label `todo`, committing file sets as the write tasks stage them; then previews. Returns previews written."""
-    if to_label:
-        ref = ray.put(shippable(ck))  # the object store holds the weights; every actor gets them from there
-        t = time.monotonic()
-        settings = OutputSettings(output, run_id, run_date, ck.model_id, tuple(ck.class_names), config.bytes_per_file,
-                                  config.rows_per_file)
-        ds = build_dataset(todo, listed_by, checkpoint_ref=ref, plan=plan, config=config, output=settings)
-        # Staged blocks of images_per_small_file images become one file set (filesets.py).
-        grouper = FilesetGrouper(config.images_per_small_file, settings, plan.task_cpus)
-        with ProgressLog(committer, to_label, config.progress_interval_s):
-            for staged in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                timings.setdefault("first_result", time.monotonic() - t)
-                for group in grouper.add(staged):
-                    committer.commit(group)
-            for group in grouper.flush():
-                committer.commit(group)
-        timings["pipeline"] = time.monotonic() - t
-    committer.finish()
+def _label_todo(run: LabelRun, plan: ResourcePlan, settings: InferenceSettings, todo, to_label: int,
+                committer: Committer) -> dict[str, float]:
+    """Label `todo` on actors as `plan` places them with `settings`, committing file sets as the write tasks stage
+    them. Returns its timings (seconds to the first staged block, and in all)."""
+    ref = ray.put(shippable(run.ck))  # the object store holds the weights; every actor gets them from there
     t = time.monotonic()
-    previews = 0
-    if config.previews:
-        sources = preview_sources(output, committer.labels_files, config.previews)
-        previews = write_previews(sources, listed_by=listed_by, class_names=list(ck.class_names),
-                                  folder=previews_folder,
-                                  max_pixels=config.max_pixels, max_bytes=config.read_limit)
-    timings["previews"] = time.monotonic() - t
-    return previews
+    timings: dict[str, float] = {}
+    output = run.output_settings()
+    ds = build_dataset(todo, run.listed_by, checkpoint_ref=ref, plan=plan, settings=settings, config=run.config,
+                       output=output)
+    # Staged blocks of images_per_small_file images become one file set (filesets.py).
+    grouper = FilesetGrouper(run.config.images_per_small_file, output, plan.task_cpus)
+    with ProgressLog(committer, to_label, run.config.progress_interval_s):
+        for staged in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            timings.setdefault("first_result", time.monotonic() - t)
+            for group in grouper.add(staged):
+                committer.commit(group)
+        for group in grouper.flush():
+            committer.commit(group)
+    timings["pipeline"] = time.monotonic() - t
+    return timings
+
+
+def _write_previews(run: LabelRun, committer: Committer, folder: Location) -> int:
+    """--previews overlays of this run's labels into `folder`; returns how many were written."""
+    config = run.config
+    if not config.previews:
+        return 0
+    sources = preview_sources(run.output, committer.labels_files, config.previews)
+    return write_previews(sources, listed_by=run.listed_by, class_names=list(run.ck.class_names), folder=folder,
+                          max_pixels=config.max_pixels, max_bytes=config.read_limit)

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 from models import voc_palette
 
 from ..decode import decode_image
-from ..storage import Location, read_listed_uri
+from ..storage import Location
 from .codec import decode_label_map
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ LINE = 18
 PAD = 6
 FONT_SIZE = 12
 NOT_DRAWABLE = "name not drawable in this font"
+MAX_NAME_CHARACTERS = 48  # of a class name in the legend; class_stats.class_name keeps it whole
 
 
 def palette_array() -> np.ndarray:
@@ -170,13 +171,20 @@ def _font_for(name: str) -> tuple[LegendFont | None, str]:
     return None, f"{NOT_DRAWABLE}: {codes}"
 
 
+def _one_line(name: str) -> str:
+    """A class name as a legend line shows it: whitespace (newlines included) as single spaces, at most
+    MAX_NAME_CHARACTERS characters (an ellipsis for the rest)."""
+    name = " ".join(str(name).split())
+    return name if len(name) <= MAX_NAME_CHARACTERS else name[:MAX_NAME_CHARACTERS - 1] + "\u2026"
+
+
 def legend_lines(label: np.ndarray, class_names: list[str]) -> list[LegendLine]:
     """The legend of a label map: one line per class present, most pixels first."""
     ids, counts = np.unique(label, return_counts=True)
     lines = []
     for i in np.argsort(-counts, kind="stable"):
         cid = int(ids[i])
-        name = class_names[cid] if cid < len(class_names) else f"class {cid}"
+        name = _one_line(class_names[cid]) if cid < len(class_names) else f"class {cid}"
         share = f"{100.0 * counts[i] / label.size:.1f}%"
         font, why = _font_for(name)
         if font is not None:
@@ -224,7 +232,8 @@ def write_previews(sources: list[PreviewSource], *, listed_by: Location | None, 
     written = 0
     for p in sources:
         try:
-            rgb = decode_image(read_listed_uri(p.uri, max_bytes, listed_by), max_pixels=max_pixels)
+            source = Location.of_listed(p.uri, listed_by)
+            rgb = decode_image(source.read_listed(source.path, max_bytes), max_pixels=max_pixels)
             png = render_overlay(rgb, decode_label_map(p.label_map, p.encoding, p.height, p.width), class_names)
         except Exception as e:  # noqa: BLE001
             log.warning("no preview for %s: %s", p.uri, e)

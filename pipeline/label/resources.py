@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import JobError, UsageError
+from ..ray_setup import default_wait_s, wait_for_resources
 from .config import LabelConfig
 from .stages import TASK_CPUS
 
 # CPU seconds to read, decode and canvas one 500x375 JPEG (1.2-1.6 ms measured on one core, EXIF and canvas
 # included), plus the raw label map's share of the write (0.17 ms): what the decode tasks need per image.
 CPU_SECONDS_PER_IMAGE = 1.6e-3
-# Images/s one GPU actor should be fed: the H100 target of the labeling job (README "Scaling").
+# Images/s one GPU actor should be fed: the H100 target of the labeling job (docs/operations.md "Scaling").
 GPU_TARGET_IMAGES_PER_SECOND = 1500
 
 
@@ -43,7 +45,7 @@ class ResourcePlan:
         return (f"{self.decode_cpus:g} CPUs are left to decode for {self.pool} GPU actor(s): about "
                 f"{self.decode_images_per_second:,.0f} images/s of 500x375 JPEGs, below the "
                 f"{GPU_TARGET_IMAGES_PER_SECOND:,} per GPU a fast GPU labels; give each GPU at least {need} vCPUs "
-                "(README \"Scaling\")")
+                "(docs/operations.md, \"Scaling\")")
 
 
 def plan_resources(config: LabelConfig, cluster: dict) -> ResourcePlan:
@@ -90,3 +92,18 @@ def resource_request(config: LabelConfig) -> list[dict]:
     threads = config.threads_per_actor or 1
     each = config.cpus_per_actor or max(0.5, threads - 0.5)
     return [{"CPU": float(each)}] * (config.actors or 1) + [{"CPU": TASK_CPUS}]
+
+
+def plan_when_ready(config: LabelConfig, say: Callable[[str], None]) -> ResourcePlan:
+    """The resource plan on the cluster as it is, or as the autoscaler grows it within --wait-for-resources (`say`
+    tells the log what is waited for)."""
+    def problem(resources: dict) -> str | None:
+        try:
+            plan_resources(config, resources)
+        except InsufficientResources as e:
+            return str(e)
+        return None
+
+    wait_s = default_wait_s(config.ray_address, config.wait_for_resources)
+    resources = wait_for_resources(problem, resource_request(config), wait_s, say)
+    return plan_resources(config, resources)

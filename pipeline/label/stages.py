@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from ..decode import DecodeError, decode_image
 from ..errors import one_line
-from ..storage import Location, UnreadableFile, read_listed_uri, storage_error
+from ..storage import Location, UnreadableFile, storage_error
 from .canvas import preprocess
 from .codec import encode_label_map
 from .columns import binary_column, binary_views, list_from_values, list_values
@@ -42,7 +42,8 @@ def read_stage(batch: pa.Table, *, listed_by: Location | None, max_bytes: int) -
         if size is not None and size > max_bytes:
             return None, f"file is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:g} MB limit (--max-bytes)"
         try:
-            return read_listed_uri(uris[i], max_bytes, listed_by), None
+            source = Location.of_listed(uris[i], listed_by)
+            return source.read_listed(source.path, max_bytes), None
         except UnreadableFile as e:
             return None, str(e)
         except FileNotFoundError:

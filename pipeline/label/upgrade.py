@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import posixpath
 import uuid
 from dataclasses import dataclass
@@ -232,19 +231,11 @@ def upgrade_file(output: Location, table: str, path: str, scratch: str) -> bool:
     ctx = FileContext(output, _relative(output, path))
     for step in steps:
         rows = step.convert(rows, ctx).cast(step.schema)
-    data = parquet_bytes(rows.cast(SCHEMAS[table]))
-    if output.is_local:  # rename over the old file: never a partial file, and nothing left in the table's folder
-        tmp = output.child(scratch, f"{uuid.uuid4().hex}.parquet").path
-        os.makedirs(os.path.dirname(tmp), exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    # An atomic replace: locally written in `scratch` (under _staging/, so a crash leaves nothing in the table's
+    # folder) and renamed over the old file; on S3 one PUT. Readers get the old or the new file, whole.
+    with output.child(ctx.relative).open_write(staging=output.child(scratch)) as f:
+        f.write(parquet_bytes(rows.cast(SCHEMAS[table])))
         faults.fire(f"label.upgrade:staged:{table}")
-        os.replace(tmp, path)
-    else:  # one PUT: readers get the old or the new object, whole
-        faults.fire(f"label.upgrade:staged:{table}")
-        output.child(ctx.relative).write_bytes(data)
     faults.fire(f"label.upgrade:replaced:{table}")
     return True
 

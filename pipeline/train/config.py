@@ -3,17 +3,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from models import MAX_CLASSES
+
 from ..amp import AMP_CHOICES
-from ..errors import UsageError, check_name, check_number
+from ..errors import CPU_QUANTUM, UsageError, check_name, check_number
 
 OPTIMIZERS = ("sgd", "adam")
 GRAD_COMPRESSIONS = ("none", "bf16")
 # torch.compile modes of --compile (no CUDA-graph modes: DDP's all-reduce hooks and the optimizer run outside them).
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
-# Masks are uint8 (255 = void) and label maps uint8: at most 256 classes, as jobs/label.py accepts.
-MAX_CLASSES = 256
 # --seed: torch.manual_seed takes 64 bits, and each worker adds its rank times 1,000,003; 32 bits leave room.
 MAX_SEED = 2**32 - 1
+MAX_SCALE = 8.0  # scale augmentation: a crop of 1/8 of the image, or 8x it
 
 
 @dataclass
@@ -38,7 +39,7 @@ class TrainConfig:
     # learned variant). See pipeline/train/step.py.
     learn_upsampling: bool = False
     # Optimiser: torchvision's segmentation reference (SGD, momentum 0.9, weight decay, poly schedule 0.9)
-    # scaled to the FCN paper's VGG setting; see README "Training".
+    # scaled to the FCN paper's VGG setting; see docs/training.md.
     optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
@@ -76,20 +77,20 @@ class TrainConfig:
         check_number("--num-classes", self.num_classes, at_least=1, at_most=MAX_CLASSES)
         check_number("--max-failures", self.max_failures, at_least=0)
         check_number("--seed", self.seed, at_least=0, at_most=MAX_SEED)
-        check_number("--width-mult", self.width_mult, above=0.0, at_most=1.0)
+        check_number("--width-mult", self.width_mult, at_least=1 / 64, at_most=1.0)  # 1/64: one channel
         check_number("--dropout", self.dropout, at_least=0.0, below=1.0)
-        check_number("--min-scale", self.min_scale, above=0.0)
-        check_number("--max-scale", self.max_scale, above=0.0)
+        check_number("--min-scale", self.min_scale, above=0.0, at_most=MAX_SCALE)
+        check_number("--max-scale", self.max_scale, above=0.0, at_most=MAX_SCALE)
         if self.max_scale < self.min_scale:
             raise UsageError(f"--max-scale must be >= --min-scale ({self.min_scale!r}), got {self.max_scale!r}")
-        check_number("--lr", self.lr, above=0.0)
+        check_number("--lr", self.lr, above=0.0, at_most=10.0)
         check_number("--momentum", self.momentum, at_least=0.0, below=1.0)
         for name, value in [("weight-decay", self.weight_decay), ("poly-power", self.poly_power)]:
             check_number(f"--{name}", value, at_least=0.0)
         for name, value in [("cpus-per-worker", self.cpus_per_worker), ("data-cpus", self.data_cpus)]:
-            check_number(f"--{name}", value, above=0.0)
+            check_number(f"--{name}", value, at_least=CPU_QUANTUM)
         check_number("--wait-for-resources", self.wait_for_resources, at_least=0.0, unit="seconds")
-        check_number("--stall-timeout", self.stall_timeout, above=0.0, below=1e9, unit="seconds")
+        check_number("--stall-timeout", self.stall_timeout, at_least=1.0, below=1e9, unit="seconds")
         if self.amp not in AMP_CHOICES:
             raise UsageError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.grad_compression not in GRAD_COMPRESSIONS:

@@ -19,6 +19,7 @@ from models.convention import Normalizer
 
 from ..amp import autocast
 from ..batching import fixed_slot_batch, to_input
+from ..storage import Location
 from .inputs import unpack_whole
 from .metrics import ConfusionMatrix
 from .step import cudnn_benchmark
@@ -101,7 +102,7 @@ class ConfusionPredictor:
         return {"matrix": [cm.matrix.reshape(-1)], "images": np.array([n], dtype=np.int64)}
 
 
-def evaluate_checkpoint(data: str, checkpoint_uri: str, *, split: str = "val", actors: int = 1,
+def evaluate_checkpoint(data: Location, checkpoint_uri: str, *, split: str = "val", actors: int = 1,
                         cpus_per_actor: float = 1.0, use_gpu: bool = False, amp: str = "off",
                         max_pixels: int | None = None) -> dict:
     """Evaluate a checkpoint on a dataset split, distributed over a Ray Data actor pool.

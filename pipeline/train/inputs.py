@@ -14,7 +14,7 @@ from models import VOID_LABEL
 
 from ..decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_mask
 from ..ray_setup import on_driver_node
-from ..storage import StorageError, read_bytes
+from ..storage import Location, StorageError
 from .transforms import TrainTransform
 
 
@@ -40,8 +40,9 @@ def start_bad_sample_log() -> ray.actor.ActorHandle:
 
 
 def _read(uri: str, what: str) -> bytes:
+    """A sample's bytes, through the filesystem its URI names (a manifest's rows may name any store)."""
     try:
-        return read_bytes(uri)
+        return Location.of(uri).read_bytes()
     except FileNotFoundError:
         raise DecodeError(f"{what} not found: {uri}") from None
     except IsADirectoryError:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import re
 import sys
 import tempfile
 import threading
@@ -29,7 +30,8 @@ from models import InputConvention, build_model, checkpoint_bytes, init_backbone
 
 from .. import faults
 from ..batching import to_input
-from ..storage import Location, redact_strings
+from ..storage import Location
+from ..storage_errors import redact_strings
 from .config import TrainConfig
 from .evaluation import evaluate_rows
 from .metrics import ConfusionMatrix
@@ -107,8 +109,31 @@ class EpochInput:
             if item is self._END:
                 return
             if isinstance(item, BaseException):
+                if isinstance(item, Exception):  # the tracebacks stay in the worker logs: its cause in the job's log
+                    _say(f"[train] the training input pipeline failed: {root_cause(item)}")
                 raise item
             yield item
+
+
+def root_cause(e: BaseException, limit: int = 300) -> str:
+    """`Type: message` of the error at the bottom of `e`: a Ray task's error carries the remote tracebacks in its text
+    (its causes do not survive the trip), where the first error that is not Ray's own wrapper is the original one."""
+    chain, seen = [], set()
+    while isinstance(e, BaseException) and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = getattr(e, "cause", None) or e.__cause__
+    for x in chain:
+        for line in str(x).splitlines():
+            line = line.strip()
+            if _ERROR_LINE.match(line) and not line.startswith("ray."):
+                return line if len(line) <= limit else line[:limit - 3] + "..."
+    bottom = chain[-1]
+    text = f"{type(bottom).__name__}: {str(bottom).strip().splitlines()[0] if str(bottom).strip() else ''}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Fault)\b[^:]*: ")
 
 
 def _poly_lr(cfg: TrainConfig, step: int, total_steps: int) -> float:

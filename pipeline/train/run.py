@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import ray
@@ -14,7 +15,7 @@ from ray.train.torch import TorchTrainer
 from models import TORCHVISION, VOC_CLASSES, CheckpointError, InputConvention, ModelConfig, read_checkpoint_payload
 
 from .. import faults
-from ..dataset_formats import list_samples, read_class_names
+from ..dataset_formats import classes_file, list_samples, read_class_names
 from ..errors import JobError
 from ..ray_setup import (
     cluster_capacity,
@@ -24,7 +25,7 @@ from ..ray_setup import (
     wait_for_resources,
 )
 from ..run_guard import guarded_run
-from ..storage import Location, StorageError, check_exists, normalize
+from ..storage import Location, StorageError, normalize
 from ..telemetry import TrainMetrics
 from .config import TrainConfig
 from .inputs import segmentation_dataset, start_bad_sample_log
@@ -36,21 +37,29 @@ from .transforms import TrainTransform
 RESUME_FIELDS = ("model", "num_classes", "width_mult", "padding", "optimizer")
 
 
-def preflight(cfg: TrainConfig, run: Location | None = None) -> tuple[list, list, list[str], InputConvention]:
-    """Validate options, dataset, initialisation source and storage; raise one clear error otherwise.
-    Sets cfg.num_classes when it was left to the dataset."""
+def resolve(cfg: TrainConfig) -> tuple[TrainConfig, Location, Location]:
+    """Validate the options and resolve the run's storage, once, in the driver: (the config with its paths
+    absolute, dataset, run directory). The driver, Ray's tasks and the training workers share these Locations."""
     cfg.validate()
-    resolve_paths(cfg)
-    train = list_samples(cfg.data, cfg.train_split)
-    val = list_samples(cfg.data, cfg.val_split)
+    cfg = resolve_paths(cfg)
+    return cfg, Location.of(cfg.data), run_location(cfg.storage, cfg.name)
 
-    class_names = read_class_names(cfg.data)
+
+def preflight(cfg: TrainConfig, data: Location, run: Location) -> tuple[TrainConfig, list, list, list[str],
+                                                                      InputConvention]:
+    """Check the dataset, initialisation source and storage of a resolved config (`resolve`); raise one clear
+    error otherwise. Returns the config the run trains with (num_classes from the dataset when it was left out),
+    the train and val samples, the class names and the input convention."""
+    train = list_samples(data, cfg.train_split)
+    val = list_samples(data, cfg.val_split)
+
+    class_names = read_class_names(data)
     if cfg.num_classes is None:
-        cfg.num_classes = len(class_names) if class_names is not None else len(VOC_CLASSES)
+        cfg = replace(cfg, num_classes=len(class_names) if class_names is not None else len(VOC_CLASSES))
     ModelConfig(cfg.model, cfg.num_classes, cfg.width_mult, cfg.padding)  # raises ValueError on bad choices
     if class_names is not None and len(class_names) != cfg.num_classes:
         raise JobError(f"--num-classes {cfg.num_classes} does not match the {len(class_names)} classes in "
-                       f"{normalize(cfg.data)}/classes.txt ({', '.join(class_names[:6])}...)")
+                       f"{classes_file(data).uri} ({', '.join(class_names[:6])}...)")
     if class_names is None:
         class_names = list(VOC_CLASSES) if cfg.num_classes == len(VOC_CLASSES) else [f"class_{i}" for i in range(cfg.num_classes)]
 
@@ -65,23 +74,21 @@ def preflight(cfg: TrainConfig, run: Location | None = None) -> tuple[list, list
                                   f"the run asks for width_mult={cfg.width_mult}, padding={cfg.padding}")
         convention = InputConvention.from_dict(payload["input"])
     elif cfg.backbone_weights not in ("none", "imagenet"):
-        check_exists(cfg.backbone_weights, "VGG16 weights file")
+        Location.of(cfg.backbone_weights).check_exists("VGG16 weights file")
         if cfg.width_mult != 1.0:
             raise JobError("--backbone-weights needs --width-mult 1.0 (pretrained VGG16 has full width)")
-    run = run or run_location(cfg.storage, cfg.name)
     run.check_writable()
     check_resumable(cfg, scan_checkpoints(run))
-    return train, val, class_names, convention
+    return cfg, train, val, class_names, convention
 
 
-def resolve_paths(cfg: TrainConfig) -> None:
-    """Every path of the config absolute, here in the driver: Ray Train's workers run in another working directory
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """The config with every path absolute, here in the driver: Ray Train's workers run in another working directory
     (a relative --storage put metrics.jsonl and ledger/ there). jobs/train.py resolves them when it parses them."""
-    cfg.data, cfg.storage = normalize(cfg.data), normalize(cfg.storage)
-    if cfg.init_from:
-        cfg.init_from = normalize(cfg.init_from)
-    if cfg.backbone_weights not in ("none", "imagenet"):
-        cfg.backbone_weights = normalize(cfg.backbone_weights)
+    keyword = cfg.backbone_weights in ("none", "imagenet")
+    return replace(cfg, data=normalize(cfg.data), storage=normalize(cfg.storage),
+                   init_from=normalize(cfg.init_from) if cfg.init_from else cfg.init_from,
+                   backbone_weights=cfg.backbone_weights if keyword else normalize(cfg.backbone_weights))
 
 
 def check_resumable(cfg: TrainConfig, checkpoints: list[dict]) -> None:
@@ -157,7 +164,7 @@ def build_trainer(cfg: TrainConfig, run: Location, train: list, val: list, class
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
                                      accelerator_type=cfg.accelerator_type if cfg.use_gpu else None),
         run_config=RunConfig(
-            storage_path=normalize(cfg.storage),
+            storage_path=run.parent.uri,
             name=cfg.name,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_best, checkpoint_score_attribute="mean_iou",
                                                checkpoint_score_order="max"),
@@ -225,10 +232,8 @@ def summarise(run: Location, bad_rows: list[dict], trained_epochs: list[dict]) -
 
 def run_training(cfg: TrainConfig) -> dict:
     """Train (or resume) a run; returns the summary dict printed by jobs/train.py."""
-    cfg.validate()
-    resolve_paths(cfg)
-    run = run_location(cfg.storage, cfg.name)  # resolved once: the driver, the workers and the summary share it
-    train, val, class_names, convention = preflight(cfg, run)
+    cfg, data, run = resolve(cfg)  # once: the driver, the workers and the summary share them
+    cfg, train, val, class_names, convention = preflight(cfg, data, run)
     started = datetime.now(timezone.utc)
     with guarded_run(run, holder=f"the training started {started:%Y-%m-%d %H:%M:%S} UTC", what=f"run {run.uri}"):
         done_before = {r["epoch"] for r in ledger(run)}

@@ -16,6 +16,7 @@ group (10,000 images by default, labeled again by the next run), never a row twi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections import deque
@@ -141,7 +142,8 @@ class _LabelsFiles:
     def __init__(self, settings: OutputSettings, group: str):
         self.settings, self.group = settings, group
         self.files: list[dict] = []
-        self._open = None  # (context manager, file, ParquetWriter) of the file being written
+        self._file: contextlib.ExitStack | None = None  # holds the staged file being written (Location.open_write)
+        self._writer: pq.ParquetWriter | None = None
         self._rows = self._bytes = 0  # in the file being written
         self._buffer: list[pa.Table] = []  # rows of its next row group
         self._buffer_rows = self._buffer_bytes = 0
@@ -151,58 +153,56 @@ class _LabelsFiles:
         start = 0
         for i, n in enumerate(sizes):
             if self._rows and (self._rows >= self.settings.rows_per_file or self._bytes + n > self.settings.bytes_per_file):
-                self._append(rows.slice(start, i - start))
+                self._append(rows.slice(start, i - start), sum(sizes[start:i]))
                 self._finish_file()
                 start = i
             self._rows += 1
             self._bytes += n
-        self._append(rows.slice(start))
+        self._append(rows.slice(start), sum(sizes[start:]))
 
-    def _append(self, rows: pa.Table) -> None:
+    def _append(self, rows: pa.Table, label_map_bytes: int) -> None:
         if not rows.num_rows:
             return
         self._buffer.append(rows)
         self._buffer_rows += rows.num_rows
-        self._buffer_bytes += pc.sum(pc.binary_length(rows["label_map"])).as_py() or 0
+        self._buffer_bytes += label_map_bytes
         if self._buffer_rows >= ROW_GROUP_ROWS or self._buffer_bytes >= ROW_GROUP_BYTES:
             self._write_row_group()
+
+    def _src(self) -> str:
+        """The staged file being written (the next one, when none is open), relative to the output root."""
+        return OutputLayout.staged_file(self.group, f"labels-{len(self.files):04d}")
+
+    def _location(self) -> Location:
+        return self.settings.output.child(self._src())
 
     def _write_row_group(self) -> None:
         if not self._buffer:
             return
         try:
-            self._write_buffer()
+            if self._writer is None:
+                self._file = contextlib.ExitStack()
+                f = self._file.enter_context(self._location().open_write())
+                self._writer = pq.ParquetWriter(f, LABELS_SCHEMA, **parquet_options(LABELS_SCHEMA))
+            self._writer.write_table(pa.concat_tables(self._buffer).cast(LABELS_SCHEMA), row_group_size=self._buffer_rows)
         except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types: named with the file's URI
-            raise storage_error(self.settings.output.child(self._src()).uri, e) from None
-
-    def _src(self) -> str:
-        return OutputLayout.staged_file(self.group, f"labels-{len(self.files):04d}")
-
-    def _write_buffer(self) -> None:
-        if self._open is None:
-            src = self._src()
-            context = self.settings.output.child(src).open_write()
-            f = context.__enter__()
-            self._open = (context, f, pq.ParquetWriter(f, LABELS_SCHEMA, **parquet_options(LABELS_SCHEMA)), src)
-        self._open[2].write_table(pa.concat_tables(self._buffer).cast(LABELS_SCHEMA), row_group_size=self._buffer_rows)
+            raise storage_error(self._location().uri, e) from None
         self._buffer, self._buffer_rows, self._buffer_bytes = [], 0, 0
 
     def _finish_file(self) -> None:
         self._write_row_group()
-        if self._open is None:
+        if self._writer is None:
             return
-        context, _, writer, src = self._open
+        src, location = self._src(), self._location()
+        file, writer, self._file, self._writer = self._file, self._writer, None, None
         try:
             writer.close()
-            context.__exit__(None, None, None)
+            file.close()  # the file appears whole
         except Exception as e:  # noqa: BLE001 - as in _write_row_group; what it left is in staging, never committed
-            self._open = None
-            raise storage_error(self.settings.output.child(src).uri, e) from None
-        self._open = None
-        k = len(self.files)
+            raise storage_error(location.uri, e) from None
         self.files.append({"table": "labels", "src": src, "rows": self._rows,
-                           "dst": OutputLayout.table_file("labels", self.settings.run_date, f"{self.group}-{k:04d}",
-                                                          self.settings.model_id)})
+                           "dst": OutputLayout.table_file("labels", self.settings.run_date,
+                                                          f"{self.group}-{len(self.files):04d}", self.settings.model_id)})
         faults.fire("label.stage:labels")
         self._rows = self._bytes = 0
 
@@ -214,15 +214,14 @@ class _LabelsFiles:
     def abort(self) -> None:
         """An error mid-file: the file being written never appears (a staged file left behind is removed by the
         next run's recovery)."""
-        if self._open is None:
+        if self._writer is None:
             return
-        context, _, writer, _ = self._open
-        self._open = None
+        file, writer, self._file, self._writer = self._file, self._writer, None, None
         try:
             writer.close()
         finally:
             error = RuntimeError("labels merge aborted")
-            context.__exit__(type(error), error, None)  # open_write's error path: no file appears
+            file.__exit__(type(error), error, None)  # open_write's error path: no file appears
 
 
 def _combine(column: pa.ChunkedArray):

@@ -73,14 +73,16 @@ def test_a_holder_whose_process_is_gone_from_this_host_is_taken_over_at_once(fol
 
 
 def test_two_runs_taking_over_one_stale_lease_one_wins(folder):
+    # A ttl of 3 s, not 1: S3's Last-Modified has whole seconds, so a lease written a moment ago can read up to 1 s
+    # older than it is, and with a 1 s ttl the winner's fresh lease looked stale to the other taker (seen once).
     _write_lease(folder, {"holder": "dead run", "id": "stale", "host": "elsewhere", "pid": 1})
-    time.sleep(1.1)
+    time.sleep(3.1)
     results, barrier = {}, threading.Barrier(2)
 
     def take(name):
         barrier.wait()
         try:
-            results[name] = Lease.acquire(folder, holder=name, what="run x", ttl_s=1.0, on_lost=lambda: None)
+            results[name] = Lease.acquire(folder, holder=name, what="run x", ttl_s=3.0, on_lost=lambda: None)
         except LeaseHeld as e:
             results[name] = e
 

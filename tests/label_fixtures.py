@@ -1,8 +1,10 @@
 """Shared helpers of the labeling tests: a tiny checkpoint (a fixture, loaded through conftest's
-pytest_plugins), a mixed image bucket, output readers."""
+pytest_plugins), the tests' small labeling settings (as a LabelConfig and as flags), a mixed image bucket, output
+readers."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +13,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.label.codec import decode_label_map
+from pipeline.label.config import LabelConfig
 from pipeline.label.readers import read_table
 from pipeline.label.tables import TABLES
 from pipeline.synthetic import SYNTHETIC_CLASSES
@@ -19,6 +22,21 @@ from tests import storage_util
 from tests.images import broken_files, encode, exif_rotated_jpeg, gradient_rgb, png16_rgb
 
 CLASS_NAMES = list(SYNTHETIC_CLASSES)
+
+# The tests' labeling settings, small for 2 CPUs: canvases of at most 48 px, one single-threaded inference actor
+# (a CPU left for reading and decoding), file sets of a few rows so that a run of a dozen images writes several.
+MAX_SIDE, BATCH = 48, 4
+SMALL = dict(max_side=MAX_SIDE, batch_size=BATCH, rows_per_file=4, rows_per_read_task=4, progress=False, actors=1,
+             threads_per_actor=1, cpus_per_actor=1.0)
+# The same as jobs/label.py flags, one image per forward pass (the CLI tests check rows, not batching).
+FAST_FLAGS = ["--max-side", str(MAX_SIDE), "--batch-size", "1", "--actors", "1", "--threads-per-actor", "1",
+              "--cpus-per-actor", "1", "--no-progress"]
+
+
+def label_config(images, checkpoint: str, output, **settings) -> LabelConfig:
+    """A LabelConfig with SMALL's settings; `settings` replace any of them (functools.partial of this gives a test
+    module settings of its own)."""
+    return LabelConfig(images=str(images), checkpoint=checkpoint, output=str(output), **{**SMALL, **settings})
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +106,14 @@ def run_label_cli(argv: list[str], capsys) -> tuple[int, str, str]:
         run_job(job.main, argv)
     captured = capsys.readouterr()
     return exc.value.code, captured.out, captured.err
+
+
+def label_summary(capsys, images, checkpoint: str, output, *extra: str) -> dict:
+    """jobs/label.py with FAST_FLAGS (and `extra`) in this process: asserts it exits 0; its JSON summary."""
+    code, stdout, stderr = run_label_cli(["--images", str(images), "--checkpoint", checkpoint, "--output", str(output),
+                                          *FAST_FLAGS, *extra], capsys)
+    assert code == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def good_image(seed: int, h: int, w: int) -> bytes:

@@ -24,12 +24,10 @@ from pipeline.testbed import random_checkpoint
 from tests import storage_util
 from tests.images import palette_mask
 from tests.jobs_util import ROOT
-from tests.label_fixtures import duckdb_connection, good_image, run_label_cli, tables, write_files
+from tests.label_fixtures import FAST_FLAGS, duckdb_connection, good_image, label_summary, run_label_cli, tables, write_files
 
 TINY = ["--num-classes", "6", "--width-mult", "0.0625", "--padding", "same", "--num-workers", "1",
         "--cpus-per-worker", "0.5", "--optimizer", "adam", "--lr", "0.005", "--batch-size", "4", "--crop-size", "32",
-        "--no-progress"]
-FAST = ["--max-side", "48", "--batch-size", "1", "--actors", "1", "--threads-per-actor", "1", "--cpus-per-actor", "1",
         "--no-progress"]
 
 
@@ -74,12 +72,6 @@ def _run_cli(job: str, argv: list[str], capsys) -> tuple[int, str]:
         run_job(load_job(job).main, argv)
     return exc.value.code, capsys.readouterr().err
 
-
-def _label(capsys, images, ck_path, output, *extra) -> dict:
-    code, stdout, stderr = run_label_cli(["--images", str(images), "--checkpoint", ck_path, "--output", str(output),
-                                          *FAST, *extra], capsys)
-    assert code == 0, stderr[-3000:]
-    return json.loads(stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------ 1: relative paths
@@ -126,7 +118,7 @@ def test_a_file_name_that_is_not_utf8_costs_only_itself(ray_session, tiny_checkp
     os.mkdir(raw + b"/d\xe9j\xe0")                      # a folder whose name is not UTF-8, with an image inside
     with open(raw + b"/d\xe9j\xe0/x.png", "wb") as f:
         f.write(good_image(8, 20, 22))
-    summary = _label(capsys, images, ck_path, tmp_path / "out")
+    summary = label_summary(capsys, images, ck_path, tmp_path / "out")
     assert (summary["listed"], summary["labelled"], summary["errors"]) == (6, 4, 2)
     t = tables(str(tmp_path / "out"))
     assert sorted(os.path.basename(u) for u in t["labels"]["image_uri"].to_pylist()) == [f"g{i}.png" for i in range(4)]
@@ -134,7 +126,7 @@ def test_a_file_name_that_is_not_utf8_costs_only_itself(ray_session, tiny_checkp
     # The URI as best representable: each byte that is not UTF-8 percent-encoded (docs/operations.md "When a run fails").
     assert set(errors) == {f"{images}/caf%E9.png", f"{images}/d%E9j%E0/x.png"}
     assert all(r["stage"] == "list" and "not valid UTF-8" in r["error"] for r in errors.values())
-    again = _label(capsys, images, ck_path, tmp_path / "out")
+    again = label_summary(capsys, images, ck_path, tmp_path / "out")
     assert (again["skipped"], again["labelled"], again["errors"]) == (4, 0, 2)
 
 
@@ -146,11 +138,11 @@ def test_s3_keys_with_an_empty_segment_are_listed_once(ray_session, tiny_checkpo
     keys = ["dbl/a.png", "dbl/sub/b.png", "dbl//c.png", "dbl//d/e.png", "dbl/sub//f.png"]
     for i, key in enumerate(keys):
         s3.call_s3("put_object", Bucket="test-bucket", Key=key, Body=good_image(i, 20 + i, 22))
-    summary = _label(capsys, f"{bucket}/dbl", ck_path, tmp_path / "out")
+    summary = label_summary(capsys, f"{bucket}/dbl", ck_path, tmp_path / "out")
     assert (summary["listed"], summary["labelled"]) == (len(keys), len(keys))
     uris = tables(str(tmp_path / "out"))["labels"]["image_uri"].to_pylist()
     assert sorted(uris) == sorted(f"{bucket}/{k}" for k in keys)
-    again = _label(capsys, f"{bucket}/dbl", ck_path, tmp_path / "out")
+    again = label_summary(capsys, f"{bucket}/dbl", ck_path, tmp_path / "out")
     assert (again["listed"], again["skipped"], again["labelled"]) == (len(keys), len(keys), 0)
 
 
@@ -165,9 +157,9 @@ def test_glob_characters_in_output_and_image_paths_are_literal(ray_session, tiny
     images, output = f"{base}/im[1]", f"{base}/seg[v2]"
     write_files(images, {"a.png": good_image(1, 20, 22), "b*.png": good_image(2, 21, 23)})
     write_files(f"{base}/im1", {"decoy.png": good_image(3, 22, 24)})   # what `im[1]` matches as a glob: never listed
-    first = _label(capsys, images, ck_path, output, "--rows-per-file", "1", "--previews", "1")
+    first = label_summary(capsys, images, ck_path, output, "--rows-per-file", "1", "--previews", "1")
     assert (first["listed"], first["labelled"], first["previews"]) == (2, 2, 1)
-    again = _label(capsys, images, ck_path, output)
+    again = label_summary(capsys, images, ck_path, output)
     assert (again["skipped"], again["labelled"]) == (2, 0)
     labels = tables(output)["labels"]["image_uri"].to_pylist()
     assert sorted(labels) == [f"{images}/a.png", f"{images}/b*.png"]
@@ -213,7 +205,7 @@ def test_a_full_disk_mid_run_is_one_line_and_the_rerun_is_exactly_once(tiny_chec
     disk, out = tmp_path / "disk", tmp_path / "result"
     disk.mkdir()
     out.mkdir()
-    args = ["--images", str(images), "--checkpoint", ck_path, "--output", str(disk / "out"), "--rows-per-file", "2", *FAST]
+    args = ["--images", str(images), "--checkpoint", ck_path, "--output", str(disk / "out"), "--rows-per-file", "2", *FAST_FLAGS]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local", "DISK": str(disk), "OUT": str(out),
            "PY": sys.executable, "ROOT": ROOT, "ARGS": " ".join(args)}
     proc = subprocess.run([*prefix, "sh", "-c", _DISK_FULL_SCRIPT], env=env, capture_output=True, text=True, timeout=400)
@@ -393,7 +385,7 @@ def test_a_dead_holders_lease_from_the_future_blocks_for_at_most_its_ttl(ray_ses
     _future_lease(str(tmp_path / "out"), ttl_s=3.0)
     started = time.monotonic()
     code, stdout, stderr = run_label_cli(["--images", str(tmp_path / "imgs"), "--checkpoint", ck_path, "--output",
-                                          str(tmp_path / "out"), *FAST], capsys)
+                                          str(tmp_path / "out"), *FAST_FLAGS], capsys)
     assert code == 0, stderr[-3000:]
     assert json.loads(stdout.strip().splitlines()[-1])["labelled"] == 1
     taken = [r.getMessage() for r in caplog.records if "taking over the lease" in r.getMessage()]
@@ -417,7 +409,7 @@ def test_a_live_holder_with_a_clock_a_day_ahead_is_respected_and_the_error_names
     beating.start()
     try:
         code, _, stderr = run_label_cli(["--images", str(tmp_path / "imgs"), "--checkpoint", ck_path, "--output",
-                                         str(tmp_path / "out"), *FAST], capsys)
+                                         str(tmp_path / "out"), *FAST_FLAGS], capsys)
     finally:
         stop.set()
         beating.join()

@@ -18,17 +18,7 @@ from pipeline.decode import decode_image
 from pipeline.label.commit import STALE_TEMPORARY_SECONDS
 from pipeline.label.inference import predict_image
 from tests.images import encode, gradient_rgb
-from tests.label_fixtures import good_image, run_label_cli, tables, write_files
-
-FAST = ["--max-side", "48", "--batch-size", "1", "--actors", "1", "--threads-per-actor", "1", "--cpus-per-actor", "1",
-        "--no-progress"]
-
-
-def _label(capsys, images, ck_path, output, *extra) -> dict:
-    code, stdout, stderr = run_label_cli(["--images", str(images), "--checkpoint", ck_path, "--output", str(output),
-                                          *FAST, *extra], capsys)
-    assert code == 0, stderr[-3000:]
-    return json.loads(stdout.strip().splitlines()[-1])
+from tests.label_fixtures import FAST_FLAGS, good_image, label_summary, run_label_cli, tables, write_files
 
 
 def _tiff(arr: np.ndarray, mode: str) -> bytes:
@@ -56,7 +46,7 @@ def test_hostile_files_each_get_an_error_row_or_a_correct_label(ray_session, tin
     big = os.path.getsize(images / "big.png")
     assert big > 2000
 
-    summary = _label(capsys, images, ck_path, tmp_path / "out", "--max-bytes", "2000")
+    summary = label_summary(capsys, images, ck_path, tmp_path / "out", "--max-bytes", "2000")
     t = tables(str(tmp_path / "out"))
     errors = {os.path.basename(e["image_uri"]): e for e in t["errors"].to_pylist()}
     labels = {os.path.basename(r["image_uri"]): r for r in t["labels"].to_pylist()}
@@ -104,7 +94,7 @@ def test_reads_stop_one_byte_past_the_limit(tmp_path):
 def test_s3_key_with_double_colon_is_read_as_itself(ray_session, tiny_checkpoint, bucket, tmp_path, capsys):
     ck_path, _ = tiny_checkpoint
     write_files(f"{bucket}/imgs", {"cat.png": good_image(1, 30, 20), "cat.png::2.png": good_image(2, 25, 17)})
-    _label(capsys, f"{bucket}/imgs", ck_path, tmp_path / "out")
+    label_summary(capsys, f"{bucket}/imgs", ck_path, tmp_path / "out")
     sizes = {os.path.basename(r["image_uri"]): (r["height"], r["width"]) for r in tables(str(tmp_path / "out"))["labels"].to_pylist()}
     assert sizes == {"cat.png": (30, 20), "cat.png::2.png": (25, 17)}
 
@@ -112,8 +102,8 @@ def test_s3_key_with_double_colon_is_read_as_itself(ray_session, tiny_checkpoint
 def test_a_file_alone_then_its_folder_is_labelled_once(ray_session, tiny_checkpoint, tmp_path, capsys):
     ck_path, _ = tiny_checkpoint
     write_files(str(tmp_path / "imgs"), {"a.png": good_image(1, 20, 22), "b.png": good_image(2, 21, 23)})
-    first = _label(capsys, tmp_path / "imgs" / "a.png", ck_path, tmp_path / "out")
-    second = _label(capsys, tmp_path / "imgs", ck_path, tmp_path / "out")
+    first = label_summary(capsys, tmp_path / "imgs" / "a.png", ck_path, tmp_path / "out")
+    second = label_summary(capsys, tmp_path / "imgs", ck_path, tmp_path / "out")
     assert (first["labelled"], second["skipped"], second["labelled"]) == (1, 1, 1)
 
 
@@ -121,9 +111,9 @@ def test_images_stored_under_the_output_root_are_labelled(ray_session, tiny_chec
     ck_path, _ = tiny_checkpoint
     out = tmp_path / "out"
     write_files(str(out / "photos"), {"a.png": good_image(1, 20, 22), "b.png": good_image(2, 21, 23)})
-    first = _label(capsys, out, ck_path, out, "--previews", "2")
+    first = label_summary(capsys, out, ck_path, out, "--previews", "2")
     assert (first["listed"], first["labelled"], first["previews"]) == (2, 2, 2)
-    again = _label(capsys, out, ck_path, out)  # its own previews, tables and runs are never listed
+    again = label_summary(capsys, out, ck_path, out)  # its own previews, tables and runs are never listed
     assert (again["listed"], again["skipped"], again["labelled"]) == (2, 2, 0)
 
 
@@ -135,7 +125,7 @@ def test_class_names_that_do_not_match_the_model_fail_at_load(tiny_checkpoint, t
     torch.save(payload, bad)
     write_files(str(tmp_path / "imgs"), {"a.png": good_image(1, 20, 22)})
     code, _, stderr = run_label_cli(["--images", str(tmp_path / "imgs"), "--checkpoint", str(bad), "--output",
-                                     str(tmp_path / "out"), *FAST], capsys)
+                                     str(tmp_path / "out"), *FAST_FLAGS], capsys)
     lines = stderr.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "names 5 classes but its model predicts 6" in lines[0], stderr
     assert not (tmp_path / "out" / "runs").exists()
@@ -150,7 +140,7 @@ def test_presigned_checkpoint_url_leaves_no_signature_anywhere(ray_session, tiny
           "&X-Amz-Signature=5ec7e75191a7b0a7&X-Amz-Security-Token=FwoGZXIvYXdzEXAMPLETOKEN"
     write_files(str(tmp_path / "imgs"), {"a.png": good_image(1, 20, 22), "bad.jpg": b"junk"})
     code, stdout, stderr = run_label_cli(["--images", str(tmp_path / "imgs"), "--checkpoint", url,
-                                          "--output", str(tmp_path / "out"), *FAST], capsys)
+                                          "--output", str(tmp_path / "out"), *FAST_FLAGS], capsys)
     assert code == 0, stderr[-2000:]
     assert json.loads(stdout.strip().splitlines()[-1])["labelled"] == 1
     secrets = ("5ec7e75191a7b0a7", "FwoGZXIvYXdzEXAMPLETOKEN", "AKIAEXAMPLE")
@@ -170,7 +160,7 @@ def test_malformed_run_names_are_refused(tiny_checkpoint, tmp_path, capsys, flag
     ck_path, _ = tiny_checkpoint
     write_files(str(tmp_path / "imgs"), {"a.png": good_image(1, 20, 22)})
     code, _, stderr = run_label_cli(["--images", str(tmp_path / "imgs"), "--checkpoint", ck_path, "--output",
-                                     str(tmp_path / "out"), flag, value, *FAST], capsys)
+                                     str(tmp_path / "out"), flag, value, *FAST_FLAGS], capsys)
     lines = stderr.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "previews").exists()
@@ -188,5 +178,5 @@ def test_temporaries_left_by_a_kill_are_removed_at_recovery(ray_session, tiny_ch
     old = time.time() - STALE_TEMPORARY_SECONDS - 60
     for path in stale:
         os.utime(path, (old, old))
-    _label(capsys, tmp_path / "imgs", ck_path, out)
+    label_summary(capsys, tmp_path / "imgs", ck_path, out)
     assert not any(p.exists() for p in stale) and fresh.exists()

@@ -14,33 +14,25 @@ import pytest
 from models import load_checkpoint
 from pipeline import faults, storage
 from pipeline.decode import decode_image
-from pipeline.label.config import LabelConfig
 from pipeline.label.inference import predict_image
 from pipeline.label.job import label_images
 from pipeline.label.queries import EXAMPLE_QUERIES, example_query
 from pipeline.label.tables import INDEX, SCHEMAS
 from tests import storage_util
 from tests.label_fixtures import (
+    BATCH,
     CLASS_NAMES,
+    MAX_SIDE,
     decode_row,
     duckdb_connection,
     good_image,
+    label_config,
     mixed_images,
     png_ok,
     run_label_cli,
     tables,
     write_files,
 )
-
-MAX_SIDE = 48
-BATCH = 4  # images of equal canvases share forward passes with neighbours
-
-
-def _config(images, checkpoint, output, **kw) -> LabelConfig:
-    base = dict(max_side=MAX_SIDE, batch_size=BATCH, rows_per_file=4, rows_per_read_task=4, progress=False,
-                actors=1, threads_per_actor=1, cpus_per_actor=1.0)
-    base.update(kw)
-    return LabelConfig(images=images, checkpoint=checkpoint, output=output, **base)
 
 
 def _files_under(root: str, sub: str) -> list[str]:
@@ -63,7 +55,7 @@ def test_mixed_bucket_rows_schema_and_exact_labels(ray_session, tiny_checkpoint,
     files, bad, sizes = mixed_images()
     write_files(images, files)
 
-    summary = label_images(_config(images, ck_path, output, label_encoding=encoding, previews=2,
+    summary = label_images(label_config(images, ck_path, output, label_encoding=encoding, previews=2,
                                    run_date="2026-01-02"))
     assert (summary["listed"], summary["skipped"], summary["labelled"], summary["errors"]) == (15, 0, 10, 5)
     assert summary["model_id"] == model_id and summary["images_per_second"] > 0
@@ -189,8 +181,8 @@ def test_labels_do_not_depend_on_batch_neighbours(ray_session, tiny_checkpoint, 
     write_files(str(tmp_path / "crowd"), {**crowd, "target.png": target})
     write_files(str(tmp_path / "alone"), {"target.png": target})
     kw = dict(batch_size=4, max_side=None, rows_per_file=100)
-    label_images(_config(str(tmp_path / "crowd"), ck_path, str(tmp_path / "out1"), **kw))
-    label_images(_config(str(tmp_path / "alone" / "target.png"), ck_path, str(tmp_path / "out2"), **kw))
+    label_images(label_config(str(tmp_path / "crowd"), ck_path, str(tmp_path / "out1"), **kw))
+    label_images(label_config(str(tmp_path / "alone" / "target.png"), ck_path, str(tmp_path / "out2"), **kw))
     in_crowd = [r for r in tables(str(tmp_path / "out1"))["labels"].to_pylist() if r["image_uri"].endswith("target.png")]
     alone = tables(str(tmp_path / "out2"))["labels"].to_pylist()
     assert len(in_crowd) == 1 and len(alone) == 1
@@ -228,11 +220,11 @@ def test_readme_queries_count_each_image_once_after_relabels(ray_session, tiny_c
     _write_first_release_rows(output, old_uri)
     write_files(images, {"a.png": good_image(1, 20, 24), "b.png": good_image(2, 22, 21), "c.png": good_image(3, 25, 23),
                          "fixed.png": b"broken", "bad.png": b"never an image"})
-    label_images(_config(images, ck_path, output, run_date="2026-02-01"))
+    label_images(label_config(images, ck_path, output, run_date="2026-02-01"))
     write_files(images, {"fixed.png": good_image(4, 21, 21)})
-    forced = label_images(_config(images, ck_path, output, force=True, run_date="2026-02-02"))
+    forced = label_images(label_config(images, ck_path, output, force=True, run_date="2026-02-02"))
     write_files(images, {"a.png": good_image(50, 26, 27)})  # a new version
-    third = label_images(_config(images, ck_path, output, run_date="2026-02-03"))
+    third = label_images(label_config(images, ck_path, output, run_date="2026-02-03"))
     assert (forced["labelled"], third["labelled"]) == (4, 1)
 
     t = tables(output)
@@ -280,10 +272,10 @@ def test_incremental_runs_label_only_what_is_new(ray_session, tiny_checkpoint, t
     ck_path, _ = tiny_checkpoint
     images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
     write_files(images, {f"i{i}.png": good_image(i, 20 + i, 24) for i in range(4)})
-    first = label_images(_config(images, ck_path, output))
+    first = label_images(label_config(images, ck_path, output))
     assert (first["listed"], first["skipped"], first["labelled"], first["errors"]) == (4, 0, 4, 0)
 
-    second = label_images(_config(images, ck_path, output))
+    second = label_images(label_config(images, ck_path, output))
     assert (second["listed"], second["skipped"], second["labelled"], second["errors"]) == (4, 4, 0, 0)
     assert second["inference_actors"] == []  # nothing reached the model
     assert tables(output)["labels"].num_rows == 4
@@ -291,7 +283,7 @@ def test_incremental_runs_label_only_what_is_new(ray_session, tiny_checkpoint, t
     # Two new images and one rewritten (new version): only those three are labeled.
     write_files(images, {"i4.png": good_image(4, 30, 30), "new/i5.png": good_image(5, 21, 22),
                          "i0.png": good_image(50, 26, 27)})
-    third = label_images(_config(images, ck_path, output))
+    third = label_images(label_config(images, ck_path, output))
     assert (third["listed"], third["skipped"], third["labelled"]) == (6, 3, 3)
     labels = tables(output)["labels"].to_pylist()
     by_run = {}
@@ -301,7 +293,7 @@ def test_incremental_runs_label_only_what_is_new(ray_session, tiny_checkpoint, t
     keys = [(r["image_uri"], r["image_version"]) for r in labels]
     assert len(keys) == len(set(keys)) == 7  # i0 twice: its old and its new version
 
-    forced = label_images(_config(images, ck_path, output, force=True))
+    forced = label_images(label_config(images, ck_path, output, force=True))
     assert (forced["skipped"], forced["labelled"]) == (0, 6)
     stats = tables(output)["class_stats"]
     assert set(stats["run_id"].to_pylist()) == {first["run_id"], third["run_id"], forced["run_id"]}
@@ -317,7 +309,7 @@ def test_killed_inference_worker_still_exactly_once(ray_session, tiny_checkpoint
     write_files(images, {f"k{i:02d}.png": good_image(i, 20 + i, 30 - i) for i in range(10)})
     marker = tmp_path / "killed"
     monkeypatch.setenv(faults.ENV, f"{fault}:{marker}".replace("{m}", str(marker)))  # reaches the actor via runtime_env
-    summary = label_images(_config(images, ck_path, output, rows_per_file=3, progress_interval_s=0.5))
+    summary = label_images(label_config(images, ck_path, output, rows_per_file=3, progress_interval_s=0.5))
     assert marker.exists()  # the fault did fire
     # While it waits for the restarted actor, the job still says where it is, at most every interval.
     progress = re.findall(r"\[label\] progress: (\d+) of 10 images committed \(\d+%\), 0 errors, [\d.]+ images/s over \d+ s",

@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+from functools import partial
 from urllib.parse import quote_plus
 
 import pyarrow as pa
@@ -15,7 +16,6 @@ import pytest
 from pipeline import faults, storage
 from pipeline.dataset_formats import list_images
 from pipeline.label.commit import final_name, parquet_bytes
-from pipeline.label.config import LabelConfig
 from pipeline.label.job import label_images
 from pipeline.label.listing import listing_dataset, plan_listing
 from pipeline.label.readers import read_table
@@ -23,7 +23,7 @@ from pipeline.label.tables import INDEX, INDEX_SCHEMA
 from pipeline.storage import Location
 from tests import storage_util
 from tests.jobs_util import run_subprocess
-from tests.label_fixtures import duckdb_connection, good_image, tables, write_files
+from tests.label_fixtures import duckdb_connection, good_image, label_config, tables, write_files
 
 
 def _root(where: str, tmp_path, request, name: str) -> str:
@@ -33,9 +33,9 @@ def _root(where: str, tmp_path, request, name: str) -> str:
     return str(tmp_path / name)
 
 
-def _config(images: str, ck: str, output: str, **kw) -> LabelConfig:
-    return LabelConfig(images=images, checkpoint=ck, output=output, max_side=64, batch_size=2, rows_per_file=4,
-                       progress=False, run_date="2026-05-01", **kw)
+# Ray's and the job's own choice of actors and threads (LabelConfig's None), canvases up to 64 px.
+_config = partial(label_config, max_side=64, batch_size=2, rows_per_file=4, rows_per_read_task=8, actors=None,
+                  threads_per_actor=None, cpus_per_actor=None, run_date="2026-05-01")
 
 
 def _exactly_once(output: str) -> dict:

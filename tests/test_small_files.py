@@ -6,24 +6,21 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime, timezone
+from functools import partial
 
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import faults, storage
-from pipeline.label.config import LabelConfig
 from pipeline.label.job import label_images
 from pipeline.label.readers import list_table_files, read_table
 from pipeline.label.tables import INDEX
 from pipeline.storage import Location
 from tests import storage_util
-from tests.label_fixtures import good_image, tables, write_files
+from tests.label_fixtures import good_image, label_config, tables, write_files
 
-
-def _config(images: str, checkpoint: str, output: str, **kw) -> LabelConfig:
-    base = dict(max_side=32, batch_size=2, rows_per_file=2, rows_per_read_task=2, images_per_small_file=6,
-                progress=False, actors=1, threads_per_actor=1, cpus_per_actor=1.0)
-    return LabelConfig(images=images, checkpoint=checkpoint, output=output, **{**base, **kw})
+# Groups of 6 images' small rows per file, file sets of 2 rows: a dozen images make several of each.
+_config = partial(label_config, max_side=32, batch_size=2, rows_per_file=2, rows_per_read_task=2, images_per_small_file=6)
 
 
 def _files(output: str) -> dict[str, list[str]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime, timedelta, timezone
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -15,14 +16,13 @@ import pytest
 
 from pipeline import faults, storage
 from pipeline.label.commit import parquet_bytes, recover
-from pipeline.label.config import LabelConfig
 from pipeline.label.job import label_images
 from pipeline.label.readers import list_table_files
 from pipeline.label.tables import RESULT_SCHEMA, SCHEMAS, split_results
 from pipeline.label.upgrade import FIRST_RELEASE, MARKER, SCHEMA_VERSION, STEPS, history, upgrade_tables
 from pipeline.storage import Location
 from tests import storage_util
-from tests.label_fixtures import CLASS_NAMES, duckdb_connection, good_image, run_label_cli, write_files
+from tests.label_fixtures import CLASS_NAMES, duckdb_connection, good_image, label_config, run_label_cli, write_files
 
 OLD_RUN, OLD_MODEL = "20260101T010000Z-0a0a0a", "00000000deadbeef"
 
@@ -113,10 +113,7 @@ def _key_rows(table: pa.Table) -> list[tuple]:
     return sorted(tuple(str(r[c]) if c == "run_date" else r[c] for c in cols) for r in rows)
 
 
-def _config(images: str, checkpoint: str, output: str, **kw) -> LabelConfig:
-    base = dict(max_side=48, batch_size=2, rows_per_file=3, rows_per_read_task=3, progress=False, actors=1,
-                threads_per_actor=1, cpus_per_actor=1.0)
-    return LabelConfig(images=images, checkpoint=checkpoint, output=output, **{**base, **kw})
+_config = partial(label_config, batch_size=2, rows_per_file=3, rows_per_read_task=3)
 
 
 def test_default_readers_read_an_output_mixing_first_release_and_new_files(ray_session, tiny_checkpoint, tmp_path):

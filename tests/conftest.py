@@ -4,10 +4,12 @@ Fixtures of the labeling tests (a tiny checkpoint) come from tests/label_fixture
 """
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import threading
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 
@@ -47,19 +49,16 @@ def s3(s3_server):
     """A fresh S3 state per test: the server is reset and s3fs's cached listings are dropped."""
     import s3fs
 
-    urllib.request.urlopen(urllib.request.Request(f"{s3_server}/moto-api/reset", method="POST")).read()
-    s3fs.S3FileSystem.clear_instance_cache()
+    reset_s3(s3_server)
     fs = s3fs.S3FileSystem()
     yield fs
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-@pytest.fixture
-def http_server(tmp_path):
-    """A real HTTP server on loopback serving tmp_path/www (it ignores query strings, as S3 checks them)."""
-    root = tmp_path / "www"
-    root.mkdir()
-
+@contextlib.contextmanager
+def serving(root) -> Iterator[str]:
+    """A real HTTP server on loopback serving the folder `root` (it ignores query strings, as S3 checks them);
+    yields its base URL."""
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, directory=str(root), **kwargs)
@@ -69,8 +68,27 @@ def http_server(tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """`serving` tmp_path/www for one test: yields (the folder, its base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    with serving(root) as base:
+        yield root, base
+
+
+def reset_s3(endpoint: str) -> None:
+    """Empty the loopback S3 server and drop s3fs's cached listings."""
+    import s3fs
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).read()
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture
@@ -91,8 +109,7 @@ def _shutdown_ray() -> None:
     _RAY["mode"] = None
 
 
-@pytest.fixture
-def ray_session(s3_server):
+def _local_ray():
     """The one local Ray instance of the test session (started on first use; never joins a stray cluster).
 
     2 logical CPUs, as on CI's machine. Tests that start a multi-node cluster run last (see
@@ -111,6 +128,19 @@ def ray_session(s3_server):
                  log_to_driver=False, _system_config={"num_workers_soft_limit": MIN_IDLE_WORKERS})
         _RAY["mode"] = "local"
     return ray
+
+
+@pytest.fixture
+def ray_session(s3_server):
+    """The session's local Ray (`_local_ray`) for one test."""
+    return _local_ray()
+
+
+@pytest.fixture(scope="module")
+def ray_module(s3_server):
+    """The session's local Ray (`_local_ray`) for a module-scoped scenario fixture: one run that several named
+    tests check."""
+    return _local_ray()
 
 
 @pytest.fixture
@@ -146,7 +176,7 @@ def ray_stopped(s3_server):
 
 
 # Fixtures that give a test a Ray instance: such a test runs Ray jobs and is left out of `make test-fast`.
-RAY_FIXTURES = {"ray_session", "multinode_cluster", "ray_stopped"}
+RAY_FIXTURES = {"ray_session", "ray_module", "multinode_cluster", "ray_stopped"}
 
 
 def pytest_collection_modifyitems(config, items):

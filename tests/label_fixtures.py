@@ -3,6 +3,7 @@ pytest_plugins), the tests' small labeling settings (as a LabelConfig and as fla
 readers."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 
@@ -106,6 +107,18 @@ def run_label_cli(argv: list[str], capsys) -> tuple[int, str, str]:
         run_job(job.main, argv)
     captured = capsys.readouterr()
     return exc.value.code, captured.out, captured.err
+
+
+def run_label_job(argv: list[str]) -> tuple[int, str, str]:
+    """run_label_cli for a module-scoped scenario fixture, which cannot use capsys: the job's stdout and stderr are
+    captured here."""
+    import jobs.label as job
+    from pipeline.cli import run_job
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        run_job(job.main, argv)
+    return exc.value.code, out.getvalue(), err.getvalue()
 
 
 def label_summary(capsys, images, checkpoint: str, output, *extra: str) -> dict:

@@ -1,13 +1,15 @@
-"""The labeling job end to end on the shared local Ray: output rows and schema, exactness, incremental runs,
-bad input, DuckDB queries, previews, fail-fast errors, a killed inference worker."""
+"""The labeling job end to end on the shared local Ray: output rows and schema, exactness, bad input, DuckDB queries,
+previews, four nightly runs on one output (incremental runs, --force, a first-release output upgraded, every query
+and reader over it), fail-fast errors, a killed inference worker, the CLI's log."""
 from __future__ import annotations
 
 import json
 import os
 import re
-from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,8 +19,12 @@ from pipeline.decode import decode_image
 from pipeline.label.inference import predict_image
 from pipeline.label.job import label_images
 from pipeline.label.queries import EXAMPLE_QUERIES, example_query
+from pipeline.label.readers import list_table_files
 from pipeline.label.tables import INDEX, SCHEMAS
+from pipeline.label.upgrade import MARKER, SCHEMA_VERSION
+from pipeline.storage import Location
 from tests import storage_util
+from tests.first_release import FIRST_RELEASE_NIGHTS, OLD_RUN, first_release_output, key_rows
 from tests.label_fixtures import (
     BATCH,
     CLASS_NAMES,
@@ -190,50 +196,76 @@ def test_labels_do_not_depend_on_batch_neighbours(ray_session, tiny_checkpoint, 
     assert len(set(np.frombuffer(alone[0]["label_map"], np.uint8).tolist())) > 1  # a non-trivial label map
 
 
-def _write_first_release_rows(output: str, image_uri: str) -> None:
-    """labels and class_stats files as the first release wrote them (class_stats without labeled_at)."""
-    import pyarrow as pa
-
-    from pipeline.label.tables import CLASS_STATS_SCHEMA, LABELS_SCHEMA
-
-    stats = pa.Table.from_pylist(
-        [{"image_uri": image_uri, "image_version": "v0", "class_id": 0, "class_name": CLASS_NAMES[0], "pixel_count": 12,
-          "pixel_fraction": 1.0, "mean_confidence": 0.9, "bbox_x_min": 0, "bbox_y_min": 0, "bbox_x_max": 3,
-          "bbox_y_max": 2, "model_id": "m0", "run_id": "old"}],
-        schema=pa.schema([f for f in CLASS_STATS_SCHEMA if f.name != "labeled_at"]))
-    labels = pa.Table.from_pylist(
-        [{"image_uri": image_uri, "image_version": "v0", "width": 4, "height": 3, "label_map": bytes(12),
-          "label_encoding": "raw", "classes_present": [0], "model_id": "m0", "run_id": "old",
-          "labeled_at": datetime(2026, 1, 1, tzinfo=timezone.utc)}], schema=LABELS_SCHEMA)
-    for table, data in (("class_stats", stats), ("labels", labels)):
-        path = os.path.join(output, table, "run_date=2026-01-01", "part-old-00001.parquet")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        pq.write_table(data, path)
+# ------------------------------------------------------------------------------ four nights on one output
 
 
-def test_readme_queries_count_each_image_once_after_relabels(ray_session, tiny_checkpoint, tmp_path):
-    """Every DuckDB query of docs/queries.md on an output holding a first-release file, a forced relabel, a changed image, an image
-    that failed and was repaired, and one that always fails."""
+@pytest.fixture(scope="module")
+def nights(ray_module, tiny_checkpoint, tmp_path_factory):
+    """Four nightly runs on one output that the first release wrote two nights of (tests/first_release.py):
+    1. a, b, c, fixed.png (broken) and bad.png (never an image): the run upgrades the first release's files;
+    2. fixed.png repaired, --force: every image labeled again;
+    3. a.png rewritten (a new version), i4.png and new/i5.png added: only those three labeled;
+    4. bad.png deleted, nothing else changed: nothing to label."""
     ck_path, _ = tiny_checkpoint
-    images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
-    old_uri = "s3://elsewhere/old.png"
-    _write_first_release_rows(output, old_uri)
+    tmp = tmp_path_factory.mktemp("nights")
+    images, output = str(tmp / "imgs"), str(tmp / "out")
+    old = first_release_output(output, [storage.join(images, "a.png"), "s3://elsewhere/x.png", "s3://elsewhere/y.png"])
     write_files(images, {"a.png": good_image(1, 20, 24), "b.png": good_image(2, 22, 21), "c.png": good_image(3, 25, 23),
                          "fixed.png": b"broken", "bad.png": b"never an image"})
-    label_images(label_config(images, ck_path, output, run_date="2026-02-01"))
+    runs = [label_images(label_config(images, ck_path, output, run_date="2026-02-01"))]
     write_files(images, {"fixed.png": good_image(4, 21, 21)})
-    forced = label_images(label_config(images, ck_path, output, force=True, run_date="2026-02-02"))
-    write_files(images, {"a.png": good_image(50, 26, 27)})  # a new version
-    third = label_images(label_config(images, ck_path, output, run_date="2026-02-03"))
-    assert (forced["labelled"], third["labelled"]) == (4, 1)
-
+    runs.append(label_images(label_config(images, ck_path, output, force=True, run_date="2026-02-02")))
+    write_files(images, {"a.png": good_image(50, 26, 27), "i4.png": good_image(5, 30, 30),
+                         "new/i5.png": good_image(6, 21, 22)})
+    runs.append(label_images(label_config(images, ck_path, output, run_date="2026-02-03")))
+    os.remove(os.path.join(images, "bad.png"))
+    runs.append(label_images(label_config(images, ck_path, output, run_date="2026-02-04")))
     t = tables(output)
-    labels, stats = t["labels"].to_pylist(), t["class_stats"].to_pylist()
+    return {"images": images, "output": output, "old": old, "runs": runs, "labels": t["labels"].to_pylist(),
+            "stats": t["class_stats"].to_pylist(), "errors": t["errors"].to_pylist()}
+
+
+def test_each_night_labels_only_what_is_new(nights):
+    first, forced, third, _ = nights["runs"]
+    assert (first["listed"], first["skipped"], first["labelled"], first["errors"]) == (5, 0, 3, 2)
+    assert (forced["skipped"], forced["labelled"], forced["errors"]) == (0, 4, 1)
+    # Two new images and one rewritten (new version): only those three are labeled.
+    assert (third["listed"], third["skipped"], third["labelled"], third["errors"]) == (7, 3, 3, 1)
+    by_run: dict[str, set] = {}
+    for r in nights["labels"]:
+        by_run.setdefault(r["run_id"], set()).add(os.path.basename(r["image_uri"]))
+    assert by_run[third["run_id"]] == {"a.png", "i4.png", "i5.png"}
+    assert by_run[forced["run_id"]] == {"a.png", "b.png", "c.png", "fixed.png"}
+
+
+def test_a_night_with_nothing_new_reaches_no_model_and_writes_no_rows(nights):
+    fourth = nights["runs"][3]
+    assert (fourth["listed"], fourth["skipped"], fourth["labelled"], fourth["errors"]) == (6, 6, 0, 0)
+    assert fourth["inference_actors"] == []  # nothing reached the model
+    assert not [r for r in nights["labels"] + nights["stats"] if r["run_id"] == fourth["run_id"]]
+
+
+def test_without_force_no_image_version_is_labeled_twice(nights):
+    forced = nights["runs"][1]["run_id"]
+    keys = [(r["image_uri"], r["image_version"]) for r in nights["labels"] if r["run_id"] != forced]
+    assert len(keys) == len(set(keys)) == 8 + 3 + 3  # the first release's rows, night 1, night 3
+    # a.png three times since the first release: night 1, --force (the same version again), its new version on night 3.
+    assert sum(1 for r in nights["labels"] if r["image_uri"].endswith("imgs/a.png") and r["run_id"] != OLD_RUN) == 3
+    assert {s["run_id"] for s in nights["stats"]} == {OLD_RUN, *(r["run_id"] for r in nights["runs"][:3])}
+
+
+def test_readme_queries_count_each_image_once_after_relabels(nights):
+    """Every DuckDB query of docs/queries.md on the four nights' output: first-release files, a forced relabel, a
+    changed image, an image that failed and was repaired, and one that always failed."""
+    output, labels, stats = nights["output"], nights["labels"], nights["stats"]
     latest = {}
     for r in sorted(labels, key=lambda r: r["labeled_at"]):
         latest[r["image_uri"]] = r
-    assert len(labels) > len(latest) == 5
-    latest_stats = [s for s in stats if latest[s["image_uri"]]["run_id"] == s["run_id"]]
+    assert len(labels) > len(latest) == 8  # a, b, c, fixed, i4, i5 and two images only the first release labeled
+    # A class_stats row belongs to its image's labels row of the same run and time (the first release labeled an
+    # image several times in one run).
+    latest_stats = [s for s in stats if (latest[s["image_uri"]]["run_id"], latest[s["image_uri"]]["labeled_at"])
+                    == (s["run_id"], s["labeled_at"])]
     pixels, counted = {}, {}
     for s in latest_stats:
         pixels[s["class_id"]] = pixels.get(s["class_id"], 0) + s["pixel_count"]
@@ -249,54 +281,77 @@ def test_readme_queries_count_each_image_once_after_relabels(ray_session, tiny_c
     expected = sorted((s["image_uri"], s["pixel_fraction"]) for s in latest_stats
                       if s["class_name"] == top["class_name"] and s["pixel_fraction"] > 0.2)
     assert sorted((r[0], r[1]) for r in rows) == expected and len({r[0] for r in rows}) == len(rows)
+    # bad.png's last attempt failed (and the first release's four broken images'); fixed.png's last one labeled it.
+    old_failed = {e["image_uri"] for e in nights["errors"] if e["run_id"] == OLD_RUN}
     rows = con.execute(example_query("errors_latest", output)).fetchall()
-    assert rows == [("decode", "not a recognised image format", 1, storage.join(images, "bad.png"))]
+    assert rows == [("decode", "not a recognised image format", 1 + len(old_failed), storage.join(nights["images"], "bad.png"))]
 
     # The per-night forms still read first-release files beside new ones, and count that night's rows.
+    third = nights["runs"][2]
     night = [s for s in stats if s["run_id"] == third["run_id"]]
     rows = con.execute(example_query("class_coverage", output), {"run_date": "2026-02-03"}).fetchall()
-    assert sum(r[3] for r in rows) == sum(s["pixel_count"] for s in night) == 26 * 27
-    rows = con.execute(example_query("class_coverage", output), {"run_date": "2026-01-01"}).fetchall()
-    assert [(r[1], r[2], r[3]) for r in rows] == [(CLASS_NAMES[0], 1, 12)]
+    assert sum(r[3] for r in rows) == sum(s["pixel_count"] for s in night) == 26 * 27 + 30 * 30 + 21 * 22
+    old = nights["old"].to_pylist()
+    first_night = [s for s in old if s["run_date"] == FIRST_RELEASE_NIGHTS[0]]
+    by_class: dict[int, tuple[str, int, int]] = {}
+    for s in first_night:
+        name, n, px = by_class.get(s["class_id"], (s["class_name"], 0, 0))
+        by_class[s["class_id"]] = (name, n + 1, px + s["pixel_count"])
+    rows = con.execute(example_query("class_coverage", output), {"run_date": FIRST_RELEASE_NIGHTS[0]}).fetchall()
+    assert {r[0]: (r[1], r[2], r[3]) for r in rows} == by_class and by_class
     rows = con.execute(example_query("images_with_class", output),
                        {"class_name": top["class_name"], "min_fraction": 0.2}).fetchall()
     assert len(rows) == sum(1 for s in stats if s["class_name"] == top["class_name"] and s["pixel_fraction"] > 0.2)
     rows = con.execute(example_query("error_summary", output)).fetchall()
-    assert sum(r[3] for r in rows) == len(t["errors"]) == 4  # bad.png three times, fixed.png once
-    new_stats = [s for s in stats if s["run_id"] != "old"]
+    # bad.png on three nights, fixed.png on one, and the first release's four
+    assert sum(r[3] for r in rows) == len(nights["errors"]) == 3 + 1 + len(old_failed) == 8
+    new_stats = [s for s in stats if s["run_id"] != OLD_RUN]
     assert all(s["labeled_at"] == next(r["labeled_at"] for r in labels if r["run_id"] == s["run_id"]
                                        and r["image_uri"] == s["image_uri"]) for s in new_stats)
 
 
-def test_incremental_runs_label_only_what_is_new(ray_session, tiny_checkpoint, tmp_path):
-    ck_path, _ = tiny_checkpoint
-    images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
-    write_files(images, {f"i{i}.png": good_image(i, 20 + i, 24) for i in range(4)})
-    first = label_images(label_config(images, ck_path, output))
-    assert (first["listed"], first["skipped"], first["labelled"], first["errors"]) == (4, 0, 4, 0)
+def test_the_first_night_upgrades_the_first_releases_files_once(nights):
+    marker = json.loads(storage_util.read_text(storage.join(nights["output"], MARKER)))
+    assert marker["schema_version"] == SCHEMA_VERSION and marker["upgraded_files"] == {"class_stats": 4}
+    assert marker["upgraded_by_run"] == nights["runs"][0]["run_id"]
 
-    second = label_images(label_config(images, ck_path, output))
-    assert (second["listed"], second["skipped"], second["labelled"], second["errors"]) == (4, 4, 0, 0)
-    assert second["inference_actors"] == []  # nothing reached the model
-    assert tables(output)["labels"].num_rows == 4
 
-    # Two new images and one rewritten (new version): only those three are labeled.
-    write_files(images, {"i4.png": good_image(4, 30, 30), "new/i5.png": good_image(5, 21, 22),
-                         "i0.png": good_image(50, 26, 27)})
-    third = label_images(label_config(images, ck_path, output))
-    assert (third["listed"], third["skipped"], third["labelled"]) == (6, 3, 3)
-    labels = tables(output)["labels"].to_pylist()
-    by_run = {}
-    for r in labels:
-        by_run.setdefault(r["run_id"], set()).add(os.path.basename(r["image_uri"]))
-    assert by_run[third["run_id"]] == {"i0.png", "i4.png", "i5.png"}
-    keys = [(r["image_uri"], r["image_version"]) for r in labels]
-    assert len(keys) == len(set(keys)) == 7  # i0 twice: its old and its new version
+def test_default_readers_read_an_output_mixing_first_release_and_new_files(nights):
+    """polars, pyarrow.dataset, pandas and DuckDB, each with its default options, read the upgraded first-release
+    rows and the four nights' alike (tests/test_table_upgrade.py has the upgrade's rule and its crash safety)."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
 
-    forced = label_images(label_config(images, ck_path, output, force=True))
-    assert (forced["skipped"], forced["labelled"]) == (0, 6)
-    stats = tables(output)["class_stats"]
-    assert set(stats["run_id"].to_pylist()) == {first["run_id"], third["run_id"], forced["run_id"]}
+    output, old = nights["output"], nights["old"]
+    files = list_table_files(Location.of(output), "class_stats")
+    assert len(files) > 4 and all(pq.read_schema(p).equals(SCHEMAS["class_stats"], check_metadata=False) for p in files)
+    new = [pq.read_table(p).append_column("run_date", pa.array([_run_date(p)] * pq.read_metadata(p).num_rows))
+           for p in files if OLD_RUN not in p]
+    expected = key_rows(pa.concat_tables([old, *new]))
+    assert len(expected) == old.num_rows + sum(t.num_rows for t in new) and all(r[5] is not None for r in expected)
+    assert {_run_date(p) for p in files if OLD_RUN not in p} == {"2026-02-01", "2026-02-02", "2026-02-03"}
+
+    glob = f"{output}/class_stats/**/*.parquet"
+    frame = pl.scan_parquet(glob, hive_partitioning=True).collect()
+    assert frame.schema["run_date"] == pl.Date and frame.schema["labeled_at"] == pl.Datetime("us", "UTC")
+    assert key_rows(frame.to_arrow()) == expected
+    dataset = pads.dataset(f"{output}/class_stats", format="parquet", partitioning="hive")
+    assert key_rows(dataset.to_table()) == expected
+    assert key_rows(pa.Table.from_pandas(pd.read_parquet(f"{output}/class_stats"), preserve_index=False)) == expected
+    con = duckdb.connect()
+    assert key_rows(con.sql(f"SELECT * FROM read_parquet('{glob}', hive_partitioning = true)").arrow().read_all()) == expected
+    # The upgraded rows kept every other value: the old labels' rows and the old errors are read whole, too.
+    labels = con.sql(f"SELECT run_id, count(*) FROM read_parquet('{output}/labels/**/*.parquet') GROUP BY ALL").fetchall()
+    runs = nights["runs"]
+    assert dict(labels) == {OLD_RUN: 8, runs[0]["run_id"]: 3, runs[1]["run_id"]: 4, runs[2]["run_id"]: 3}
+
+
+def _run_date(path: str) -> str:
+    return path.split("/run_date=")[1].split("/")[0]
+
+
+# ------------------------------------------------------------------------------ faults, the CLI
 
 
 @pytest.mark.parametrize("fault", ["label.inference=kill_once", "label.forward=cuda_error_sticky:{m};label.device_check=cuda_error_sticky"])
@@ -381,17 +436,17 @@ def test_fail_fast_with_one_line(tiny_checkpoint, tmp_path, capsys, s3, monkeypa
     assert code == 2 and len(lines) == 1 and "cannot reach the storage endpoint" in lines[0], stderr
 
 
-@pytest.mark.ray_job  # starts jobs with their own Ray (make test-fast leaves it out)
-def test_cli_log_with_both_streams_together_is_short_and_ends_with_the_json(tiny_checkpoint, tmp_path):
-    """As `ray job submit` collects it (stdout and stderr in one file, not a terminal): a few lines, the progress
-    line no more often than asked, and the summary as the very last line."""
+def test_cli_log_with_both_streams_together_is_short_and_ends_with_the_json(ray_session, tiny_checkpoint, tmp_path):
+    """As `ray job submit` runs it: a driver process joining a running Ray (the session's), stdout and stderr
+    collected in one file, not a terminal. A few lines, and the summary as the very last line. (A job that starts
+    its own Ray is logged as briefly: tests/test_storage_faults.py, tests/test_demo.py.)"""
     import subprocess
     import sys
 
     ck_path, _ = tiny_checkpoint
     images = str(tmp_path / "imgs")
     write_files(images, {**{f"g{i}.png": good_image(i, 20 + i, 24) for i in range(6)}, "bad.jpg": b"\xff\xd8broken"})
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(tmp_path / "job.log", "wb") as log:
         code = subprocess.run([sys.executable, os.path.join(root, "jobs", "label.py"), "--images", images,

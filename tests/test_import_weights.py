@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import CAFFE, VOC_CLASSES, build_model, load_checkpoint
-from tests.jobs_util import run_subprocess
+from tests.jobs_util import one_error, run_failing_cli, run_subprocess
 
 # The reference port's Caffe preprocessing: BGR channel order, 0..255, per-channel mean subtracted.
 MEAN_BGR = np.array([104.00698793, 116.66876762, 122.67891434])
@@ -49,7 +49,8 @@ def test_imported_weights_give_the_source_models_logits(tmp_path, arch):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_wrong_weights_are_named_in_one_line(tmp_path):
+def test_wrong_weights_are_named_in_one_line(tmp_path, capsys):
+    """In this process, as jobs/import_weights.py runs it (run_job): each subprocess imported torch again (~2 s)."""
     state = _reference_state("fcn8s", 21, seed=1)
     bad = dict(state)
     bad.pop("score_pool3.weight")
@@ -58,18 +59,15 @@ def test_wrong_weights_are_named_in_one_line(tmp_path):
     torch.save(bad, src)
     args = ["--from", str(src), "--model", "fcn8s", "--classes", "voc", "--convention", "caffe",
             "--output", str(tmp_path / "x.pt")]
-    proc = run_subprocess("import_weights", args)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-    assert "missing score_pool3.weight" in errors[0] and "unexpected extra.weight" in errors[0]
+    line = one_error(*run_failing_cli("import_weights", args, capsys))
+    assert "missing score_pool3.weight" in line and "unexpected extra.weight" in line
     # Weights of another architecture: FCN-32s has no skip layers.
     torch.save(_reference_state("fcn32s", 21, seed=1), src)
-    proc = run_subprocess("import_weights", args)
-    assert proc.returncode == 2 and "missing score_pool3.bias, score_pool3.weight" in proc.stderr
+    assert "missing score_pool3.bias, score_pool3.weight" in one_error(*run_failing_cli("import_weights", args, capsys))
     # Class count from --classes FILE that does not match the weights.
     classes = tmp_path / "classes.txt"
     classes.write_text("background\nperson\n")
     torch.save(state, src)
-    proc = run_subprocess("import_weights", [*args[:4], "--classes", str(classes), *args[6:]])
-    assert proc.returncode == 2 and "predicts 21 classes, but --classes gives 2" in proc.stderr
+    line = one_error(*run_failing_cli("import_weights", [*args[:4], "--classes", str(classes), *args[6:]], capsys))
+    assert "predicts 21 classes, but --classes gives 2" in line
     assert not (tmp_path / "x.pt").exists()

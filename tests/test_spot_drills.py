@@ -27,7 +27,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.run import run_training
 from pipeline.train.run_state import ledger, run_location
 from tests.label_fixtures import good_image, tables, write_files
-from tests.scrape import node_ports, total, wait_for
+from tests.scrape import free_port, node_ports, total, wait_for
 
 pytestmark = pytest.mark.multinode
 
@@ -35,10 +35,63 @@ NODE = {"object_store_memory": 96 * 1024**2}
 GPU_NODE = {"num_cpus": 1, "num_gpus": 1, **NODE}  # room for one inference actor (1 CPU), nothing else
 
 
-def _preempt(cluster, node, grace_s: float = 2.0) -> None:
+# Ray Train's preemption watcher polls the drain state every 5 s by default; at 0.5 s a 4 s drain is enough for it
+# to see the drain before the node goes (the drill waited 12 s). Read where the controller runs: set before the head
+# starts, for this module's cluster only.
+TRAIN_PREEMPTION_POLL = {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def drills_cluster(s3_server):
+    """One head (no worker resources) for all drills, instead of a head per drill (~5 s to start, ~2 s to stop):
+    `cluster` removes each drill's nodes after it. Its dashboard listens on a free port (a Cluster head's fixed
+    8265 fails to start while another Ray on the machine holds it)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from tests.conftest import _RAY, _shutdown_ray
+
+    _shutdown_ray()
+    saved = {k: os.environ.get(k) for k in TRAIN_PREEMPTION_POLL}
+    os.environ.update(TRAIN_PREEMPTION_POLL)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "dashboard_port": free_port(),
+                                                             "object_store_memory": 256 * 1024**2})
+    _RAY["mode"] = "cluster"
+    # The state API (list_actors, list_tasks) finds its cluster through $RAY_ADDRESS, else the newest Ray on the
+    # machine: with another Ray started since, the drills would watch that one.
+    saved["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = cluster.address
+    try:
+        ray.init(address=cluster.address)
+        yield cluster
+    finally:
+        _shutdown_ray()
+        cluster.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def cluster(drills_cluster):
+    """The module's cluster with only its head; the nodes a drill adds are removed after it (with them, its
+    actors: the next drill sees none of them alive)."""
+    yield drills_cluster
+    for node in list(drills_cluster.worker_nodes):
+        drills_cluster.remove_node(node)
+    drills_cluster.wait_for_nodes()
+
+
+def _preempt(cluster, node, grace_s: float = 2.0, replacement: dict | None = None):
     """What a spot reclaim does to a Ray node on Kubernetes: the pod's SIGTERM makes `ray start --block` drain the
     node as preempted with a deadline (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, 30 s by default) and wait for it;
-    then the node's processes are gone. `grace_s` stands for that wait."""
+    then the node's processes are gone. `grace_s` stands for that wait.
+
+    `replacement`: the node_args of the node the autoscaler starts in its place, as Karpenter does on the spot
+    interruption notice: it starts during the drain (a node takes seconds to start here) and is returned."""
     from ray._raylet import GcsClient
     from ray.core.generated import autoscaler_pb2
 
@@ -46,8 +99,14 @@ def _preempt(cluster, node, grace_s: float = 2.0) -> None:
     accepted, why = gcs.drain_node(node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
                                    "spot reclaim (drill)", int((time.time() + grace_s) * 1000))
     assert accepted, why
-    time.sleep(grace_s)
-    cluster.remove_node(node)
+    # The node goes when the drain's time is up, whatever the replacement's start takes (add_node installs signal
+    # handlers: it runs in this, the main thread).
+    reclaim = threading.Timer(grace_s, cluster.remove_node, args=(node,))
+    reclaim.start()
+    try:
+        return cluster.add_node(**replacement) if replacement else None
+    finally:
+        reclaim.join()
 
 
 def _wait(condition, timeout: float, what: str):
@@ -90,12 +149,10 @@ def _label_config(images: str, ck: str, output: str, **kw) -> LabelConfig:
                        rows_per_file=2, progress=False, wait_for_resources=60, **kw)
 
 
-def test_preempted_inference_nodes_cost_no_retries_but_a_crashing_batch_ends_the_run(multinode_cluster, tiny_checkpoint, tmp_path,
-                                                                   monkeypatch):
+def test_preempted_inference_nodes_cost_no_retries_but_a_crashing_batch_ends_the_run(cluster, tiny_checkpoint, tmp_path, monkeypatch):
     """One GPU actor; its node is reclaimed four times while the same calls are in flight: more times than the
     3 retries a batch has (pipeline.label.crash_budget). Lost nodes are not charged to them: the run completes, each
     image once, nothing in errors/. Then a batch that kills its actor on a live node ends its run after 3 retries."""
-    cluster = multinode_cluster
     cluster.add_node(num_cpus=1, **NODE)  # reads, decodes, writes
     gpu = cluster.add_node(**GPU_NODE)
     cluster.wait_for_nodes()
@@ -114,8 +171,7 @@ def test_preempted_inference_nodes_cost_no_retries_but_a_crashing_batch_ends_the
             time.sleep(1.0)  # inside its call (then 2 s of drain, still inside)
             assert run.is_alive() and not result
             lost = time.monotonic()
-            _preempt(cluster, gpu)
-            gpu = cluster.add_node(**GPU_NODE)  # the autoscaler's replacement
+            gpu = _preempt(cluster, gpu, replacement=GPU_NODE)  # with the autoscaler's replacement
             _wait(lambda node=gpu.node_id: [a for a in _actors_alive("InferenceActor") if a.node_id == node], 120,
                   "the actor restarted on the new node")
             recover_s.append(time.monotonic() - lost)
@@ -145,12 +201,11 @@ def test_preempted_inference_nodes_cost_no_retries_but_a_crashing_batch_ends_the
     assert record["status"] == "failed" and "an inference batch of 2 image(s)" in record["error"]
 
 
-def test_nodes_holding_the_listing_preempted_during_a_run(multinode_cluster, tiny_checkpoint, tmp_path, monkeypatch):
+def test_nodes_holding_the_listing_preempted_during_a_run(cluster, tiny_checkpoint, tmp_path, monkeypatch):
     """The listing's blocks live in the object stores of the nodes that listed them; those nodes are reclaimed
     twice while the pipeline reads them. The run completes (or its rerun does): each image once, no errors."""
     from ray.util.state import list_tasks
 
-    cluster = multinode_cluster
     cpu_nodes = [cluster.add_node(num_cpus=1, **NODE) for _ in range(2)]
     cluster.add_node(**GPU_NODE)
     cluster.wait_for_nodes()
@@ -180,11 +235,11 @@ def test_nodes_holding_the_listing_preempted_during_a_run(multinode_cluster, tin
             if not victims or not run.is_alive():
                 break
             lost = time.monotonic()
-            _preempt(cluster, victims[0])
+            replacement = _preempt(cluster, victims[0], replacement={"num_cpus": 1, **NODE})
             lost_nodes += 1
             cpu_nodes.remove(victims[0])
-            cpu_nodes.append(cluster.add_node(num_cpus=1, **NODE))
-            time.sleep(3)
+            cpu_nodes.append(replacement)
+            time.sleep(1)  # the run reads on (the second reclaim hits it mid-run, not right after the first)
             recover_s.append(time.monotonic() - lost)
     finally:
         run.join(timeout=400)
@@ -202,12 +257,10 @@ def test_nodes_holding_the_listing_preempted_during_a_run(multinode_cluster, tin
           f"{_retried_inference_rows(2)}")
 
 
-def test_a_training_workers_node_preempted_mid_epoch_resumes_from_the_last_epoch(multinode_cluster, tmp_path,
-                                                                                  monkeypatch):
+def test_a_training_workers_node_preempted_mid_epoch_resumes_from_the_last_epoch(cluster, tmp_path, monkeypatch):
     """Two CPU workers on two nodes; in epoch 2 the node of one of them is reclaimed (and replaced). The run
     restarts its worker group from epoch 1's checkpoint and finishes, with --max-failures 0 (a preemption is not
     charged to it): the ledger has each epoch exactly once."""
-    cluster = multinode_cluster
     nodes = [cluster.add_node(num_cpus=2, **NODE) for _ in range(2)]
     cluster.wait_for_nodes()
     data = str(tmp_path / "syn")
@@ -232,9 +285,10 @@ def test_a_training_workers_node_preempted_mid_epoch_resumes_from_the_last_epoch
         rank_nodes = {a.node_id for a in workers}
         (victim,) = [n for n in nodes if n.node_id in rank_nodes][:1]
         lost = time.monotonic()
-        _preempt(cluster, victim, grace_s=12)  # Ray Train's preemption watcher polls the drain state every 5 s
+        # Ray Train's preemption watcher (polling every 0.5 s here, TRAIN_PREEMPTION_POLL) sees the drain first.
+        replacement = _preempt(cluster, victim, grace_s=4, replacement={"num_cpus": 2, **NODE})
         nodes.remove(victim)
-        nodes.append(cluster.add_node(num_cpus=2, **NODE))
+        nodes.append(replacement)
         reached.touch()
         # The job's metrics say so (pipeline.telemetry, from the controller on the head): one restart, preempted.
         wait_for(node_ports, lambda s: total(s, "ray_fcn_train_restarts", run="spot", preempted="true") == 1

@@ -156,7 +156,10 @@ def multinode_cluster(s3_server):
 
     _shutdown_ray()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0,
+    from tests.scrape import free_port
+
+    # A free port for the dashboard: a head on Ray's fixed 8265 fails to start while another Ray holds it.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "dashboard_port": free_port(),
                                                              "object_store_memory": 256 * 1024**2})
     _RAY["mode"] = "cluster"
     ray.init(address=cluster.address)

@@ -14,7 +14,7 @@ import numpy as np
 from pipeline import faults, storage
 from pipeline.label.config import LabelConfig
 from pipeline.label.job import label_images
-from tests.label_fixtures import decode_row, duckdb_connection, good_image, tables, write_files
+from tests.label_fixtures import FAST_FLAGS, decode_row, duckdb_connection, good_image, tables, write_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_GOOD = 16
@@ -61,9 +61,9 @@ def test_driver_kill_9_mid_run_then_rerun_is_exactly_once(ray_session, tiny_chec
 
     env = dict(os.environ, RAY_AUTH_MODE="disabled", **{faults.ENV: "label.commit:*=sleep:0.25"})
     env.pop("RAY_ADDRESS", None)
+    # FAST_FLAGS: one inference actor, as in the rerun below (by default 2 CPUs got 2, each importing torch at start).
     cmd = [sys.executable, os.path.join(REPO, "jobs", "label.py"), "--images", images, "--checkpoint", ck_path,
-           "--output", output, "--rows-per-file", "2", "--batch-size", "1", "--threads-per-actor", "1",
-           "--max-side", "48", "--no-progress"]
+           "--output", output, "--rows-per-file", "2", *FAST_FLAGS]
     child = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT)
     try:

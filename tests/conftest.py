@@ -117,15 +117,19 @@ def _local_ray():
     """
     import ray
 
-    from pipeline.ray_setup import MIN_IDLE_WORKERS
+    from pipeline.ray_setup import MIN_IDLE_WORKERS, own_address_hook
 
     if _RAY["mode"] != "local":
         _shutdown_ray()
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # Idle workers kept as in a Ray the jobs start (pipeline/ray_setup.py): with Ray's default, the input
         # pipeline's workers were reaped between epochs and runs and started again (~10 % of a training test).
+        # Its workers are told its address, as in a Ray the jobs start (own_address_hook): Ray Train's placement-group
+        # cleaner otherwise asks whichever Ray it finds on the machine, and with another one running removed a live
+        # run's placement group (seen once: "Destroying worker since its placement group was removed").
         ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
-                 log_to_driver=False, _system_config={"num_workers_soft_limit": MIN_IDLE_WORKERS})
+                 log_to_driver=False, _system_config={"num_workers_soft_limit": MIN_IDLE_WORKERS},
+                 runtime_env={"worker_process_setup_hook": own_address_hook()})
         _RAY["mode"] = "local"
     return ray
 

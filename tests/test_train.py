@@ -3,7 +3,9 @@
 Reduced-width FCN-8s on small synthetic images; every run uses the session's local Ray (2 CPUs): workers
 take half a CPU each so Ray Data keeps a CPU for decoding.
 """
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -21,8 +23,9 @@ from pipeline.synthetic import synthesize_voc
 from pipeline.testbed import random_checkpoint
 from pipeline.train.run_state import ledger, run_location
 from tests import storage_util
+from tests.conftest import reset_s3
 from tests.images import encode, palette_mask
-from tests.jobs_util import run_in_process, run_subprocess
+from tests.jobs_util import load_job, run_in_process, run_subprocess
 
 TINY = ["--num-classes", "6", "--width-mult", "0.0625", "--padding", "same", "--num-workers", "2",
         "--cpus-per-worker", "0.5", "--optimizer", "adam", "--lr", "0.005", "--min-scale", "0.75", "--max-scale", "1.5"]
@@ -46,64 +49,109 @@ def _train(capsys, data, storage_uri, name, *extra):
     return run_in_process("train", ["--data", data, "--storage", storage_uri, "--name", name, *TINY, *extra], capsys)
 
 
-def test_two_workers_learn_survive_a_killed_worker_and_evaluate_matches_from_s3(ray_session, synthetic, bucket,
-                                                                                capsys, tmp_path, monkeypatch):
-    # Rank 0 is SIGKILLed right after reporting epoch 2, once (the workers get the variable via runtime_env): the
-    # run restarts its workers from epoch 2's checkpoint and still trains every epoch exactly once.
-    killed = tmp_path / "_fault_injected"
-    monkeypatch.setenv(faults.ENV, f"train.reported:epoch2=kill_once:{killed}")
-    # Chance here: predicting background everywhere gives mean IU ~0.15 on this set (6 classes).
-    summary = _train(capsys, synthetic, "s3://test-bucket/runs", "learn", "--epochs", "6", "--batch-size", "4",
-                     "--crop-size", "48", "--max-failures", "1")
-    monkeypatch.delenv(faults.ENV)
-    assert killed.exists()  # the worker really died
+def _job_summary(name: str, argv: list[str]) -> dict:
+    """run_in_process for a module-scoped fixture, which cannot use capsys: the job's stdout is captured here."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert load_job(name).main(argv) == 0
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def learned(ray_module, s3_server, synthetic, tmp_path_factory) -> dict:
+    """One 6-epoch, 2-worker run to S3 whose rank 0 is SIGKILLed right after reporting epoch 2 (once; the workers get
+    the variable via runtime_env), then evaluate.py from its latest S3 checkpoint with --report. The tests below each
+    check one facet of it. What they check is read here: the function-scoped `s3` fixture of a later test empties
+    the server."""
+    import s3fs
+
+    from pipeline.train.run_log import read_metrics
+
+    reset_s3(s3_server)
+    s3fs.S3FileSystem().mkdir("test-bucket")
+    tmp = tmp_path_factory.mktemp("learn")
+    killed = tmp / "_fault_injected"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(faults.ENV, f"train.reported:epoch2=kill_once:{killed}")
+        summary = _job_summary("train", ["--data", synthetic, "--storage", "s3://test-bucket/runs", "--name", "learn", *TINY,
+                                         "--epochs", "6", "--batch-size", "4", "--crop-size", "48", "--max-failures", "1"])
+    latest = load_checkpoint(summary["latest_checkpoint"])
+    report = tmp / "report"
+    evaluated = _job_summary("evaluate", ["--data", synthetic, "--checkpoint", summary["latest_checkpoint"],
+                                          "--report", str(report)])
+    run = Location.of("s3://test-bucket/runs/learn")
+    events = run.fs.ls(run.child("tensorboard").path)
+    return {"summary": summary, "killed": killed.exists(), "ledger": [r["epoch"] for r in ledger(run)], "latest": latest,
+            "evaluated": evaluated, "report": report, "metrics": read_metrics(run),
+            "events": {e: run.fs.size(e) for e in events}, "curves": run.child("curves.png").exists()}
+
+
+def test_a_killed_worker_restarts_from_its_checkpoint_and_every_epoch_trains_once(learned):
+    # The run restarts its workers from epoch 2's checkpoint and still trains every epoch exactly once.
+    summary = learned["summary"]
+    assert learned["killed"]  # the worker really died
     assert summary["epochs"] == 6 and summary["epochs_trained_now"] == [1, 2, 3, 4, 5, 6]
-    assert [r["epoch"] for r in ledger(Location.of("s3://test-bucket/runs/learn"))] == [1, 2, 3, 4, 5, 6]
+    assert learned["ledger"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_two_workers_learn_beyond_chance(learned):
+    summary = learned["summary"]
+    # Chance here: predicting background everywhere gives mean IU ~0.15 on this set (6 classes).
     assert summary["best_mean_iou"] > 0.24, summary["final_metrics"]  # measured 0.30-0.31 with this recipe
+    assert summary["images_per_second"] > 0
+
+
+def test_frozen_upsampling_keeps_the_bilinear_kernel_bit_for_bit(learned):
     # Upsampling is frozen by default: the three upsamplers are still the bilinear kernel, bit for bit.
+    summary, latest = learned["summary"], learned["latest"]
     assert summary["upsampling"] == "frozen"
     assert summary["train_settings"]["compile"] == "off" and summary["train_settings"]["optimizer_impl"] == "fused"
-    assert summary["best_checkpoint"].startswith("s3://test-bucket/runs/learn/epoch_")
-    assert summary["images_per_second"] > 0
-    # Best K (3) by mean IU plus the latest are kept; the rest were deleted.
-    assert len(summary["kept_checkpoints"]) <= 4 and summary["latest_checkpoint"] in summary["kept_checkpoints"]
-    # evaluate.py from the S3 checkpoint reproduces training's validation of that epoch exactly.
-    latest = load_checkpoint(summary["latest_checkpoint"])
     assert latest.metadata["upsampling"] == "frozen" and latest.metadata["train_config"]["learn_upsampling"] is False
-    assert latest.metadata["epoch"] == 6 and latest.config.num_classes == 6
     state = latest.model.state_dict()
     for name in ("upscore2", "upscore_pool4", "upscore8"):
         w = state[f"{name}.weight"]
         assert torch.equal(w, bilinear_kernel(6, w.shape[-1])), name  # bit for bit
     assert state["score_fr.weight"].abs().sum() > 0  # the rest trained (score layers start at zero)
-    trained = latest.metadata["metrics"]
-    report = tmp_path / "report"
-    evaluated = run_in_process("evaluate", ["--data", synthetic, "--checkpoint", summary["latest_checkpoint"],
-                                            "--report", str(report)], capsys)
+
+
+def test_the_best_checkpoints_and_the_latest_are_kept_on_s3(learned):
+    summary, latest = learned["summary"], learned["latest"]
+    assert summary["best_checkpoint"].startswith("s3://test-bucket/runs/learn/epoch_")
+    # Best K (3) by mean IU plus the latest are kept; the rest were deleted.
+    assert len(summary["kept_checkpoints"]) <= 4 and summary["latest_checkpoint"] in summary["kept_checkpoints"]
+    assert latest.metadata["epoch"] == 6 and latest.config.num_classes == 6
+
+
+def test_evaluate_from_the_s3_checkpoint_reproduces_training_validation_exactly(learned):
+    trained, evaluated = learned["latest"].metadata["metrics"], learned["evaluated"]
     for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"):
         assert evaluated[key] == pytest.approx(trained[key], abs=1e-12), key
     assert evaluated["per_class_iou"] == pytest.approx(trained["per_class_iou"], abs=1e-12)
     assert evaluated["images"] == trained["val_images"] == 120
+
+
+def test_evaluate_report_is_consistent_with_the_scores(learned):
     # --report: per-class CSV/JSON and a row-normalised confusion heatmap, consistent with the scores.
     import csv
 
+    report, evaluated = learned["report"], learned["evaluated"]
     assert sorted(os.listdir(report)) == ["confusion.json", "confusion.png", "per_class.csv", "per_class.json"]
     rows = list(csv.DictReader(open(report / "per_class.csv")))
-    assert [r["class_name"] for r in rows] == latest.class_names
+    assert [r["class_name"] for r in rows] == learned["latest"].class_names
     for row, iou in zip(rows, evaluated["per_class_iou"], strict=True):
         assert (float(row["iou"]) if row["iou"] else None) == pytest.approx(iou)
     matrix = np.array(json.loads((report / "confusion.json").read_text())["matrix"])
     assert matrix.sum() == sum(int(r["gt_pixels"]) for r in rows) > 0
     assert (report / "confusion.png").read_bytes()[:4] == b"\x89PNG"
-    # The run's metrics reach S3 too: TensorBoard writes locally and each epoch uploads its event file.
-    from pipeline.train.run_log import read_metrics
 
-    run = Location.of("s3://test-bucket/runs/learn")
-    assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
-    events = run.fs.ls(run.child("tensorboard").path)
+
+def test_run_metrics_and_tensorboard_events_reach_s3(learned):
+    # TensorBoard writes locally and each epoch uploads its event file.
+    assert [r["epoch"] for r in learned["metrics"]] == [1, 2, 3, 4, 5, 6]
+    events = learned["events"]
     # One event file per rank-0 process: the one killed after epoch 2 and the one that trained epochs 3-6.
-    assert len(events) == 2 and all("tfevents" in e and run.fs.size(e) > 0 for e in events)
-    assert run.child("curves.png").exists()
+    assert len(events) == 2 and all("tfevents" in e and size > 0 for e, size in events.items())
+    assert learned["curves"]
 
 
 def _uniform_dataset(root, n_train=4):
@@ -255,7 +303,6 @@ def _fails_fast(argv, expect, subprocess: bool = False):
         import io
 
         from pipeline.cli import run_job
-        from tests.jobs_util import load_job
 
         def cluster_work(*args, **kwargs):
             raise AssertionError("the job started Ray before failing")
@@ -313,15 +360,19 @@ def test_a_stopped_run_does_not_block_the_next_one(small_synthetic, tmp_path):
     assert time.monotonic() - started < 5
 
 
-@pytest.mark.ray_job  # starts jobs with their own Ray (make test-fast leaves it out)
-def test_workers_leaving_no_cpu_for_the_input_pipeline_fail_at_start(small_synthetic, tmp_path):
-    """A 2-worker run whose workers take every CPU: before, Ray Data waited for a CPU forever, without a word."""
-    cpus = str(os.cpu_count())
-    proc = run_subprocess("train", ["--data", small_synthetic, "--storage", str(tmp_path / "runs"), "--name", "x",
-                                    "--num-classes", "6", "--width-mult", "0.0625", "--num-workers", "2",
-                                    "--cpus-per-worker", cpus], timeout=180)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+def test_workers_leaving_no_cpu_for_the_input_pipeline_fail_at_start(ray_session, small_synthetic, tmp_path, capsys):
+    """A 2-worker run whose workers take every CPU: before, Ray Data waited for a CPU forever, without a word. In this
+    process, on the session's Ray (its own Ray in a subprocess cost ~12 s more: Ray's start and torch's import)."""
+    from pipeline.cli import run_job
+
+    cpus = str(int(ray_session.cluster_resources()["CPU"]))
+    with pytest.raises(SystemExit) as exc:
+        run_job(load_job("train").main, ["--data", small_synthetic, "--storage", str(tmp_path / "runs"), "--name", "x",
+                                         "--num-classes", "6", "--width-mult", "0.0625", "--num-workers", "2",
+                                         "--cpus-per-worker", cpus])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(errors) == 1, err[-2000:]
     assert f"need {2 * int(cpus) + 1} CPUs" in errors[0] and "--data-cpus" in errors[0], errors
 
 

@@ -245,12 +245,14 @@ def run_training(cfg: TrainConfig) -> dict:
 
 def _fit(cfg: TrainConfig, run, train: list, val: list, class_names: list[str], convention: InputConvention,
          done_before: set) -> dict:
-    bad_log = start_bad_sample_log()
-    trainer = build_trainer(cfg, run, train, val, class_names, convention, bad_log)
     latest = scan_checkpoints(run)
+    bad_rows: list[dict] = []
     if latest and latest[-1]["epoch"] >= cfg.epochs:
+        # No trainer and no BadSampleLog actor (a process to start, ~2 s on 2 cores): nothing is read, nothing dropped.
         print(f"[train] {run.uri} already completed epoch {latest[-1]['epoch']} of {cfg.epochs}: nothing to train", flush=True)
     else:
+        bad_log = start_bad_sample_log()
+        trainer = build_trainer(cfg, run, train, val, class_names, convention, bad_log)
         try:
             result = trainer.fit()
             if result.error is not None:
@@ -264,7 +266,7 @@ def _fit(cfg: TrainConfig, run, train: list, val: list, class_names: list[str], 
             except StorageError as gone:
                 raise StorageError(f"the run's storage failed during training: {gone}") from None
             raise
-    bad_rows = ray.get(bad_log.rows.remote())
+        bad_rows = ray.get(bad_log.rows.remote())
     for row in bad_rows:
         print(f"[train] skipped bad sample {row['uri']}: {row['reason']}", flush=True)
     warn_dropped(bad_rows, {"train": train, "val": val}, cfg)

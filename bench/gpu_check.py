@@ -77,7 +77,8 @@ class Sizes:
 
 GPU = Sizes(((500, 375), (375, 500), (500, 333)), 48, 200, 8000, 1.0, 320, 3, (192, 128, 64, 32),
             1024, 96, "cuda", "bf16")
-DRY = Sizes(((80, 60), (60, 80), (80, 53)), 4, 4, 48, 1 / 16, 64, 2, (4, 2), 16, 6, "cpu", "off")
+# Two validation images (23 training images at the reference proportion): an epoch on CPU is mostly its fixed start.
+DRY = Sizes(((80, 60), (60, 80), (80, 53)), 4, 2, 48, 1 / 16, 64, 2, (4, 2), 16, 6, "cpu", "off")
 
 
 def log(msg: str) -> None:
@@ -87,7 +88,12 @@ def log(msg: str) -> None:
 def shared_ray_address() -> str:
     """The address of one local Ray for every job of the check, started on first use and stopped when the check
     exits. A Ray of its own per job cost each job ~5 s (start and stop) of device time; the jobs now join it as
-    they join a cluster. (The check's own steps run torch in this process, never Ray.)"""
+    they join a cluster. (The check's own steps run torch in this process, never Ray.)
+
+    It starts as the GPU kit's slimmed Ray does, without the dashboard (with the project's .venv, the dry run's
+    Ray started one anyway: a dozen more processes starting on 2 cores while the first job did), and without the
+    idle workers Ray prestarts for its first driver, this process, which never runs a task: one per CPU, each
+    importing Ray while the first job starts."""
     import ray
 
     if not ray.is_initialized():
@@ -95,7 +101,8 @@ def shared_ray_address() -> str:
 
         # What a Ray started by a job gives its workers, here for every job's: Ray Data's console at warnings.
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING)
-        init_ray("local", log_to_driver=False)
+        init_ray("local", log_to_driver=False, include_dashboard=False,
+                 _system_config={"prestart_worker_first_driver": False})
         log(f"Ray started for the jobs at {ray.get_runtime_context().gcs_address}")
     return ray.get_runtime_context().gcs_address
 

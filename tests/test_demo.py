@@ -20,6 +20,10 @@ from tests.jobs_util import run_subprocess
 
 # What would look like a failure in a log a person reads (Ray's own INFO lines, deprecations, tracebacks).
 ALARMING = re.compile(r"Traceback|Error|ERROR|WARNING|Warning|Deprecat|Failed|failed")
+# Ray's warning a 2-CPU machine's busiest moment can raise (seen once in a fresh clone's suite), documented as
+# harmless in docs/operations.md ("What else a job's log shows").
+KNOWN_RAY_WARNING = re.compile(r"\(raylet\).*WARNING: \d+ PYTHON worker processes have been started on node: .* which is "
+                               r"\d+x the maximum expected startup concurrency \(2\)")
 
 
 def _demo(args: list[str], env: dict | None = None) -> dict:
@@ -30,7 +34,7 @@ def _demo(args: list[str], env: dict | None = None) -> dict:
     assert len(log) <= 40, "\n".join(log)
     # Its own report lines ([demo], the indented tables, the JSON) show the broken file's error row on purpose.
     others = [line for line in log[:-1] if not line.startswith(("[demo]", "    "))]
-    assert not [line for line in others if ALARMING.search(line)], "\n".join(others)
+    assert not [line for line in others if ALARMING.search(line) and not KNOWN_RAY_WARNING.search(line)], "\n".join(others)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

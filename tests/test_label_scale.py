@@ -12,6 +12,7 @@ from urllib.parse import quote_plus
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import s3fs
 
 from pipeline import faults, storage
 from pipeline.dataset_formats import list_images
@@ -20,7 +21,7 @@ from pipeline.label.job import label_images
 from pipeline.label.listing import listing_dataset, plan_listing
 from pipeline.label.readers import read_table
 from pipeline.label.tables import INDEX, INDEX_SCHEMA
-from pipeline.storage import Location
+from pipeline.storage import Location, UnreadableFile
 from tests import storage_util
 from tests.jobs_util import run_subprocess
 from tests.label_fixtures import duckdb_connection, good_image, label_config, tables, write_files
@@ -131,6 +132,25 @@ def test_s3_inventory_names_images_as_the_prefix_listing_does(ray_session, tiny_
     second = label_images(_config(f"{bucket}/inventory/manifest.json", ck, output))
     assert (second["listed"], second["skipped"], second["labelled"], second["errors"]) == (5, 3, 2, 0)
     assert f"{images}/new dir/3.png" in _exactly_once(output)
+
+
+def test_an_object_written_after_its_prefix_was_listed_is_read_whole(bucket, s3):
+    """A worker process outlives a run: an object its filesystem did not see when it listed the prefix (written,
+    or rewritten larger, since) is read whole, not taken from that listing as missing or short."""
+    storage_util.write_bytes(f"{bucket}/photos/old.png", b"x" * 10)
+    photos = Location.of(f"{bucket}/photos")
+    assert [f.size for f in photos.list_files()] == [10]  # this process's filesystem now holds the listing
+    other = s3fs.S3FileSystem(skip_instance_cache=True)  # another client, as the test's writer is
+    other.pipe_file("test-bucket/photos/new.png", b"n" * 30)
+    other.pipe_file("test-bucket/photos/old.png", b"y" * 20)
+    assert photos.read_listed(photos.path + "/new.png", max_bytes=100) == b"n" * 30
+    assert photos.read_listed(photos.path + "/old.png", max_bytes=100) == b"y" * 20
+    other.pipe_file("test-bucket/photos/empty.png", b"")
+    assert photos.read_listed(photos.path + "/empty.png", max_bytes=100) == b""
+    with pytest.raises(UnreadableFile, match="limit"):
+        photos.read_listed(photos.path + "/new.png", max_bytes=29)
+    with pytest.raises(FileNotFoundError):
+        photos.read_listed(photos.path + "/gone.png", max_bytes=100)
 
 
 def test_manifest_without_a_version_column_is_one_line(tiny_checkpoint, tmp_path, capsys):

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # on disk; PyPI's CPU-only torch cannot import torchvision there. Elsewhere the resolver picks.
 TORCH_PIN := $(shell test -f /etc/xdg/pip/constraints.txt && echo "torch==2.14.1 torchvision==0.29.1")
 
-.PHONY: test test-fast test-cluster test-spark lint demo demo-s3 venv clean-venv
+.PHONY: test test-fast test-slow test-spark lint demo demo-s3 venv clean-venv
 
 venv: $(VENV)/.installed
 
@@ -22,14 +22,14 @@ lint: venv
 
 # PYTHONFAULTHANDLER: a crash in native code, at exit too (seen once after a passing suite), prints where it was.
 test: venv lint
-	PYTHONFAULTHANDLER=1 $(PY) -m pytest -m "not spark and not cluster" $(PYTEST_ARGS)
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -m "not spark and not slow" $(PYTEST_ARGS)
 
-# The scenarios on Ray clusters of their own (spot drills, autoscaling, ray job submit, metrics agents; ~5 minutes on
-# 2 cores): out of `make test` to keep it near 15 minutes; CI (.ci/run) runs both.
-test-cluster: venv
-	PYTHONFAULTHANDLER=1 $(PY) -m pytest -m cluster $(PYTEST_ARGS)
+# The scenarios of half a minute or more on a Ray of their own (Ray clusters, the GPU check's rehearsal, a full disk,
+# a deleted bucket; ~8 minutes on 2 cores): out of `make test` to keep it under 15 minutes; CI (.ci/run) runs both.
+test-slow: venv
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# The inner loop (a few minutes): lint and every test that runs no Ray job. CI runs `make test` and `make test-cluster`.
+# The inner loop (a few minutes): lint and every test that runs no Ray job. CI runs `make test` and `make test-slow`.
 test-fast: venv lint
 	$(PY) -m pytest -m "not spark and not ray_job" $(PYTEST_ARGS)
 

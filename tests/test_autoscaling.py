@@ -15,7 +15,7 @@ from pipeline.testbed import autoscaling_cluster
 from tests.jobs_util import run_subprocess
 from tests.label_fixtures import good_image, write_files
 
-pytestmark = [pytest.mark.multinode, pytest.mark.cluster]
+pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.ray_job  # starts jobs with their own Ray (make test-fast leaves it out)
+@pytest.mark.slow  # a minute: the GPU check's five steps on a Ray of its own (make test-slow)
 def test_dry_run_runs_every_step_and_ends_with_the_summary(tmp_path):
     out = tmp_path / "check"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

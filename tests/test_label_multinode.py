@@ -12,7 +12,7 @@ from tests.label_fixtures import good_image, tables, write_files
 
 
 @pytest.mark.multinode
-@pytest.mark.cluster
+@pytest.mark.slow
 def test_one_inference_actor_per_gpu_across_nodes(multinode_cluster, tiny_checkpoint, tmp_path):
     cluster = multinode_cluster
     two_gpus = cluster.add_node(num_cpus=1, num_gpus=2, object_store_memory=128 * 1024**2)

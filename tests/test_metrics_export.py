@@ -23,7 +23,7 @@ from tests.label_fixtures import good_image, tables, write_files
 from tests.scrape import free_port, total, wait_for
 
 # It starts a Ray of its own (with a metrics port and a short report interval): it runs with the multinode tests.
-pytestmark = [pytest.mark.multinode, pytest.mark.cluster]
+pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

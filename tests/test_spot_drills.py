@@ -29,7 +29,7 @@ from pipeline.train.run_state import ledger, run_location
 from tests.label_fixtures import good_image, tables, write_files
 from tests.scrape import free_port, node_ports, total, wait_for
 
-pytestmark = [pytest.mark.multinode, pytest.mark.cluster]
+pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
 NODE = {"object_store_memory": 96 * 1024**2}
 GPU_NODE = {"num_cpus": 1, "num_gpus": 1, **NODE}  # room for one inference actor (1 CPU), nothing else

@@ -68,6 +68,7 @@ def _mount_namespace() -> list[str] | None:
 
 
 @pytest.mark.ray_job  # starts jobs with their own Ray (make test-fast leaves it out)
+@pytest.mark.slow  # ~50 s: two runs, each on a Ray of its own inside the mount namespace (make test-slow)
 def test_a_full_disk_mid_run_is_one_line_and_the_rerun_is_exactly_once(tiny_checkpoint, tmp_path):
     """A real full filesystem (a 1 MB tmpfs in a private mount namespace), not an injected error: with 84 KB free the
     run starts (lease, run record, index marker) and fills the disk while it stages its results."""
@@ -128,6 +129,7 @@ def _delete_bucket(s3, name: str) -> None:
 
 
 @pytest.mark.ray_job  # starts jobs with their own Ray (make test-fast leaves it out)
+@pytest.mark.slow  # ~35 s: the job's whole log as a user reads it, on a Ray of its own (make test-slow)
 def test_training_bucket_deleted_mid_run_is_one_line(small_voc, bucket, s3, tmp_path):
     go = tmp_path / "go"
     argv = ["--data", small_voc, "--storage", f"{bucket}/runs", "--name", "gone", *TINY, "--epochs", "3",

@@ -17,7 +17,7 @@ from models import load_checkpoint
 from pipeline.synthetic import synthesize_voc
 from tests.jobs_util import ROOT
 
-pytestmark = [pytest.mark.multinode, pytest.mark.cluster]
+pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
 
 # Two workers on two nodes, neither on the head (each node fits one 1.5-CPU worker plus 0.5 CPU of decoding): checked

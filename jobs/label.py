@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-grouped-upsampling", dest="grouped_upsampling", action="store_false",
                    help="run bilinear upsamplers as dense transposed convs (by default a checkpoint whose upsamplers "
                         "hold the exact bilinear kernel runs them per class, 1/C of the work)")
+    g.add_argument("--low-confidence", type=float, default=d.low_confidence,
+                   help="a pixel whose max softmax probability is below this counts in its image's "
+                        "low_confidence_fraction (labels/); it changes no label")
     g.add_argument("--no-cast-weights", dest="cast_weights", action="store_false",
                    help="keep the trunk's weights in fp32 and let autocast cast them every forward pass (by default "
                         "they are stored in the --amp dtype once: the same logits, less traffic)")

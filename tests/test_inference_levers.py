@@ -129,18 +129,22 @@ def test_cpu_and_gpu_statistics_forms_agree():
     idx = torch.randint(0, c, (n, h, w))
     idx[1] = torch.where(idx[1] == 4, 5, idx[1])  # a class absent from one image
     conf = torch.rand(n, h, w)
+    margin = conf * torch.rand(n, h, w)
+    low = conf < 0.5
     dense = device_stats.DenseStats(n, c, h, w, idx.device)
     counted = device_stats.BincountStats(n, c, h, w, idx.device)
     for r0 in range(0, h, 10):
-        dense.add(idx[:, r0:r0 + 10], conf[:, r0:r0 + 10], r0)
-        counted.add(idx[:, r0:r0 + 10], conf[:, r0:r0 + 10], r0)
+        band = slice(r0, r0 + 10)
+        dense.add(idx[:, band], conf[:, band], margin[:, band], low[:, band], r0)
+        counted.add(idx[:, band], conf[:, band], margin[:, band], low[:, band], r0)
     a, b = dense.result(), counted.result()
-    exact = [0, 2, 3, 4, 5]  # counts and boxes are integers
+    exact = [0, 2, 3, 4, 5, 7]  # counts, boxes and low-confidence counts are integers
     assert torch.equal(a[..., exact], b[..., exact])
-    torch.testing.assert_close(a[..., 1], b[..., 1], rtol=1e-12, atol=0)
+    torch.testing.assert_close(a[..., [1, 6]], b[..., [1, 6]], rtol=1e-12, atol=0)
+    assert b[0, 2, 7] == int((low[0] & (idx[0] == 2)).sum()) > 0
     assert b[1, 4, 0] == 0 and b[1, 4, 2] == w and b[1, 4, 4] == -1  # absent: empty box markers
     ys, xs = np.nonzero(idx[0].numpy() == 2)
-    assert b[0, 2, 2:].tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
+    assert b[0, 2, 2:6].tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
 
 
 def test_upsampled_bands_change_no_label(ck, monkeypatch):
@@ -214,10 +218,14 @@ def test_postprocess_checks_raw_label_sizes_column_wise():
         "stat_class_id": pa.array([[0, 5], [1], []], i32), "stat_pixel_count": pa.array([[2, 4], [6], []], pa.list_(pa.int64())),
         "stat_confidence_sum": pa.array([[1.0, 3.0], [4.5], []], f64),
         **{k: pa.array([[0, 1], [0], []], i32) for k in ("stat_x_min", "stat_y_min", "stat_x_max", "stat_y_max")},
+        "mean_confidence": pa.array([0.7, 0.75, None]), "mean_margin": pa.array([0.4, 0.5, None]),
+        "low_confidence_fraction": pa.array([0.25, 0.0, None]),
         "stage": pa.array([None, None, "decode"], pa.string()), "error": pa.array([None, None, "bad"], pa.string()),
         "actor": pa.array(["x"] * 3, pa.string()),
     })
     out = postprocess_stage(batch, encoding="raw").to_pylist()
+    assert [(r["mean_confidence"], r["mean_margin"], r["low_confidence_fraction"]) for r in out] == [
+        (0.7, 0.4, 0.25), (0.75, 0.5, 0.0), (None, None, None)]  # passed through as the actor computed them
     assert out[0]["label_map"] == ok.tobytes() and out[0]["error"] is None
     assert out[0]["stat_pixel_fraction"] == [2 / 6, 4 / 6] and out[0]["stat_mean_confidence"] == [0.5, 0.75]
     assert (out[1]["stage"], out[1]["error"], out[1]["label_map"]) == ("postprocess", "label map has 5 bytes, expected 6", None)

@@ -185,3 +185,50 @@ def test_a_failed_batch_falls_back_per_image_unless_the_device_is_gone(ck, monke
     monkeypatch.setattr(inference, "device_works", lambda device: False)
     with pytest.raises(inference.DeviceFailure, match="illegal memory access"):
         predictor.predict(images)
+
+
+def _uncertainty_reference(logits: torch.Tensor, height: int, width: int, low_confidence: float) -> tuple:
+    """(mean max probability, mean top-1 minus top-2, share below `low_confidence`) in float64 numpy from one
+    image's logits (C, h, w), upsampled to its size as torch's bilinear does."""
+    up = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0].double().numpy()
+    prob = np.exp(up - up.max(0))
+    prob /= prob.sum(0)
+    top2 = np.sort(prob, axis=0)[-2:]
+    return float(top2[1].mean()), float((top2[1] - top2[0]).mean()), float((top2[1] < low_confidence).mean())
+
+
+@pytest.mark.parametrize("mode", [
+    {"batch_size": 1}, {"batch_size": 3}, {"batch_size": 3, "grouped_upsampling": False},
+    {"batch_size": 2, "channels_last": False}, {"batch_size": 2, "low_confidence": 0.9}, {"max_side": 24}])
+@pytest.mark.parametrize("dense", [False, True], ids=["bincount", "dense"])  # the CPU's and the GPU's forms
+def test_per_image_uncertainty_matches_numpy_in_every_mode(ck, mode, dense, monkeypatch):
+    """mean_confidence, mean_margin and low_confidence_fraction per image equal numpy's on the model's own logits
+    in that mode (within float tolerance; a pixel exactly at the threshold may fall either side), in row bands."""
+    monkeypatch.setattr(device_stats, "BAND_ELEMENTS", 6 * 70 * 5)  # bands of a few rows: sums across bands
+    settings = InferenceSettings(device="cpu", **{"max_side": None, **mode})
+    predictor = Predictor(ck.model, ck.convention, settings)
+    # The form CUDA runs (dense reductions), here on the CPU.
+    monkeypatch.setattr(predictor, "labels_and_stats", lambda scores, h, w: device_stats.labels_and_stats(
+        scores, h, w, dense=dense, low_confidence=settings.low_confidence))
+    images = [gradient_rgb(h, w, seed) for seed, (h, w) in enumerate([(40, 50), (33, 47), (20, 70)])]
+    items = [preprocess(im, settings.max_side, settings.canvas_multiple) for im in images]
+    for item, pred in zip(items, predictor.predict(items), strict=True):
+        logits = predictor.forward([item.canvas])[0, :, :item.resized_h, :item.resized_w]
+        conf, margin, low = _uncertainty_reference(logits, item.height, item.width, settings.low_confidence)
+        got = pred.uncertainty
+        assert got.mean_confidence == pytest.approx(conf, rel=1e-5)
+        assert got.mean_margin == pytest.approx(margin, rel=1e-4, abs=1e-6)
+        assert got.low_confidence_fraction == pytest.approx(low, abs=2 / pred.label.size)
+        assert 0 < got.low_confidence_fraction < 1 or mode.get("low_confidence") != 0.9  # the threshold matters
+
+
+def test_one_class_models_are_certain_ties_have_no_margin_and_predict_image_returns_the_figures(ck):
+    """With one class there is no second probability: every pixel's margin is its confidence, 1."""
+    _, stats = device_stats.labels_and_stats(torch.randn(2, 1, 5, 6), 9, 11, dense=False)
+    assert stats[..., [1, 6]].tolist() == [[[99.0, 99.0]], [[99.0, 99.0]]] and stats[..., 7].sum() == 0
+    tied = torch.zeros(1, 3, 4, 4)
+    tied[:, 1:] = 2.0  # two classes tie for the top everywhere: no margin, every pixel below 0.5
+    _, stats = device_stats.labels_and_stats(tied, 4, 4, dense=False)
+    assert stats[0, :, 6].sum() == 0 and stats[0, :, 7].sum() == 16
+    figures = predict_image(ck, None, gradient_rgb(30, 40, 5)).uncertainty
+    assert 0 < figures.mean_margin <= figures.mean_confidence <= 1 and 0 <= figures.low_confidence_fraction <= 1

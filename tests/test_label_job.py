@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import astuple
 
 import numpy as np
 import pyarrow as pa
@@ -95,6 +96,10 @@ def test_mixed_bucket_rows_schema_and_exact_labels(ray_session, tiny_checkpoint,
         # neighbours of other sizes (same settings: max side, canvas multiple, batch slots).
         expected = predict_image(ck, None, decode_image(files[name]), max_side=MAX_SIDE, batch_size=BATCH)
         np.testing.assert_array_equal(label, expected.label, err_msg=name)
+        # The image's uncertainty figures, as predict_image returns them.
+        got = (r["mean_confidence"], r["mean_margin"], r["low_confidence_fraction"])
+        assert got == pytest.approx(astuple(expected.uncertainty), rel=1e-5), name  # as class_stats below
+        assert 0 <= r["mean_margin"] <= r["mean_confidence"] <= 1 and 0 <= r["low_confidence_fraction"] <= 1
         # class_stats/: one row per class present; pixel counts add up to width x height.
         rows = sorted(stats_of[r["image_uri"]], key=lambda s: s["class_id"])
         assert [s["class_id"] for s in rows] == ids.tolist()
@@ -312,7 +317,7 @@ def test_readme_queries_count_each_image_once_after_relabels(nights):
 
 def test_the_first_night_upgrades_the_first_releases_files_once(nights):
     marker = json.loads(storage_util.read_text(storage.join(nights["output"], MARKER)))
-    assert marker["schema_version"] == SCHEMA_VERSION and marker["upgraded_files"] == {"class_stats": 4}
+    assert marker["schema_version"] == SCHEMA_VERSION and marker["upgraded_files"] == {"class_stats": 4, "labels": 4}
     assert marker["upgraded_by_run"] == nights["runs"][0]["run_id"]
 
 
@@ -345,6 +350,11 @@ def test_default_readers_read_an_output_mixing_first_release_and_new_files(night
     labels = con.sql(f"SELECT run_id, count(*) FROM read_parquet('{output}/labels/**/*.parquet') GROUP BY ALL").fetchall()
     runs = nights["runs"]
     assert dict(labels) == {OLD_RUN: 8, runs[0]["run_id"]: 3, runs[1]["run_id"]: 4, runs[2]["run_id"]: 3}
+    # Uncertainty figures: null where the first release labeled (never a made-up value), set for every new row.
+    figures = con.sql(f"SELECT run_id = '{OLD_RUN}', count(mean_confidence), count(mean_margin), "
+                      f"count(low_confidence_fraction), count(*) FROM read_parquet('{output}/labels/**/*.parquet') "
+                      "GROUP BY ALL").fetchall()
+    assert sorted(figures) == [(False, 10, 10, 10, 10), (True, 0, 0, 0, 8)]
 
 
 def _run_date(path: str) -> str:

@@ -25,6 +25,7 @@ from .columns import binary_column, binary_views, list_column
 from .inference import DeviceFailure, Prediction, Predictor
 from .inference_settings import InferenceSettings
 from .stages import postprocess_stage
+from .tables import UNCERTAINTY
 
 _SIZES = ("width", "height", "resized_h", "resized_w", "canvas_h", "canvas_w")
 _PER_CLASS_I32 = ("class_id", "x_min", "y_min", "x_max", "y_max")
@@ -90,9 +91,17 @@ class BatchLabeler:
                                                pa.list_(pa.float64())),
             "stat_x_min": list_column(per_class["x_min"], i32), "stat_y_min": list_column(per_class["y_min"], i32),
             "stat_x_max": list_column(per_class["x_max"], i32), "stat_y_max": list_column(per_class["y_max"], i32),
+            **_uncertainty_columns(done),
             "stage": pa.array(stages, pa.string()), "error": pa.array(errors, pa.string()),
             "actor": pa.array([json.dumps(self.info, sort_keys=True)] * len(done), pa.string()),
         })
+
+
+def _uncertainty_columns(done: list[Prediction | None]) -> dict[str, pa.Array]:
+    """labels/'s per-image figures (inference.Uncertainty), null for an image not labeled."""
+    figures = [None if p is None else p.uncertainty for p in done]
+    return {name: pa.array([None if u is None else getattr(u, name) for u in figures], pa.float64())
+            for name in UNCERTAINTY}
 
 
 class InferenceActor(BatchLabeler):

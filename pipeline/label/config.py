@@ -54,6 +54,7 @@ class LabelConfig:
     compile: str = "off"                  # one of COMPILE_MODES
     grouped_upsampling: bool = True
     cast_weights: bool = True
+    low_confidence: float = 0.5           # max softmax probability below which a pixel counts as low-confidence
     # Tuning without a flag: file-set size in bytes, rows per read task / per inference actor call, progress lines.
     bytes_per_file: int = 256 * 1024**2
     images_per_small_file: int = 10_000   # images whose class_stats/errors/index rows share one file (filesets.py)
@@ -88,7 +89,8 @@ class LabelConfig:
         # The inference settings' own rules (canvas, levers, --reproducible with --compile), before Ray plans the
         # batch size and the device that complete them (inference_settings below).
         check_settings(max_side=self.max_side, canvas_multiple=self.effective_canvas_multiple, batch_size=self.batch_size or 1,
-                       cudnn=self.cudnn, compile=self.compile, reproducible=self.reproducible)
+                       cudnn=self.cudnn, compile=self.compile, reproducible=self.reproducible,
+                       low_confidence=self.low_confidence)
 
     @property
     def effective_canvas_multiple(self) -> int:
@@ -102,7 +104,7 @@ class LabelConfig:
         return InferenceSettings(max_side=self.max_side, canvas_multiple=self.effective_canvas_multiple,
                                  batch_size=batch_size, device=device, amp=self.amp, cast_weights=self.cast_weights,
                                  grouped_upsampling=self.grouped_upsampling, cudnn=self.cudnn, compile=self.compile,
-                                 reproducible=self.reproducible)
+                                 reproducible=self.reproducible, low_confidence=self.low_confidence)
 
     @property
     def read_limit(self) -> int:

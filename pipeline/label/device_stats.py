@@ -1,7 +1,8 @@
 """Label maps and per-class statistics, computed where the logits are (the GPU, or the CPU): the logits of n
 images of one size, bilinearly upsampled to their original resolution in row bands, become uint8 label maps and
-a few float64 numbers per class (pixel count, sum of the max softmax probability, bounding box). Only those
-come back to the host (`inference.Predictor.to_host`).
+a few float64 numbers per class (pixel count, sums of the max softmax probability and of the top-1 minus top-2
+margin, the count of pixels below the low-confidence threshold, bounding box). Only those come back to the host
+(`inference.Predictor.to_host`); an image's uncertainty figures are sums over its classes.
 
 Every step is a function of one image's logits and size alone, so an image's labels never depend on its batch
 neighbours: the band split depends on the image's size, and each band does the same arithmetic per pixel.
@@ -18,18 +19,20 @@ import torch.nn.functional as F
 BAND_ELEMENTS = 4_000_000
 
 # Per-class statistics on the device, one float64 each (exact for integers below 2**53), in this order.
-STATS = ("pixel_count", "confidence_sum", "x_min", "y_min", "x_max", "y_max")
+STATS = ("pixel_count", "confidence_sum", "x_min", "y_min", "x_max", "y_max", "margin_sum", "low_count")
 
 
 @torch.inference_mode()
-def labels_and_stats(scores: torch.Tensor, height: int, width: int, *, dense: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def labels_and_stats(scores: torch.Tensor, height: int, width: int, *, dense: bool,
+                     low_confidence: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (n, C, h, w) of n images of one size -> label maps (n, height, width) uint8 and per-class
     statistics (n, C, len(STATS)) float64, on the logits' device, without a host synchronisation.
 
     When (h, w) != (height, width) the logits are bilinearly upsampled first (align_corners=False). Work goes
     in row bands, so memory stays bounded for large images; the band split depends on the image's size
     alone. The statistics are deterministic: `dense` per-class reductions (no float atomics: the GPU's form),
-    else bincounts (sequential sums: the CPU's, the cheaper form there).
+    else bincounts (sequential sums: the CPU's, the cheaper form there). A pixel is low-confidence when its max
+    softmax probability is below `low_confidence`.
     """
     n, c, h, w = scores.shape
     band_rows = max(1, min(height, BAND_ELEMENTS // max(1, c * width)))
@@ -40,9 +43,13 @@ def labels_and_stats(scores: torch.Tensor, height: int, width: int, *, dense: bo
         r1 = min(height, r0 + band_rows)
         band = upsample(r0, r1)  # (n, C, r1 - r0, width)
         top, idx = band.max(1)
-        conf = torch.exp(band - top.unsqueeze(1)).sum(1).reciprocal()  # max softmax probability
+        ratio = torch.exp(band - top.unsqueeze(1))  # p_k / p_max: 1 at the argmax
+        conf = ratio.sum(1).reciprocal()  # max softmax probability
+        # top-1 minus top-2 probability, p1 (1 - p2 / p1): the largest ratio once the argmax's is zeroed (in place,
+        # no copy; a tie keeps its other 1). Values only: the labels stay argmax's.
+        margin = conf * (1 - ratio.scatter_(1, idx.unsqueeze(1), 0.0).amax(1))
         label[:, r0:r1] = idx.to(torch.uint8)
-        stats.add(idx, conf, r0)
+        stats.add(idx, conf, margin, conf < low_confidence, r0)
     return label, stats.result()
 
 
@@ -102,15 +109,19 @@ class DenseStats:
         self.xs = torch.arange(width, device=dev)
         self.counts = torch.zeros((n, c), dtype=torch.int64, device=dev)
         self.conf_sum = torch.zeros((n, c), dtype=torch.float64, device=dev)
+        self.margin_sum = torch.zeros((n, c), dtype=torch.float64, device=dev)
+        self.low_count = torch.zeros((n, c), dtype=torch.int64, device=dev)
         self.y_min = torch.full((n, c), height, dtype=torch.int64, device=dev)
         self.x_min = torch.full((n, c), width, dtype=torch.int64, device=dev)
         self.y_max = torch.full((n, c), -1, dtype=torch.int64, device=dev)
         self.x_max = torch.full((n, c), -1, dtype=torch.int64, device=dev)
 
-    def add(self, idx: torch.Tensor, conf: torch.Tensor, r0: int) -> None:
+    def add(self, idx: torch.Tensor, conf: torch.Tensor, margin: torch.Tensor, low: torch.Tensor, r0: int) -> None:
         onehot = idx.unsqueeze(1) == self.classes  # (n, C, band, width)
         self.counts += onehot.sum((2, 3))
         self.conf_sum += torch.where(onehot, conf.unsqueeze(1).double(), 0.0).sum((2, 3))
+        self.margin_sum += torch.where(onehot, margin.unsqueeze(1).double(), 0.0).sum((2, 3))
+        self.low_count += (onehot & low.unsqueeze(1)).sum((2, 3))
         rows_hit, cols_hit = onehot.any(3), onehot.any(2)  # (n, C, band), (n, C, width)
         ys = torch.arange(r0, r0 + idx.shape[1], device=self.dev)
         self.y_min = torch.minimum(self.y_min, torch.where(rows_hit, ys, self.height).amin(2))
@@ -120,7 +131,7 @@ class DenseStats:
 
     def result(self) -> torch.Tensor:
         return torch.stack([self.counts.double(), self.conf_sum, self.x_min.double(), self.y_min.double(),
-                            self.x_max.double(), self.y_max.double()], dim=-1)
+                            self.x_max.double(), self.y_max.double(), self.margin_sum, self.low_count.double()], dim=-1)
 
 
 class BincountStats(DenseStats):
@@ -128,13 +139,15 @@ class BincountStats(DenseStats):
     instead of one per class (on a CPU the dense form cost ~10x the labels themselves). Sequential sums on the
     CPU: deterministic."""
 
-    def add(self, idx: torch.Tensor, conf: torch.Tensor, r0: int) -> None:
+    def add(self, idx: torch.Tensor, conf: torch.Tensor, margin: torch.Tensor, low: torch.Tensor, r0: int) -> None:
         n, band, width = idx.shape
         c = self.classes.shape[1]
         key = idx.long() + c * torch.arange(n, device=self.dev).view(n, 1, 1)  # (n, band, width): image, class
         flat = key.reshape(-1)
         self.counts += torch.bincount(flat, minlength=n * c).view(n, c)
         self.conf_sum += torch.bincount(flat, weights=conf.reshape(-1).double(), minlength=n * c).view(n, c)
+        self.margin_sum += torch.bincount(flat, weights=margin.reshape(-1).double(), minlength=n * c).view(n, c)
+        self.low_count += torch.bincount(flat, weights=low.reshape(-1).double(), minlength=n * c).view(n, c).long()
         rows_hit = torch.bincount((key * band + torch.arange(band, device=self.dev).view(1, band, 1)).reshape(-1),
                                   minlength=n * c * band).view(n, c, band) > 0
         cols_hit = torch.bincount((key * width + self.xs).reshape(-1), minlength=n * c * width).view(n, c, width) > 0

@@ -52,6 +52,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@dataclass(frozen=True)
+class Uncertainty:
+    """How sure the model was of one image's labels, over all its pixels: the mean max softmax probability, the
+    mean top-1 minus top-2 probability, and the share of pixels whose max probability is below the run's
+    --low-confidence threshold."""
+
+    mean_confidence: float
+    mean_margin: float
+    low_confidence_fraction: float
+
+
 @dataclass
 class Prediction:
     """Labels of one image at its original resolution and statistics of every class present.
@@ -67,6 +78,14 @@ class Prediction:
     y_min: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     x_max: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     y_max: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    margin_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float64: sum of top-1 minus top-2
+    low_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # pixels below --low-confidence
+
+    @property
+    def uncertainty(self) -> Uncertainty:
+        pixels = max(1, int(self.pixel_count.sum()))
+        return Uncertainty(float(self.confidence_sum.sum()) / pixels, float(self.margin_sum.sum()) / pixels,
+                           float(self.low_count.sum()) / pixels)
 
     @property
     def mean_confidence(self) -> np.ndarray:
@@ -216,7 +235,7 @@ class Predictor:
         """Logits (n, C, h, w) of n images of one size -> label maps (n, height, width) uint8 and per-class
         statistics (n, C, len(device_stats.STATS)) float64, on the device (`device_stats.labels_and_stats`):
         dense reductions on CUDA, bincounts on the CPU."""
-        return labels_and_stats(scores, height, width, dense=self.cuda)
+        return labels_and_stats(scores, height, width, dense=self.cuda, low_confidence=self.settings.low_confidence)
 
     def to_host(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Prediction]:
         """Results of `labels_and_stats` -> Predictions (in order): one copy into pinned host memory and one
@@ -254,9 +273,10 @@ class Predictor:
     def _prediction(label: np.ndarray, stats: np.ndarray) -> Prediction:
         present = np.flatnonzero(stats[:, 0] > 0)
         s = stats[present]
-        box = s[:, 2:].astype(np.int32).T  # x_min, y_min, x_max, y_max: one conversion
+        box = s[:, 2:6].astype(np.int32).T  # x_min, y_min, x_max, y_max: one conversion
         return Prediction(label=label, class_id=present.astype(np.int32), pixel_count=s[:, 0].astype(np.int64),
-                          confidence_sum=s[:, 1].copy(), x_min=box[0], y_min=box[1], x_max=box[2], y_max=box[3])
+                          confidence_sum=s[:, 1].copy(), x_min=box[0], y_min=box[1], x_max=box[2], y_max=box[3],
+                          margin_sum=s[:, 6].copy(), low_count=s[:, 7].astype(np.int64))
 
     # ------------------------------------------------------------------------------------------ batches
 

@@ -29,6 +29,9 @@ class InferenceSettings:
     compile: torch.compile mode of the model ("off": eager), one static graph per canvas shape.
     reproducible: only levers whose kernel choice is fixed (no benchmark, no compile), so two processes give
     bit-identical labels; every mode keeps an image's labels independent of its batch neighbours.
+
+    low_confidence: a pixel whose max softmax probability is below it counts in its image's
+    low_confidence_fraction (it changes no label).
     """
 
     max_side: int | None = 1024
@@ -42,10 +45,12 @@ class InferenceSettings:
     cudnn: str = "heuristic"
     compile: str = "off"
     reproducible: bool = False
+    low_confidence: float = 0.5
 
     def __post_init__(self) -> None:
         check_settings(max_side=self.max_side, canvas_multiple=self.canvas_multiple, batch_size=self.batch_size,
-                       cudnn=self.cudnn, compile=self.compile, reproducible=self.reproducible)
+                       cudnn=self.cudnn, compile=self.compile, reproducible=self.reproducible,
+                       low_confidence=self.low_confidence)
 
     def levers(self) -> dict:
         """The settings that choose kernels, as the run record and the summary state them."""
@@ -61,7 +66,7 @@ MAX_BATCH_SIZE = 1024
 
 
 def check_settings(*, max_side: int | None, canvas_multiple: int, batch_size: int, cudnn: str, compile: str,
-                   reproducible: bool) -> None:
+                   reproducible: bool, low_confidence: float = 0.5) -> None:
     """The rules of InferenceSettings' values; raises UsageError naming the flag. InferenceSettings checks itself
     with them, and LabelConfig.validate checks the flags with them before Ray starts (the resource plan, which
     gives the run's batch size and device, comes later)."""
@@ -71,6 +76,8 @@ def check_settings(*, max_side: int | None, canvas_multiple: int, batch_size: in
         raise UsageError(f"--canvas-multiple must be in [1, {MAX_CANVAS_MULTIPLE}], got {canvas_multiple}")
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise UsageError(f"--batch-size must be in [1, {MAX_BATCH_SIZE}], got {batch_size}")
+    if not 0 < low_confidence <= 1:  # also refuses NaN
+        raise UsageError(f"--low-confidence must be in (0, 1], got {low_confidence}")
     for name, value, choices in (("cudnn", cudnn, CUDNN_MODES), ("compile", compile, COMPILE_MODES)):
         if value not in choices:
             raise UsageError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -239,6 +239,7 @@ def _inference_summary(settings: InferenceSettings, ck: Checkpoint, actors: list
                                     "grouped" if is_bilinear(layer) else "dense (weights are not the bilinear kernel)")
                              for name, layer in upsamplers(ck.model).items()}
     summary["compile_seconds"] = round(sum(a.get("compile_seconds", 0) for a in actors), 1)
+    summary["low_confidence"] = settings.low_confidence  # labels.low_confidence_fraction's threshold
     return summary
 
 

@@ -20,7 +20,7 @@ from ..storage import Location, UnreadableFile, storage_error
 from .canvas import preprocess
 from .codec import encode_label_map
 from .columns import binary_column, binary_views, list_from_values, list_values
-from .tables import RESULT_SCHEMA, UTC_TS
+from .tables import RESULT_SCHEMA, UNCERTAINTY, UTC_TS
 
 TASK_CPUS = 0.25          # Ray CPU request of a read/decode/postprocess task: they never starve the actors
 READ_THREADS = 8          # concurrent object reads inside one read task (I/O bound)
@@ -152,6 +152,7 @@ def postprocess_stage(batch: pa.Table, *, encoding: str) -> pa.Table:
         "stat_mean_confidence": list_from_values(conf / np.maximum(counts, 1), lengths, f64),
         "stat_x_min": batch["stat_x_min"], "stat_y_min": batch["stat_y_min"],
         "stat_x_max": batch["stat_x_max"], "stat_y_max": batch["stat_y_max"],
+        **{name: batch[name] for name in UNCERTAINTY},
         "at": pa.array([now] * n, UTC_TS),
         "stage": pa.array(stages, pa.string()), "error": pa.array(errors, pa.string()),
         "actor": batch["actor"],

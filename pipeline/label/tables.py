@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 TABLES = ("labels", "class_stats", "errors")  # the analytics tables
+# labels/'s per-image uncertainty columns, from inference.Uncertainty (docs/labeling.md "Output").
+UNCERTAINTY = ("mean_confidence", "mean_margin", "low_confidence_fraction")
 INDEX = "index"  # what is labeled, per model: the next run's skip list (not an analytics table)
 
 UTC_TS = pa.timestamp("us", tz="UTC")
@@ -29,6 +31,8 @@ LABELS_SCHEMA = pa.schema([
     pa.field("model_id", pa.string(), nullable=False),
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("labeled_at", UTC_TS, nullable=False),
+    # Added after labeled_at's step: how sure the model was of the image (upgrade step 3 gives older files nulls).
+    *(pa.field(name, pa.float64(), nullable=True) for name in UNCERTAINTY),
 ])
 
 CLASS_STATS_SCHEMA = pa.schema([
@@ -75,6 +79,7 @@ RESULT_SCHEMA = pa.schema([
     ("stat_class_id", _LIST_I32), ("stat_pixel_count", pa.list_(pa.int64())),
     ("stat_pixel_fraction", pa.list_(pa.float64())), ("stat_mean_confidence", pa.list_(pa.float64())),
     ("stat_x_min", _LIST_I32), ("stat_y_min", _LIST_I32), ("stat_x_max", _LIST_I32), ("stat_y_max", _LIST_I32),
+    *((name, pa.float64()) for name in UNCERTAINTY),
     ("at", UTC_TS), ("stage", pa.string()), ("error", pa.string()), ("actor", pa.string()),
 ])
 
@@ -91,6 +96,7 @@ def split_results(block: pa.Table, *, model_id: str, run_id: str, class_names: l
         "height": ok["height"], "label_map": ok["label_map"], "label_encoding": ok["label_encoding"],
         "classes_present": ok["classes_present"], "model_id": pa.array([model_id] * n_ok, pa.string()),
         "run_id": pa.array([run_id] * n_ok, pa.string()), "labeled_at": ok["at"],
+        **{name: ok[name] for name in UNCERTAINTY},
     }, schema=LABELS_SCHEMA)
     parents = pc.list_parent_indices(ok["stat_class_id"])
     class_id = pc.list_flatten(ok["stat_class_id"])

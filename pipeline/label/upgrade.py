@@ -126,9 +126,22 @@ def _class_stats_labeled_at(rows: pa.Table, ctx: FileContext) -> pa.Table:
     return rows.append_column(pa.field("labeled_at", _TS, nullable=True), labeled_at)
 
 
+# labels/'s per-image uncertainty figures: files written before have none (null, not a made-up value).
+_UNCERTAINTY = [pa.field(name, pa.float64(), nullable=True)
+                for name in ("mean_confidence", "mean_margin", "low_confidence_fraction")]
+
+
+def _labels_uncertainty(rows: pa.Table, ctx: FileContext) -> pa.Table:
+    for f in _UNCERTAINTY:
+        rows = rows.append_column(f, pa.nulls(rows.num_rows, f.type))
+    return rows
+
+
 STEPS: tuple[Step, ...] = (
     Step(2, "class_stats", FIRST_RELEASE["class_stats"].append(pa.field("labeled_at", _TS, nullable=True)),
          _class_stats_labeled_at, "class_stats.labeled_at (the labels row's labeled_at)"),
+    Step(3, "labels", pa.schema([*FIRST_RELEASE["labels"], *_UNCERTAINTY]), _labels_uncertainty,
+         "labels.mean_confidence, mean_margin, low_confidence_fraction (null: labeled before they existed)"),
 )
 
 SCHEMA_VERSION = 1 + len(STEPS)

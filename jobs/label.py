@@ -7,7 +7,9 @@ Output (hive-partitioned by run_date=YYYY-MM-DD): labels/, class_stats/, errors/
 previews/, and index/ (what is labeled: the next run's skip list). Images already labeled by the same
 checkpoint (same URI and version) are skipped; a rerun after a crash finishes the interrupted commits and
 labels what is left, each image exactly once. One run at a time per output (a lease); a second exits with
-status 2. The last stdout line is one JSON summary (run_id, listed, skipped, labelled, errors, ...).
+status 2. With --canary, a run whose canary set scores below its minimum is `degraded`: everything is committed,
+one `error: degraded run: ...` line says why, and the job exits 3. The last stdout line is one JSON summary
+(run_id, status, listed, skipped, labelled, errors, ...).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse  # noqa: E402
 
 from pipeline.amp import AMP_CHOICES  # noqa: E402
 from pipeline.cli import JobArgumentParser, optional_int, path_arg, print_summary, run_job  # noqa: E402
+from pipeline.label.canary import DEGRADED_EXIT_STATUS, MIN_IOU_MARGIN, verdict  # noqa: E402
 from pipeline.label.codec import ENCODINGS  # noqa: E402
 from pipeline.label.config import COMPILED_CANVAS_MULTIPLE, DEFAULT_CANVAS_MULTIPLE, DEVICES, LabelConfig  # noqa: E402
 from pipeline.label.inference_settings import COMPILE_MODES, CUDNN_MODES  # noqa: E402
@@ -97,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the trunk's weights in fp32 and let autocast cast them every forward pass (by default "
                         "they are stored in the --amp dtype once: the same logits, less traffic)")
 
+    g = p.add_argument_group("quality")
+    g.add_argument("--canary", default=d.canary, metavar="URI", type=path_arg,
+                   help="a small dataset with masks (VOC layout or manifest; 20-200 images) that the run also labels, "
+                        "with the same checkpoint and settings, and scores; its rows never go into labels/. Below "
+                        f"--canary-min-iou the run is degraded: everything is committed and the job exits {DEGRADED_EXIT_STATUS}")
+    g.add_argument("--canary-split", default=d.canary_split, help="the canary's split (VOC: ImageSets/Segmentation/"
+                   "SPLIT.txt; a manifest: its rows of that split, or every row without a split column)")
+    g.add_argument("--canary-min-iou", type=float, default=d.canary_min_iou,
+                   help=f"the canary's minimum mean IU (default: the checkpoint's validation mean IU minus {MIN_IOU_MARGIN}, "
+                        "where it records one; without either the scores are reported and the run is never degraded)")
+
     g = p.add_argument_group("resources")
     g.add_argument("--num-gpus", type=optional_int, default=d.num_gpus,
                    help="inference actors, one per GPU (default: every GPU of the Ray cluster; 0: CPU inference)")
@@ -126,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     config = LabelConfig(**{**args, "max_side": args["max_side"] or None})  # --max-side 0: never shrink
     from pipeline.label.job import label_images
 
-    print_summary(label_images(config))
-    return 0
+    summary = label_images(config)
+    degraded = verdict(summary["canary"]) if summary.get("canary") else None
+    if degraded:  # the one line a person reads before the summary; the exit status tells the scheduler
+        print(f"error: degraded run: {degraded}", file=sys.stderr, flush=True)
+    print_summary(summary)
+    return DEGRADED_EXIT_STATUS if degraded else 0
 
 
 if __name__ == "__main__":

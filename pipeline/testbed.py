@@ -71,9 +71,10 @@ def sample_photo_paths(names: tuple[str, ...] = SAMPLE_PHOTOS) -> list[str]:
 
 
 def random_checkpoint(uri: str, class_names: list[str], *, width_mult: float = 1 / 16, score_std: float = 0.5,
-                      seed: int = 0, padding: str = "reference") -> str:
+                      seed: int = 0, padding: str = "reference", metadata: dict | None = None) -> str:
     """Save an FCN-8s whose score layers are random (zero-initialised ones would label everything class 0),
-    so label maps vary across an image. Returns the model id."""
+    so label maps vary across an image. `metadata` is recorded as training records its own (e.g. its validation
+    "metrics"). Returns the model id."""
     import torch
 
     from models import TORCHVISION, build_model, save_checkpoint
@@ -84,7 +85,7 @@ def random_checkpoint(uri: str, class_names: list[str], *, width_mult: float = 1
         for name, p in model.named_parameters():
             if name.startswith("score"):
                 p.normal_(0, score_std)
-    return save_checkpoint(uri, model, class_names=list(class_names), convention=TORCHVISION)
+    return save_checkpoint(uri, model, class_names=list(class_names), convention=TORCHVISION, metadata=metadata)
 
 
 def autoscaling_cluster(worker_node_types: dict, head_resources: dict | None = None, idle_timeout_minutes: float = 1.0):

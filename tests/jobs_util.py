@@ -37,12 +37,13 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-def one_error(proc_or_code, stderr: str | None = None) -> str:
-    """The single `error:` line of a failed job (exit status 2), and no traceback of the job's own. (Ray's account of
-    the same failure from its workers stays in Ray's log files: test_training_bucket_deleted_mid_run_is_one_line.)"""
+def one_error(proc_or_code, stderr: str | None = None, status: int = 2) -> str:
+    """The single `error:` line of a failed job (exit status 2, or `status`), and no traceback of the job's own.
+    (Ray's account of the same failure from its workers stays in Ray's log files:
+    test_training_bucket_deleted_mid_run_is_one_line.)"""
     code, err = (proc_or_code.returncode, proc_or_code.stderr) if stderr is None else (proc_or_code, stderr)
     lines = error_lines(err)
-    assert code == 2 and len(lines) == 1, err[-3000:]
+    assert code == status and len(lines) == 1, err[-3000:]
     assert not any(line.startswith("Traceback") for line in err.splitlines()), err[-3000:]
     return lines[0]
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.train.metrics import ConfusionMatrix
+from pipeline.metrics import ConfusionMatrix
 
 
 def _naive(pred, gt, n):
@@ -129,3 +129,14 @@ def test_validation_batches_of_equal_size_give_the_matrix_of_one_image_at_a_time
     assert n1 == n3 == 8
     assert one.matrix.sum() == sum(r["height"] * (r["width"]) - 3 * r["width"] for r in rows)
     np.testing.assert_array_equal(batched.matrix, one.matrix)
+
+
+def test_read_only_arrays_are_taken_without_a_warning():
+    import warnings
+
+    pred = np.frombuffer(bytes([0, 1, 1, 0]), np.uint8)  # read-only, as a view of an Arrow cell is
+    cm = ConfusionMatrix(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm.update(pred, pred.copy())
+    assert cm.matrix.tolist() == [[2, 0], [0, 2]]

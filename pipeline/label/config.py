@@ -55,6 +55,10 @@ class LabelConfig:
     grouped_upsampling: bool = True
     cast_weights: bool = True
     low_confidence: float = 0.5           # max softmax probability below which a pixel counts as low-confidence
+    # The canary set (pipeline.label.canary): labeled and scored beside every run.
+    canary: str | None = None             # VOC layout or manifest with masks
+    canary_split: str = "val"
+    canary_min_iou: float | None = None   # None: the checkpoint's validation mean IU minus 0.05, where it has one
     # Tuning without a flag: file-set size in bytes, rows per read task / per inference actor call, progress lines.
     bytes_per_file: int = 256 * 1024**2
     images_per_small_file: int = 10_000   # images whose class_stats/errors/index rows share one file (filesets.py)
@@ -76,6 +80,7 @@ class LabelConfig:
         check_number("--cpus-per-actor", self.cpus_per_actor, at_least=CPU_QUANTUM)
         check_number("--wait-for-resources", self.wait_for_resources, at_least=0.0, unit="seconds")
         check_number("rows_per_read_task", self.rows_per_read_task, at_least=1)  # no flag: library callers
+        check_number("--canary-min-iou", self.canary_min_iou, at_least=0.0, at_most=1.0)
         if self.run_date is not None:
             try:  # zero-padded ASCII digits only: one partition per day, whatever the spelling
                 if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", self.run_date):

@@ -20,6 +20,18 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
     """The streaming Ray Dataset of staged file sets (writer.STAGED_SCHEMA rows) for the listing rows `todo`,
     listed under `listed_by` (None: a manifest's rows, each read through the filesystem its URI names), labeled
     by actors as `plan` places them with the run's `settings`."""
+    ds = labeled_rows(todo, listed_by, checkpoint_ref=checkpoint_ref, plan=plan, settings=settings, config=config,
+                      encoding=config.label_encoding)
+    # Label maps go from here to staging, a block at a time (whole blocks: bundling rows up to a file's worth would
+    # hold that many label maps in the object store); the driver receives one small row per block.
+    return ds.map_batches(stage_results, batch_size=None, batch_format="pyarrow",
+                          num_cpus=plan.task_cpus, runtime_env=faults.runtime_env(), fn_kwargs={"settings": output})
+
+
+def labeled_rows(todo: ray.data.Dataset, listed_by: Location | None, *, checkpoint_ref, plan: ResourcePlan,
+                 settings: InferenceSettings, config: LabelConfig, encoding: str) -> ray.data.Dataset:
+    """The rows of `todo` read, decoded, labeled and postprocessed (tables.RESULT_SCHEMA rows, label maps in
+    `encoding`): the labeling job's stages before its writer; the canary set takes this path too."""
     ds = todo.map_batches(read_stage, batch_size=config.rows_per_read_task, batch_format="pyarrow",
                           num_cpus=plan.task_cpus, fn_kwargs={"listed_by": listed_by, "max_bytes": config.read_limit})
     ds = ds.map_batches(decode_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
@@ -28,7 +40,7 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
     # Postprocess: with raw label maps it is a few array operations, done by the inference actor at the end of
     # each batch; PNG encoding is real CPU work, kept off the (GPU) inference actors in its own small,
     # long-lived actors (tasks would start a worker process, torch import included, per call on small nodes).
-    separate = config.label_encoding != "raw"
+    separate = encoding != "raw"
     gpu = plan.actor_gpus > 0
     # On a GPU: calls of 16 forward passes' rows, so that grouping them by canvas size fills the fixed-shape
     # batches' slots (more rows per call, fewer empty slots: bench/RESULTS.md), and two calls running at once, so
@@ -47,13 +59,10 @@ def build_dataset(todo: ray.data.Dataset, listed_by: Location | None, *, checkpo
         # actor 3 times on nodes that stayed up (lost nodes cost nothing).
         runtime_env=faults.runtime_env(actor_env()),
         fn_constructor_kwargs={"checkpoint": [checkpoint_ref], "settings": settings, "threads": plan.threads,
-                               "postprocess_encoding": None if separate else config.label_encoding,
+                               "postprocess_encoding": None if separate else encoding,
                                "attempts": [start_attempts()]})
     if separate:
         ds = ds.map_batches(Postprocessor, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, plan.pool)),
-                            fn_constructor_kwargs={"encoding": config.label_encoding})
-    # Label maps go from here to staging, a block at a time (whole blocks: bundling rows up to a file's worth would
-    # hold that many label maps in the object store); the driver receives one small row per block.
-    return ds.map_batches(stage_results, batch_size=None, batch_format="pyarrow",
-                          num_cpus=plan.task_cpus, runtime_env=faults.runtime_env(), fn_kwargs={"settings": output})
+                            fn_constructor_kwargs={"encoding": encoding})
+    return ds

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import UsageError
+from ..errors import UsageError, check_number
 
 CUDNN_MODES = ("heuristic", "heuristic-b", "benchmark", "benchmark-b")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -76,8 +76,7 @@ def check_settings(*, max_side: int | None, canvas_multiple: int, batch_size: in
         raise UsageError(f"--canvas-multiple must be in [1, {MAX_CANVAS_MULTIPLE}], got {canvas_multiple}")
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise UsageError(f"--batch-size must be in [1, {MAX_BATCH_SIZE}], got {batch_size}")
-    if not 0 < low_confidence <= 1:  # also refuses NaN
-        raise UsageError(f"--low-confidence must be in (0, 1], got {low_confidence}")
+    check_number("--low-confidence", low_confidence, above=0.0, at_most=1.0)
     for name, value, choices in (("cudnn", cudnn, CUDNN_MODES), ("compile", compile, COMPILE_MODES)):
         if value not in choices:
             raise UsageError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")

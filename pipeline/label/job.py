@@ -30,10 +30,11 @@ from ..ray_setup import configure_progress, init_ray
 from ..run_guard import guarded_run
 from ..storage import Location, redact
 from ..telemetry import LabelMetrics
+from .canary import CanarySet, canary_rows, load_canary, minimum_iou, score_canary, verdict
 from .commit import recover
 from .config import LabelConfig
 from .crash_budget import batch_crash
-from .dataset import build_dataset
+from .dataset import build_dataset, labeled_rows
 from .filesets import FilesetGrouper
 from .inference_settings import InferenceSettings
 from .layout import OutputLayout
@@ -86,6 +87,7 @@ class LabelRun:
     run_date: str              # the partition value YYYY-MM-DD
     started: datetime
     lease: Lease
+    canary: CanarySet | None = None   # --canary, read and checked against the checkpoint before the lease
 
     @property
     def layout(self) -> OutputLayout:
@@ -152,11 +154,12 @@ def label_images(config: LabelConfig) -> dict:
     images, output = Location.of(config.images), Location.of(config.output)
     output.check_writable()
     listing = plan_listing(images, config.manifest)  # a missing prefix or a wrong manifest fails here
+    canary = load_canary(Location.of(config.canary), config.canary_split, ck, checkpoint.uri) if config.canary else None
     started = datetime.now(timezone.utc)
     run_id = config.run_id or new_run_id(started)
     run_date = config.run_date or started.strftime("%Y-%m-%d")
     with guarded_run(output, holder=f"labeling run {run_id}", what=f"output {output.uri}") as lease:
-        return _label(LabelRun(config, ck, checkpoint, listing, output, run_id, run_date, started, lease))
+        return _label(LabelRun(config, ck, checkpoint, listing, output, run_id, run_date, started, lease, canary))
 
 
 def _label(run: LabelRun) -> dict:
@@ -195,6 +198,11 @@ def _label(run: LabelRun) -> dict:
                 t = time.monotonic()
                 previews = _write_previews(run, committer, run.layout.previews(run.run_date, attempt))
                 timings["previews"] = time.monotonic() - t
+                canary = None
+                if run.canary:
+                    t = time.monotonic()
+                    canary = _score_canary(run, plan, settings)
+                    timings["canary"] = time.monotonic() - t
         except BaseException as e:
             crashed = batch_crash(e)  # a batch that keeps killing its actor: its one line, not Ray's traceback
             try:
@@ -211,10 +219,11 @@ def _label(run: LabelRun) -> dict:
     actors = _actors(committer.actors)
     if actors:  # job start -> first model loaded and ready: the fixed cost of a run
         timings["inference_ready"] = min(a["ready_at"] for a in actors) - t0_epoch
-    record.finish("succeeded", labeled=committer.labeled, errors=committer.errors, wall_seconds=time.monotonic() - t0,
+    status = "degraded" if canary and verdict(canary) else "succeeded"
+    record.finish(status, labeled=committer.labeled, errors=committer.errors, wall_seconds=time.monotonic() - t0,
                   files=committer.files, previews=previews, inference_actors=actors, resources=asdict(plan),
                   driver_bytes=committer.driver_bytes, timings_seconds={k: round(v, 3) for k, v in timings.items()},
-                  inference=_inference_summary(settings, ck, actors))
+                  inference=_inference_summary(settings, ck, actors), canary=canary)
     metrics.finished(record.summary())
     return record.summary()
 
@@ -290,6 +299,21 @@ def _label_todo(run: LabelRun, plan: ResourcePlan, settings: InferenceSettings, 
             committer.commit(group)
     timings["pipeline"] = time.monotonic() - t
     return timings
+
+
+def _score_canary(run: LabelRun, plan: ResourcePlan, settings: InferenceSettings) -> dict:
+    """Label the canary set on actors like the run's (same checkpoint, settings and placement; raw label maps,
+    which never leave this step) and score it against its masks."""
+    min_iou, source = minimum_iou(run.config.canary_min_iou, run.ck)
+    ref = ray.put(shippable(run.ck))
+    labeled = labeled_rows(canary_rows(run.canary), None, checkpoint_ref=ref, plan=plan, settings=settings,
+                           config=run.config, encoding="raw")
+    canary = score_canary(run.canary, labeled, num_classes=run.ck.config.num_classes, min_iou=min_iou, source=source)
+    if canary["failed"]:
+        named = "; ".join(f"{f['image']} ({f['stage']}: {f['error']})" for f in canary["failed_images"][:3])
+        _say(f"canary: {canary['failed']} of {canary['images']} images could not be scored: {named}"
+             f"{' ...' if canary['failed'] > 3 else ''}")
+    return canary
 
 
 def _write_previews(run: LabelRun, committer: Committer, folder: Location) -> int:

@@ -38,6 +38,7 @@ class RunRecord:
     driver_bytes: int | None = None        # bytes the pipeline handed the driver (file-set metadata only)
     timings_seconds: dict = field(default_factory=dict)
     inference: dict | None = None          # the kernel levers and what they did (job._inference_summary)
+    canary: dict | None = None             # the canary's scores and verdict (pipeline.label.canary), with --canary
 
     @property
     def images_per_second(self) -> float | None:
@@ -69,11 +70,11 @@ class RunRecord:
         if self.finished_at is not None:  # succeeded or failed: what was written
             counts.update(labelled=self.labeled, errors=self.errors)
             record["finished_at"] = self.finished_at.isoformat()
-        if self.status == "succeeded":
+        if self.status in ("succeeded", "degraded"):  # degraded: everything committed, the canary failed
             record.update(wall_seconds=self.wall_seconds, images_per_second=self.images_per_second, files=self.files,
                           previews=self.previews, inference_actors=self.inference_actors, resources=self.resources,
                           driver_bytes=self.driver_bytes, timings_seconds=self.timings_seconds,
-                          inference=self.inference)
+                          inference=self.inference, canary=self.canary)
         if self.error is not None:
             record["error"] = self.error
         return record
@@ -87,5 +88,5 @@ class RunRecord:
             "files": self.files, "previews": self.previews, "recovered": self.recovered,
             "inference_actors": self.inference_actors, "resources": self.resources,
             "driver_bytes": self.driver_bytes, "timings_seconds": self.timings_seconds,
-            "inference": self.inference,
+            "inference": self.inference, "canary": self.canary,
         }

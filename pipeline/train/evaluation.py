@@ -19,9 +19,9 @@ from models.convention import Normalizer
 
 from ..amp import autocast
 from ..batching import fixed_slot_batch, to_input
+from ..metrics import ConfusionMatrix
 from ..storage import Location
 from .inputs import unpack_whole
-from .metrics import ConfusionMatrix
 from .step import cudnn_benchmark
 
 GPU_EVAL_SLOTS = 8

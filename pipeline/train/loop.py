@@ -30,11 +30,11 @@ from models import InputConvention, build_model, checkpoint_bytes, init_backbone
 
 from .. import faults
 from ..batching import to_input
+from ..metrics import ConfusionMatrix
 from ..storage import Location
 from ..storage_errors import redact_strings
 from .config import TrainConfig
 from .evaluation import evaluate_rows
-from .metrics import ConfusionMatrix
 from .run_log import RunLog
 from .run_state import (
     META_FILE,

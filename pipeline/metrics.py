@@ -26,7 +26,9 @@ class ConfusionMatrix:
     def _as_tensor(x) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
             return x
-        return torch.from_numpy(np.ascontiguousarray(x))
+        arr = np.ascontiguousarray(x)
+        # torch warns on read-only buffers (e.g. a view of an Arrow cell) and may not write them: copy those.
+        return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
     def update(self, pred, target) -> None:
         pred, target = self._as_tensor(pred), self._as_tensor(target)

@@ -6,7 +6,8 @@ carries them with no extra endpoint. Ray prefixes every name with `ray_` and add
 `NodeAddress`, `WorkerId` and `Component`; the dashboard and alert rules (k8s/monitoring/) sum over them.
 
 - Labeling (`LabelMetrics`, in the job's driver): images listed, skipped and to label, images labeled, image
-  errors by stage, file sets committed, the time of the last commit, images/s, and whether the run is running.
+  errors by stage, file sets committed, the time of the last commit, images/s, and whether the run is running;
+  once its labels are committed, the canary's score and minimum and the quality row's confidence and drift.
 - Training (`TrainMetrics`, a Ray Train callback in the run's controller): the last completed epoch, its loss,
   mean IU, images/s and validation seconds, the time it finished, and worker-group failures (restarts).
 
@@ -37,7 +38,19 @@ LABEL_METRICS = {
     "fcn_label_last_commit_timestamp_seconds": "the last commit of a file set, or the start of the run before the first",
     "fcn_label_seconds_since_last_commit": "seconds since the last commit (or the start of the run), refreshed every second",
     "fcn_label_images_per_second": "images labeled per second of the run so far (at the end: the summary's images_per_second)",
+    # Whether the night's labels can be trusted (docs/labeling.md), set once the run's labels are committed.
+    "fcn_label_canary_mean_iou": "the canary set's mean IU (--canary), scored after the run's own images",
+    "fcn_label_canary_min_iou": "the canary's minimum mean IU (--canary-min-iou, or the checkpoint's validation mean IU - 0.05)",
+    "fcn_label_mean_confidence": "mean over the run's labeled images of their mean max softmax probability (quality/)",
+    "fcn_label_low_confidence_image_share": "share of the run's labeled images whose low_confidence_fraction is over its threshold",
+    "fcn_label_low_confidence_share_ratio": "low_confidence_image_share over the trailing window's (quality/; 2: doubled)",
+    "fcn_label_drift_js_distance": "Jensen-Shannon distance (base 2) of the run's class pixel shares from the trailing window's",
 }
+# quality/ row key -> gauge, published when the run's quality row is computed.
+QUALITY_GAUGES = {"mean_confidence": "fcn_label_mean_confidence",
+                  "low_confidence_image_share": "fcn_label_low_confidence_image_share",
+                  "low_confidence_share_ratio": "fcn_label_low_confidence_share_ratio",
+                  "js_distance": "fcn_label_drift_js_distance"}
 TRAIN_METRICS = {
     "fcn_train_epoch": "the last completed epoch",
     "fcn_train_loss": "training loss of the last completed epoch",
@@ -171,6 +184,18 @@ class LabelMetrics:
         finally:
             self._committer = None
             self.sync(committer)
+
+    def judged(self, canary: dict | None, quality: dict | None) -> None:
+        """The figures that say whether the night's labels can be trusted: the canary's score and minimum, and the
+        quality row's (None where the run has none, or a figure is null: no series rather than a made-up 0)."""
+        figures = {}
+        if canary:
+            figures.update(fcn_label_canary_mean_iou=canary.get("mean_iou"), fcn_label_canary_min_iou=canary.get("min_iou"))
+        if quality:
+            figures.update({gauge: quality.get(key) for key, gauge in QUALITY_GAUGES.items()})
+        for name, value in figures.items():
+            if value is not None:
+                self._set(name, float(value))
 
     def finished(self, summary: dict | None = None) -> None:
         """The run ended (succeeded or failed): running = 0, and the summary's images/s when given. The values

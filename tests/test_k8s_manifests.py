@@ -388,7 +388,7 @@ def test_promtool_checks_the_rules_their_unit_tests_and_the_dashboards_queries(t
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
-    assert "SUCCESS: 5 rules found" in promtool("check", "rules", "prometheus-rules.yaml")
+    assert "SUCCESS: 8 rules found" in promtool("check", "rules", "prometheus-rules.yaml")
     assert "SUCCESS" in promtool("test", "rules", "prometheus-rules.test.yaml")
     # The dashboard's PromQL, parsed by Prometheus itself (as recording rules of a scratch file).
     records = [{"record": f"fcn:dashboard:{i}", "expr": e} for i, e in enumerate(_dashboard_exprs())]

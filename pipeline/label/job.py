@@ -224,6 +224,7 @@ def _label(run: LabelRun) -> dict:
                   files=committer.files, previews=previews, inference_actors=actors, resources=asdict(plan),
                   driver_bytes=committer.driver_bytes, timings_seconds={k: round(v, 3) for k, v in timings.items()},
                   inference=_inference_summary(settings, ck, actors), canary=canary)
+    metrics.judged(canary, None)
     metrics.finished(record.summary())
     return record.summary()
 

@@ -132,6 +132,18 @@ def newest_previews(out: Location, workdir: str) -> str:
     return folder
 
 
+def morning_report(out: Location, run_date: str, workdir: str) -> str:
+    """The night's HTML report (jobs/report.py); from S3 a local copy to open."""
+    from pipeline.label.report import write_report
+
+    path = write_report(out, run_date=run_date, nights=28, gallery=8)["report"]
+    if not out.is_local:
+        local = os.path.join(workdir, os.path.basename(path))
+        Location.of(local).write_bytes(Location.of(path).read_bytes())
+        path = local
+    return path
+
+
 def report(train_summary: dict, coverage: list[tuple], errors: list[tuple], where: dict[str, str]) -> None:
     print("\n[demo] training summary:", json.dumps({k: train_summary[k] for k in (
         "best_mean_iou", "best_epoch", "best_checkpoint", "epochs", "images_per_second")}), flush=True)
@@ -172,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     labeled = label(images.uri, trained["best_checkpoint"], out.uri, args.previews)
     coverage, errors = query(out.uri, labeled["run_date"], labeled["run_id"])
     previews = newest_previews(out, workdir)
+    morning = morning_report(out, labeled["run_date"], workdir)
     run = runs.child("demo")
     curves = run.child("curves.png").uri
     if args.s3:  # a local copy to open
@@ -181,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     report(trained, coverage, errors, {"dataset": data.uri, "checkpoints": run.uri, "labels (Parquet)": out.uri,
                                        "metrics (one line per epoch)": run.child("metrics.jsonl").uri,
                                        "curves": curves, "TensorBoard": f"tensorboard --logdir {tensorboard}",
-                                       "previews": previews})
+                                       "previews": previews, "report (open it in a browser)": morning})
     print_summary({"demo": "s3" if args.s3 else "local", "base": base, "train": {k: trained[k] for k in (
         "best_mean_iou", "best_checkpoint", "epochs")}, "label": labeled, "coverage_rows": len(coverage),
         "error_rows": len(errors), "curves": curves, "tensorboard": tensorboard,
-        "previews": previews, "seconds": round(time.perf_counter() - started, 1)})
+        "previews": previews, "report": morning, "seconds": round(time.perf_counter() - started, 1)})
     return 0
 
 

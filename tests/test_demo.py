@@ -110,6 +110,8 @@ def test_demo_flow_small_and_rerunnable(ray_stopped, tmp_path):
     with Image.open(first["curves"]) as im:
         assert im.format == "PNG" and im.size[0] > 600
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(first["tensorboard"]))
+    # And at the morning report (tests/test_report.py renders one in a browser).
+    assert first["report"].endswith(f"/reports/report-{label['run_date']}.html") and os.path.exists(first["report"])
     second = _demo(args)  # reuses data and run; labels nothing new
     assert second["label"]["labelled"] == 0 and second["label"]["skipped"] == label["labelled"]
     assert second["train"]["best_checkpoint"] == first["train"]["best_checkpoint"]

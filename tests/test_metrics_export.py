@@ -77,7 +77,10 @@ def test_labeling_metrics_during_and_after_a_run(metrics_port, s3_server, tiny_c
     go = tmp_path / "go"
     monkeypatch.setenv(faults.ENV, f"label.commit:committed=wait_for:{go}")
     result: dict = {}
-    run = threading.Thread(target=lambda: result.update(label_images(_label_config(images, ck, output, run_id="night-2"))))
+    canary = str(tmp_path / "canary")  # the second night also scores a canary set: its gauges
+    synthesize_voc(canary, 4, size=(24, 20), seed=6, val_fraction=0.5)
+    run = threading.Thread(target=lambda: result.update(label_images(_label_config(
+        images, ck, output, run_id="night-2", canary=canary, canary_min_iou=0.0))))
     run.start()
     try:
         tags = {"run_id": "night-2"}
@@ -118,6 +121,9 @@ def test_labeling_metrics_during_and_after_a_run(metrics_port, s3_server, tiny_c
     assert 4 <= total(after, _m("fcn_label_commits_total"), **tags) <= len(_filesets(output, "night-2"))
     assert total(after, _m("fcn_label_last_commit_timestamp_seconds"), **tags) > \
         total(after, _m("fcn_label_run_started_timestamp_seconds"), **tags)
+    # The canary's score and minimum, as the summary has them.
+    assert total(after, _m("fcn_label_canary_mean_iou"), **tags) == pytest.approx(summary["canary"]["mean_iou"])
+    assert total(after, _m("fcn_label_canary_min_iou"), **tags) == 0.0
     # The first night's series are its own.
     assert total(after, _m("fcn_label_images_labeled_total"), run_id="night-1") == first["labelled"]
     # Every metric the dashboard and alert rules name is exported.

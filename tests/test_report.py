@@ -101,6 +101,7 @@ def test_a_browser_renders_the_report_with_its_gallery(night, tmp_path):
     dom = subprocess.run([*base, "--dump-dom", f"file://{report}"], capture_output=True, text=True, timeout=120,
                          check=True).stdout
     assert len(re.findall(r"<img class=\"overlay\"", dom)) == 4
+    assert len(re.findall(r"<img class=\"plot\"", dom)) == 3  # class mix, confidence, drift over the nights
     assert "onerror" not in re.sub(r"&lt;[^&]*&gt;", "", dom)  # the hostile name stayed text
     assert "Labels of 2026-12-06" in dom
 

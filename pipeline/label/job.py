@@ -40,6 +40,7 @@ from .inference_settings import InferenceSettings
 from .layout import OutputLayout
 from .listing import Listing, listing_dataset, plan_listing
 from .previews import preview_sources, write_previews
+from .quality import compute_quality
 from .resources import ResourcePlan, plan_when_ready
 from .run_record import RunRecord
 from .skip import drop_labeled, ensure_index
@@ -203,6 +204,9 @@ def _label(run: LabelRun) -> dict:
                     t = time.monotonic()
                     canary = _score_canary(run, plan, settings)
                     timings["canary"] = time.monotonic() - t
+                t = time.monotonic()
+                quality = _quality_row(run, canary)
+                timings["quality"] = time.monotonic() - t
         except BaseException as e:
             crashed = batch_crash(e)  # a batch that keeps killing its actor: its one line, not Ray's traceback
             try:
@@ -223,8 +227,9 @@ def _label(run: LabelRun) -> dict:
     record.finish(status, labeled=committer.labeled, errors=committer.errors, wall_seconds=time.monotonic() - t0,
                   files=committer.files, previews=previews, inference_actors=actors, resources=asdict(plan),
                   driver_bytes=committer.driver_bytes, timings_seconds={k: round(v, 3) for k, v in timings.items()},
-                  inference=_inference_summary(settings, ck, actors), canary=canary)
-    metrics.judged(canary, None)
+                  inference=_inference_summary(settings, ck, actors), canary=canary, quality=quality,
+                  class_names=list(ck.class_names))
+    metrics.judged(canary, quality)
     metrics.finished(record.summary())
     return record.summary()
 
@@ -300,6 +305,20 @@ def _label_todo(run: LabelRun, plan: ResourcePlan, settings: InferenceSettings, 
             committer.commit(group)
     timings["pipeline"] = time.monotonic() - t
     return timings
+
+
+def _quality_row(run: LabelRun, canary: dict | None) -> dict | None:
+    """The run's quality/ row (pipeline.label.quality), from what it committed. Its labels are safe whatever
+    happens here: a failure is one warning line saying how to compute the row later, and the run goes on."""
+    try:
+        row = compute_quality(run.output, run_id=run.run_id, run_date=run.run_date, model_id=run.ck.model_id,
+                              class_names=list(run.ck.class_names), canary=canary)
+    except Exception as e:  # noqa: BLE001 - everything is committed; the row can be recomputed
+        _say(f"warning: no quality row ({one_line(e)}): compute it with python jobs/quality.py --output "
+             f"{run.output.uri} --run-id {run.run_id}")
+        return None
+    return {k: row[k] for k in ("images_labeled", "images_failed", "mean_confidence", "low_confidence_image_share",
+                                "window_runs", "js_distance", "mean_confidence_change", "low_confidence_share_ratio")}
 
 
 def _score_canary(run: LabelRun, plan: ResourcePlan, settings: InferenceSettings) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +22,9 @@ from ..decode import decode_image
 from ..errors import JobError, one_line
 from ..storage import Location
 from .codec import decode_label_map
-from .layout import OutputLayout
+from .quality import read_quality
 from .readers import list_table_files
+from .run_record import read_run_records
 
 # The thresholds of k8s/monitoring/prometheus-rules.yaml, drawn on the drift plots.
 JS_DISTANCE_ALERT = 0.1
@@ -48,25 +48,8 @@ class Night:
     gallery: list[dict]         # the least confident images: uri, scores, overlay PNG bytes (or the problem)
 
 
-def run_records(output: Location) -> list[dict]:
-    """Every run record under `runs/` (a record that cannot be read is skipped: a run still writing it)."""
-    runs = OutputLayout(output).runs()
-    try:
-        names = [p for p in runs.fs.ls(runs.path, detail=False) if p.endswith(".json")]
-    except FileNotFoundError:
-        return []
-    records = []
-    for path in sorted(names):
-        try:
-            with runs.fs.open(path, "rb") as f:
-                records.append(json.loads(f.read()))
-        except (OSError, ValueError):
-            continue
-    return records
-
-
 def gather(output: Location, *, run_date: str | None, nights: int, gallery: int) -> Night:
-    records = run_records(output)
+    records = read_run_records(output)
     if not records:
         raise ReportError(f"{output.uri} holds no labeling runs (no runs/*.json): nothing to report")
     dates = sorted({r["run_date"] for r in records})
@@ -84,10 +67,7 @@ def _partition_files(output: Location, table: str, run_date: str) -> list[str]:
 
 
 def _quality_rows(output: Location, dates: list[str]) -> list[dict]:
-    files = [p for p in list_table_files(output, "quality") if any(f"/run_date={d}/" in p for d in dates)]
-    if not files:
-        return []
-    rows = pads.dataset(files, format="parquet", filesystem=output.fs).to_table().to_pylist()
+    rows = [r for r in read_quality(output) if r["run_date"] in dates]
     latest: dict[str, dict] = {}  # one row per night: its latest run's
     for row in sorted(rows, key=lambda r: (r["run_date"], str(r.get("computed_at")))):
         latest[row["run_date"]] = row
@@ -208,7 +188,7 @@ def plots(quality: list[dict]) -> dict[str, bytes]:
             bottom += share
         ax.set_xticks(x, dates, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel("share of labeled pixels")
-        ax.legend(fontsize=6, ncols=min(6, len(names)), loc="upper center", bbox_to_anchor=(0.5, 1.25))
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars: names may be long
 
     def confidence(ax):
         ax.plot(x, [q["mean_confidence"] for q in quality], marker="o", label="mean confidence")
@@ -268,7 +248,7 @@ def render(night: Night, figures: dict[str, bytes]) -> str:
                 ("low-confidence image share, x the window's", ratio, LOW_CONFIDENCE_RATIO_ALERT)]
         parts.append("<table><tr><th>figure</th><th>tonight</th><th>alert at</th></tr>")
         for what, value, limit in rows:
-            css = "bad" if value is not None and value >= limit else "ok"
+            css = "" if value is None else "bad" if value >= limit else "ok"
             parts.append(f"<tr><td>{what}</td><td class='{css}'>{_num(value)}</td><td>{limit}</td></tr>")
         parts.append(f"</table><p>Compared with {_e(q.get('window_runs'))} earlier night(s); mean confidence "
                      f"{_num(q.get('mean_confidence'))} ({_num(q.get('mean_confidence_change'), 4)} against them).</p>")

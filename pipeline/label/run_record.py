@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from ..storage import Location, redact
+from .layout import OutputLayout
 
 
 @dataclass
@@ -39,6 +40,8 @@ class RunRecord:
     timings_seconds: dict = field(default_factory=dict)
     inference: dict | None = None          # the kernel levers and what they did (job._inference_summary)
     canary: dict | None = None             # the canary's scores and verdict (pipeline.label.canary), with --canary
+    quality: dict | None = None            # the run's quality/ row's headline figures (pipeline.label.quality)
+    class_names: list | None = None        # the checkpoint's, by class id (what jobs/quality.py recomputes with)
 
     @property
     def images_per_second(self) -> float | None:
@@ -74,7 +77,8 @@ class RunRecord:
             record.update(wall_seconds=self.wall_seconds, images_per_second=self.images_per_second, files=self.files,
                           previews=self.previews, inference_actors=self.inference_actors, resources=self.resources,
                           driver_bytes=self.driver_bytes, timings_seconds=self.timings_seconds,
-                          inference=self.inference, canary=self.canary)
+                          inference=self.inference, canary=self.canary, quality=self.quality,
+                          class_names=self.class_names)
         if self.error is not None:
             record["error"] = self.error
         return record
@@ -88,5 +92,23 @@ class RunRecord:
             "files": self.files, "previews": self.previews, "recovered": self.recovered,
             "inference_actors": self.inference_actors, "resources": self.resources,
             "driver_bytes": self.driver_bytes, "timings_seconds": self.timings_seconds,
-            "inference": self.inference, "canary": self.canary,
+            "inference": self.inference, "canary": self.canary, "quality": self.quality,
         }
+
+
+def read_run_records(output: Location) -> list[dict]:
+    """Every run record under `runs/` (a record that cannot be read is skipped: a run still writing it)."""
+    runs = OutputLayout(output).runs()
+    runs.fs.invalidate_cache(runs.path)  # s3fs keeps listings: a record written since must be seen
+    try:
+        names = [p for p in runs.fs.ls(runs.path, detail=False) if p.endswith(".json")]
+    except FileNotFoundError:
+        return []
+    records = []
+    for path in sorted(names):
+        try:
+            with runs.fs.open(path, "rb") as f:
+                records.append(json.loads(f.read()))
+        except (OSError, ValueError):
+            continue
+    return records

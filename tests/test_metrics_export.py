@@ -66,7 +66,9 @@ def test_labeling_metrics_during_and_after_a_run(metrics_port, s3_server, tiny_c
     ck, _ = tiny_checkpoint
     images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
     write_files(images, {f"old{i}.png": good_image(i, 18, 20) for i in range(3)})
-    first = label_images(_label_config(images, ck, output, run_id="night-1"))
+    # Two nights, a day apart, so that the second has drift figures; every pixel is below --low-confidence 1.0, so
+    # both nights have a low-confidence share (1.0) and the second a ratio to the first's (1.0).
+    first = label_images(_label_config(images, ck, output, run_id="night-1", run_date="2026-12-01", low_confidence=1.0))
     assert first["labelled"] == 3
     bad = broken_files()
     write_files(images, {**{f"new{i:02d}.png": good_image(10 + i, 18, 22) for i in range(7)},
@@ -80,7 +82,8 @@ def test_labeling_metrics_during_and_after_a_run(metrics_port, s3_server, tiny_c
     canary = str(tmp_path / "canary")  # the second night also scores a canary set: its gauges
     synthesize_voc(canary, 4, size=(24, 20), seed=6, val_fraction=0.5)
     run = threading.Thread(target=lambda: result.update(label_images(_label_config(
-        images, ck, output, run_id="night-2", canary=canary, canary_min_iou=0.0))))
+        images, ck, output, run_id="night-2", run_date="2026-12-02", low_confidence=1.0, canary=canary,
+        canary_min_iou=0.0))))
     run.start()
     try:
         tags = {"run_id": "night-2"}
@@ -124,6 +127,11 @@ def test_labeling_metrics_during_and_after_a_run(metrics_port, s3_server, tiny_c
     # The canary's score and minimum, as the summary has them.
     assert total(after, _m("fcn_label_canary_mean_iou"), **tags) == pytest.approx(summary["canary"]["mean_iou"])
     assert total(after, _m("fcn_label_canary_min_iou"), **tags) == 0.0
+    # The quality row's figures, as the summary has them (pipeline.telemetry.QUALITY_GAUGES).
+    from pipeline.telemetry import QUALITY_GAUGES
+
+    for key, gauge in QUALITY_GAUGES.items():
+        assert total(after, _m(gauge), **tags) == pytest.approx(summary["quality"][key]), key
     # The first night's series are its own.
     assert total(after, _m("fcn_label_images_labeled_total"), run_id="night-1") == first["labelled"]
     # Every metric the dashboard and alert rules name is exported.

@@ -1,7 +1,8 @@
 """The query recipes of docs/queries.md for every engine it names, on one output of three nights (raw and PNG maps,
-a forced relabel, a changed image, errors): each engine's answers are DuckDB's. Spark runs under `make test-spark`
-(marker `spark`: pyspark and Java 17, ~1 min); Athena/Trino cannot run here, so their DDL is checked against the
-files' Parquet schema and their queries are parsed as Trino SQL and, transpiled, run on DuckDB."""
+a forced relabel, a second run on one night, a changed image, errors, uncertainty figures and rows without them):
+each engine's answers are DuckDB's. Spark runs under `make test-spark` (marker `spark`: pyspark and Java 17, ~1 min);
+Athena/Trino cannot run here, so their DDL is checked against the files' Parquet schema and their queries are parsed
+as Trino SQL and, transpiled, run on DuckDB."""
 from __future__ import annotations
 
 import datetime
@@ -11,9 +12,11 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.label.commit import commit_fileset
 from pipeline.label.queries import (
     EXAMPLE_QUERIES,
     LABEL_MAP_SNIPPET,
@@ -27,18 +30,47 @@ from pipeline.label.queries import (
     trino_parameters,
     trino_query,
 )
-from pipeline.label.tables import SCHEMAS, TABLES
+from pipeline.label.tables import SCHEMAS, TABLES, split_results
+from pipeline.storage import Location
+from tests import query_output
+from tests.label_fixtures import CLASS_NAMES
 from tests.query_output import write_engine_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 NIGHT = "2026-03-02"
+RERUN = "20260302T030000Z-dddddd"  # a second run on NIGHT (--force), two hours after the first
+# labels' mean_confidence per (night or RERUN, image); mean_margin and low_confidence_fraction follow from it.
+# tests/query_output.py writes none: its first night keeps nulls (as files written before the columns existed), and so
+# does d on NIGHT. a's latest row on NIGHT is RERUN's (0.6, not 0.5), which ties with b: image_uri decides.
+CONFIDENCE = {(NIGHT, "a"): 0.5, (NIGHT, "b"): 0.6, ("2026-03-03", "c"): 0.8, (RERUN, "a"): 0.6, (RERUN, "c"): 0.55}
+
+
+def _with_confidence(rows: pa.Table, key: str) -> pa.Table:
+    """Result rows with the uncertainty figures CONFIDENCE gives their images under key (null where it has none)."""
+    names = [uri.rsplit("/", 1)[1].split(".")[0] for uri in rows["image_uri"].to_pylist()]
+    confidence = pa.array([CONFIDENCE.get((key, n)) for n in names], pa.float64())
+    figures = {"mean_confidence": confidence, "mean_margin": pc.multiply(confidence, 0.5),
+               "low_confidence_fraction": pc.subtract(1.0, confidence)}
+    for name, values in figures.items():
+        rows = rows.set_column(rows.schema.get_field_index(name), name, values)
+    return rows
 
 
 @pytest.fixture(scope="module")
 def output(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("engines") / "out")
-    write_engine_output(root)
+    made = query_output.results
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(query_output, "results", lambda images, at, encoding: _with_confidence(made(images, at, encoding),
+                                                                                               at.date().isoformat()))
+        write_engine_output(root)
+    # RERUN labels a and c (still its first version) again on NIGHT: the night's latest rows of both are RERUN's.
+    images = [(f"s3://photos/incoming/{n}.jpg", "v1", query_output.label_map(40 + i, 26, 30)) for i, n in enumerate("ac")]
+    at = datetime.datetime(2026, 3, 2, 3, 5, tzinfo=datetime.timezone.utc)
+    tables = split_results(_with_confidence(made(images, at, "raw"), RERUN), model_id=query_output.MODEL, run_id=RERUN,
+                           class_names=CLASS_NAMES)
+    commit_fileset(Location.of(root), f"{RERUN}-{0:012x}", NIGHT, query_output.MODEL, tables)
     return root
 
 
@@ -49,18 +81,24 @@ def params(output) -> dict:
 
     ((name, fraction),) = duckdb.sql(f"SELECT class_name, max(pixel_fraction) FROM read_parquet('{output}/class_stats/**/*.parquet') "
                                      "WHERE class_id > 0 GROUP BY ALL ORDER BY 2 DESC LIMIT 1").fetchall()
-    return {"run_date": NIGHT, "class_name": name, "min_fraction": round(fraction / 2, 3)}
+    return {"run_date": NIGHT, "class_name": name, "min_fraction": round(fraction / 2, 3), "k": 2}
 
 
-def _normal(rows) -> list[tuple]:
-    """Rows comparable across engines: dates as text, floats to 9 digits, sorted (ties may come in any order)."""
+# Queries whose ORDER BY is a total order: their rows are compared in order.
+ORDERED = ("least_confident_images", "class_share_moved")
+
+
+def _normal(rows, ordered: bool = False) -> list[tuple]:
+    """Rows comparable across engines: dates as text, floats to 9 digits, sorted (ties may come in any order) unless
+    the query's order is total."""
     def cell(v):
         if isinstance(v, float):
             return round(v, 9)
         if isinstance(v, (datetime.date, datetime.datetime)):
             return str(v)
         return v
-    return sorted(tuple(cell(v) for v in row) for row in rows)
+    rows = [tuple(cell(v) for v in row) for row in rows]
+    return rows if ordered else sorted(rows)
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +110,17 @@ def duckdb_answers(output, params) -> dict[str, list[tuple]]:
     for name in EXAMPLE_QUERIES:
         query = example_query(name, output)
         used = {k: v for k, v in params.items() if f"${k}" in query}
-        answers[name] = _normal(con.execute(query, used).fetchall())
+        answers[name] = _normal(con.execute(query, used).fetchall(), name in ORDERED)
     # Answers worth comparing: every query finds rows, and the latest forms count fewer images than all nights.
     assert all(answers.values()), answers
     ((rows,),) = duckdb.sql(f"SELECT count(*) FROM read_parquet('{output}/class_stats/**/*.parquet')").fetchall()
     assert sum(r[2] for r in answers["class_coverage_latest"]) < rows
+    # The k least confident of NIGHT's latest rows (d has no figures; a's is RERUN's, tied with b's), and every class
+    # of NIGHT or the week before it, each period's shares summing to 1.
+    assert [(r[0].rsplit("/", 1)[1], r[1], r[4]) for r in answers["least_confident_images"]] == [
+        ("c.jpg", 0.55, RERUN), ("a.jpg", 0.6, RERUN)]
+    moved = answers["class_share_moved"]
+    assert sum(r[2] for r in moved) == pytest.approx(1) and sum(r[3] for r in moved) == pytest.approx(1)
     return answers
 
 
@@ -173,7 +217,7 @@ def test_trino_forms_parse_and_avoid_duckdbs_dialect(name):
         assert isinstance(div.this, exp.Cast) and div.this.to.this == exp.DataType.Type.DOUBLE, div.sql()
     assert {t.name for t in tree.find_all(exp.Table) if t.db} <= set(TABLES)
     assert all(t.db == TRINO_DATABASE for t in tree.find_all(exp.Table) if t.name in TABLES)
-    assert query.count("?") == len(trino_parameters(name, {"run_date": 0, "class_name": 0, "min_fraction": 0}))
+    assert query.count("?") == len(trino_parameters(name, {"run_date": 0, "class_name": 0, "min_fraction": 0, "k": 0}))
 
 
 def test_trino_forms_give_duckdbs_answers(output, params, duckdb_answers):
@@ -189,7 +233,7 @@ def test_trino_forms_give_duckdbs_answers(output, params, duckdb_answers):
     for name in PORTABLE_QUERIES:
         (query,) = sqlglot.transpile(trino_query(name), read="trino", write="duckdb")
         rows = con.execute(query, trino_parameters(name, params)).fetchall()
-        assert _normal(rows) == duckdb_answers[name], name
+        assert _normal(rows, name in ORDERED) == duckdb_answers[name], name
 
 
 # -------------------------------------------------------------------------------------- polars and pandas
@@ -246,10 +290,12 @@ def test_spark_forms_give_duckdbs_answers(spark, output, params, duckdb_answers)
 
     for name in PORTABLE_QUERIES:
         code = SPARK_SNIPPET.replace('f"out/', f'f"{output}/')
-        code = code.replace('args={"run_date": "2026-11-24", "class_name": "person", "min_fraction": 0.3}', "args=PARAMS")
+        code = code.replace('args={"run_date": "2026-11-24", "class_name": "person", "min_fraction": 0.3, "k": 20}',
+                            "args=PARAMS")
+        assert "args=PARAMS" in code
         scope = {"QUERY": spark_query(name), "PARAMS": params}
         exec(code, scope)
-        assert _normal(scope["rows"]) == duckdb_answers[name], name
+        assert _normal(scope["rows"], name in ORDERED) == duckdb_answers[name], name
     assert dict(spark.table("labels").dtypes)["run_date"] == "date"
     got = spark.sql("SELECT image_uri, run_id, unix_micros(labeled_at) AS at, label_map, label_encoding, height, width "
                     "FROM labels").collect()

@@ -7,6 +7,7 @@ import json
 import os
 import re
 from dataclasses import astuple
+from datetime import date, timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -313,6 +314,55 @@ def test_readme_queries_count_each_image_once_after_relabels(nights):
     new_stats = [s for s in stats if s["run_id"] != OLD_RUN]
     assert all(s["labeled_at"] == next(r["labeled_at"] for r in labels if r["run_id"] == s["run_id"]
                                        and r["image_uri"] == s["image_uri"]) for s in new_stats)
+
+    # The label-quality forms: the night's least confident images (the first release's rows have no figures: none on
+    # its nights), and each class's share against the 7 nights before (2026-01-02's reaches back into 2025; nothing
+    # before 2026-02-01's for a week).
+    labels, stats = _rows_by_night(output, "labels"), _rows_by_night(output, "class_stats")
+    for run_date, k, found in (("2026-02-02", 3, 3), ("2026-02-03", 10, 3), (FIRST_RELEASE_NIGHTS[0], 10, 0)):
+        rows = con.execute(example_query("least_confident_images", output), {"run_date": run_date, "k": k}).fetchall()
+        assert rows == _least_confident(labels, run_date, k) and len(rows) == found, run_date
+    for run_date in ("2026-02-03", "2026-02-01", FIRST_RELEASE_NIGHTS[1]):
+        rows = con.execute(example_query("class_share_moved", output), {"run_date": run_date}).fetchall()
+        want = _class_share_moved(stats, run_date)
+        assert [r[:2] for r in rows] == [r[:2] for r in want] and rows, run_date
+        assert [r[2:] for r in rows] == [tuple(v if v is None else pytest.approx(v) for v in r[2:]) for r in want]
+        assert sum(r[2] for r in rows) == pytest.approx(1.0)
+        assert all(r[3] is None for r in rows) == (run_date == "2026-02-01")
+
+
+def _rows_by_night(output: str, table: str) -> list[dict]:
+    """A table's rows, each with its run_date (the partition, as text)."""
+    by_date = pads.partitioning(pa.schema([("run_date", pa.string())]), flavor="hive")
+    return pads.dataset(os.path.join(output, table), format="parquet", partitioning=by_date).to_table().to_pylist()
+
+
+def _least_confident(labels: list[dict], run_date: str, k: int) -> list[tuple]:
+    """The night's latest row per image, those with figures, least confident first (image_uri breaks ties)."""
+    latest = {}
+    for r in sorted((r for r in labels if r["run_date"] == run_date), key=lambda r: (r["labeled_at"], r["run_id"])):
+        latest[r["image_uri"]] = r
+    found = sorted((r for r in latest.values() if r["mean_confidence"] is not None),
+                   key=lambda r: (r["mean_confidence"], r["image_uri"]))
+    return [(r["image_uri"], r["mean_confidence"], r["mean_margin"], r["low_confidence_fraction"], r["run_id"])
+            for r in found[:k]]
+
+
+def _class_share_moved(stats: list[dict], run_date: str) -> list[tuple]:
+    """Each class's share of the night's pixels and of the 7 nights before's (0 where absent, None if none)."""
+    day = date.fromisoformat(run_date)
+    week = {str(day - timedelta(days=n)) for n in range(1, 8)}
+    sums: list[dict[tuple[int, str], int]] = [{}, {}]
+    for s in stats:
+        if s["run_date"] == run_date or s["run_date"] in week:
+            period = sums[s["run_date"] != run_date]
+            period[(s["class_id"], s["class_name"])] = period.get((s["class_id"], s["class_name"]), 0) + s["pixel_count"]
+    totals = [sum(p.values()) for p in sums]
+    rows = []
+    for key in set(sums[0]) | set(sums[1]):
+        tonight, before = (p.get(key, 0) / t if t else None for p, t in zip(sums, totals, strict=True))
+        rows.append((*key, tonight, before, None if tonight is None or before is None else tonight - before))
+    return sorted(rows, key=lambda r: (r[4] is None, -abs(r[4] or 0), r[0]))
 
 
 def test_the_first_night_upgrades_the_first_releases_files_once(nights):

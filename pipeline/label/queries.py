@@ -72,6 +72,38 @@ FROM last
 WHERE error IS NOT NULL
 GROUP BY ALL
 ORDER BY images DESC;""",
+    # Label quality (labels' per-image uncertainty columns; docs/labeling.md "Output"). The night's K least
+    # confident images: an image labelled twice that night (--force) counts once, with its latest row; rows without
+    # the figures (files written before the columns existed) are no candidates.
+    "least_confident_images": """\
+WITH night AS (
+    SELECT image_uri, mean_confidence, mean_margin, low_confidence_fraction, run_id
+    FROM read_parquet('out/labels/**/*.parquet', hive_partitioning = true)
+    WHERE run_date = $run_date
+    QUALIFY row_number() OVER (PARTITION BY image_uri ORDER BY labeled_at DESC, run_id DESC) = 1)
+SELECT image_uri, mean_confidence, mean_margin, low_confidence_fraction, run_id
+FROM night
+WHERE mean_confidence IS NOT NULL
+ORDER BY mean_confidence, image_uri
+LIMIT $k;""",
+    # Each class's share of the night's class_stats pixels against its share over the 7 nights before it (every row
+    # written in each period, as class_coverage counts them); a class missing from one period has share 0 there.
+    "class_share_moved": """\
+WITH pixels AS (
+    SELECT class_id, class_name,
+           CASE WHEN run_date = $run_date THEN pixel_count ELSE 0 END AS tonight,
+           CASE WHEN run_date = $run_date THEN 0 ELSE pixel_count END AS previous_week
+    FROM read_parquet('out/class_stats/**/*.parquet', hive_partitioning = true)
+    WHERE run_date BETWEEN $run_date::DATE - 7 AND $run_date::DATE),
+shares AS (
+    SELECT class_id, class_name,
+           sum(tonight) / (SELECT nullif(sum(tonight), 0) FROM pixels)             AS share_tonight,
+           sum(previous_week) / (SELECT nullif(sum(previous_week), 0) FROM pixels) AS share_previous_week
+    FROM pixels
+    GROUP BY class_id, class_name)
+SELECT class_id, class_name, share_tonight, share_previous_week, share_tonight - share_previous_week AS change
+FROM shares
+ORDER BY abs(change) DESC, class_id;""",
 }
 
 
@@ -88,7 +120,9 @@ labels = np.frombuffer(data, np.uint8).reshape(h, w)  # class ids; for --label-e
 # The same queries in SQL that Spark SQL and Athena/Trino both accept: tables by name ({labels}, {class_stats},
 # {errors}), parameters as {name}; `spark_query` and `trino_query` render them. What differs from DuckDB: no `::`
 # (CAST), max_by for arg_max, no QUALIFY (a row_number() subquery), explicit GROUP BY columns (Trino's GROUP BY ALL
-# is not DuckDB's), and a DOUBLE numerator wherever a ratio is taken (bigint / bigint is integer division in Trino).
+# is not DuckDB's), a DOUBLE numerator wherever a ratio is taken (bigint / bigint is integer division in Trino), no
+# select-list alias used in the same select list, and date arithmetic on CAST(... AS DATE) with INTERVAL '7' DAY
+# (run_date is a string in Athena's tables, a date in Spark's views).
 PORTABLE_QUERIES = {
     "class_coverage": """\
 SELECT class_id, class_name,
@@ -154,11 +188,38 @@ FROM last
 WHERE attempt = 1 AND error IS NOT NULL
 GROUP BY stage, trim(split_part(error, '(', 1))
 ORDER BY images DESC""",
+    "least_confident_images": """\
+WITH night AS (
+    SELECT image_uri, mean_confidence, mean_margin, low_confidence_fraction, run_id,
+           row_number() OVER (PARTITION BY image_uri ORDER BY labeled_at DESC, run_id DESC) AS recency
+    FROM {labels}
+    WHERE run_date = {run_date})
+SELECT image_uri, mean_confidence, mean_margin, low_confidence_fraction, run_id
+FROM night
+WHERE recency = 1 AND mean_confidence IS NOT NULL
+ORDER BY mean_confidence, image_uri
+LIMIT {k}""",
+    "class_share_moved": """\
+WITH pixels AS (
+    SELECT class_id, class_name,
+           CASE WHEN run_date = {run_date} THEN pixel_count ELSE 0 END AS tonight,
+           CASE WHEN run_date = {run_date} THEN 0 ELSE pixel_count END AS previous_week
+    FROM {class_stats}
+    WHERE CAST(run_date AS DATE) BETWEEN CAST({run_date} AS DATE) - INTERVAL '7' DAY AND CAST({run_date} AS DATE)),
+shares AS (
+    SELECT class_id, class_name,
+           CAST(sum(tonight) AS DOUBLE) / (SELECT nullif(sum(tonight), 0) FROM pixels)             AS share_tonight,
+           CAST(sum(previous_week) AS DOUBLE) / (SELECT nullif(sum(previous_week), 0) FROM pixels) AS share_previous_week
+    FROM pixels
+    GROUP BY class_id, class_name)
+SELECT class_id, class_name, share_tonight, share_previous_week, share_tonight - share_previous_week AS change
+FROM shares
+ORDER BY abs(share_tonight - share_previous_week) DESC, class_id""",
 }
 
 # Athena/Trino: the tables of docs/athena/*.sql in this database.
 TRINO_DATABASE = "segmentation"
-_PARAMETERS = ("run_date", "class_name", "min_fraction")
+_PARAMETERS = ("run_date", "class_name", "min_fraction", "k")
 _TABLES = ("labels", "class_stats", "errors")
 
 
@@ -185,7 +246,7 @@ from pyspark.sql import SparkSession
 spark = SparkSession.builder.config("spark.sql.session.timeZone", "UTC").getOrCreate()
 for table in ("labels", "class_stats", "errors"):  # run_date comes back as a date column
     spark.read.parquet(f"out/{table}").createOrReplaceTempView(table)
-rows = spark.sql(QUERY, args={"run_date": "2026-11-24", "class_name": "person", "min_fraction": 0.3}).collect()"""
+rows = spark.sql(QUERY, args={"run_date": "2026-11-24", "class_name": "person", "min_fraction": 0.3, "k": 20}).collect()"""
 
 # docs/queries.md's polars recipe, verbatim: a glob with hive_partitioning=True (run_date as a Date), then the
 # night's class coverage.

@@ -10,7 +10,10 @@ CREATE EXTERNAL TABLE IF NOT EXISTS segmentation.labels (
   classes_present array<int>,
   model_id string,
   run_id string,
-  labeled_at timestamp
+  labeled_at timestamp,
+  mean_confidence double,
+  mean_margin double,
+  low_confidence_fraction double
 )
 PARTITIONED BY (run_date string)
 STORED AS PARQUET

@@ -14,6 +14,9 @@ CREATE TABLE IF NOT EXISTS hive.segmentation.labels (
   model_id varchar,
   run_id varchar,
   labeled_at timestamp(3),
+  mean_confidence double,
+  mean_margin double,
+  low_confidence_fraction double,
   run_date varchar
 )
 WITH (

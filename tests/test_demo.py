@@ -32,10 +32,12 @@ def _demo(args: list[str], env: dict | None = None) -> dict:
     log = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 0, "\n".join(log[-30:])
     assert len(log) <= 40, "\n".join(log)
-    # Its own report lines ([demo], the indented tables, the JSON) show the broken file's error row on purpose.
-    others = [line for line in log[:-1] if not line.startswith(("[demo]", "    "))]
+    # Its own report lines ([demo], the indented tables, the JSON summary: stdout's last line, which stderr's lines
+    # follow here) show the broken file's error row on purpose, and name counts like `images_failed`.
+    summary = proc.stdout.strip().splitlines()[-1]
+    others = [line for line in log if line != summary and not line.startswith(("[demo]", "    "))]
     assert not [line for line in others if ALARMING.search(line) and not KNOWN_RAY_WARNING.search(line)], "\n".join(others)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(summary)
 
 
 @contextlib.contextmanager

@@ -46,13 +46,20 @@ def test_ray_job_submit_train(ray_stopped, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
         _wait_for_dashboard(dash, head)
-        submit = subprocess.run(
-            [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ROOT, "--",
-             "python", "jobs/train.py", "--data", data, "--storage", str(tmp_path / "runs"), "--name", "submitted",
-             "--num-classes", "6", "--width-mult", "0.0625", "--padding", "same", "--cpus-per-worker", "0.5",
-             "--epochs", "1", "--batch-size", "2", "--crop-size", "32"],
-            capture_output=True, text=True, env=env, timeout=400)
-        out = submit.stdout + submit.stderr
+        # The dashboard answers before the head's job agent has registered; until then Ray refuses a submission
+        # ("No available agent to submit job, please try again later", seen once on a busy machine): try again.
+        deadline = time.monotonic() + 120
+        while True:
+            submit = subprocess.run(
+                [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ROOT, "--",
+                 "python", "jobs/train.py", "--data", data, "--storage", str(tmp_path / "runs"), "--name", "submitted",
+                 "--num-classes", "6", "--width-mult", "0.0625", "--padding", "same", "--cpus-per-worker", "0.5",
+                 "--epochs", "1", "--batch-size", "2", "--crop-size", "32"],
+                capture_output=True, text=True, env=env, timeout=400)
+            out = submit.stdout + submit.stderr
+            if "No available agent to submit job" not in out or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert submit.returncode == 0 and "succeeded" in out, out[-3000:]
         # The job's stdout is tailed back by `ray job submit`, possibly with a prefix on each line.
         line = [line for line in out.splitlines() if '"latest_checkpoint"' in line][-1]

@@ -44,13 +44,24 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.storage import Location
 
     output = Location.of(args.output)
-    records = [r for r in read_run_records(output) if r.get("status") in ("succeeded", "degraded")]
+    records = read_run_records(output)
     if not records:
-        raise JobError(f"{output.uri} holds no finished labeling run (no runs/*.json that succeeded): nothing to compute")
-    chosen = [r for r in records if (r["run_id"] == args.run_id if args.run_id else r["run_date"] == args.run_date)]
-    if not chosen:
-        raise JobError(f"no finished labeling run {'with id ' + args.run_id if args.run_id else 'on ' + args.run_date} "
-                       f"under {output.uri}")
+        raise JobError(f"{output.uri} holds no labeling run (no runs/*.json): nothing to compute")
+    wanted = [r for r in records if (r.get("run_id") == args.run_id if args.run_id else r.get("run_date") == args.run_date)]
+    which = f"with id {args.run_id}" if args.run_id else f"on {args.run_date}"
+    if not wanted:
+        raise JobError(f"no labeling run {which} under {output.uri} (runs/*.json)")
+    # One record per run: a retry of a run id writes runs/<run_id>.attempt-<random>.json beside the first; the
+    # latest finished attempt's record is the run's (its canary included).
+    latest: dict[str, dict] = {}
+    for r in sorted(wanted, key=lambda r: r.get("finished_at") or ""):
+        if r.get("status") in ("succeeded", "degraded"):
+            latest[r["run_id"]] = r
+    if not latest:
+        states = ", ".join(sorted({f"{r['run_id']} {r.get('status')}" for r in wanted}))
+        raise JobError(f"no finished labeling run {which} under {output.uri} ({states}): a run that did not finish "
+                       "has no quality row; its retry (same --run-id) writes one")
+    chosen = sorted(latest.values(), key=lambda r: r.get("started_at") or "")  # computed in the order they ran
     missing = [r["run_id"] for r in chosen if not r.get("class_names")]
     if missing:
         raise JobError(f"run record(s) {', '.join(missing)} name no class_names (written before quality/ existed): "
@@ -58,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
     rows = [compute_quality(output, run_id=r["run_id"], run_date=r["run_date"], model_id=r["model_id"],
                             class_names=r["class_names"], canary=r.get("canary"), window_nights=args.window_nights)
-            for r in sorted(chosen, key=lambda r: r["run_id"])]
+            for r in chosen]
     print_summary({"output": output.uri, "runs": rows})
     return 0
 

@@ -95,7 +95,8 @@ def _least_confident(output: Location, run_date: str, k: int) -> list[dict]:
         table = pads.dataset([path], format="parquet", filesystem=output.fs).to_table(columns=columns)
         table = table.filter(pc.is_valid(table["mean_confidence"]))
         if table.num_rows:
-            candidates.append(table.take(pc.select_k_unstable(table, k, [("mean_confidence", "ascending")])))
+            best = table.take(pc.select_k_unstable(table, k, [("mean_confidence", "ascending")]))
+            candidates.append(best.append_column("file", pa.array([path] * best.num_rows, pa.string())))
     if not candidates:
         return []
     chosen = pa.concat_tables(candidates).sort_by([("mean_confidence", "ascending"), ("image_uri", "ascending")])
@@ -105,18 +106,18 @@ def _least_confident(output: Location, run_date: str, k: int) -> list[dict]:
     for row in chosen:
         run_names = names.get(row["run_id"], [])
         row["class_names"] = [run_names[i] if i < len(run_names) else str(i) for i in row.pop("classes_present")]
-        out.append({**row, **_overlay(output, files, row, run_names)})
+        out.append({**row, **_overlay(output, row, run_names)})
     return out
 
 
-def _overlay(output: Location, files: list[str], row: dict, class_names: list[str]) -> dict:
+def _overlay(output: Location, row: dict, class_names: list[str]) -> dict:
     """The image blended with its labels, as a thumbnail PNG; or why it could not be drawn (the image is gone)."""
     from PIL import Image
 
     from .previews import render_overlay
 
     wanted = (pc.field("image_uri") == row["image_uri"]) & (pc.field("run_id") == row["run_id"])
-    hit = pads.dataset(files, format="parquet", filesystem=output.fs).to_table(
+    hit = pads.dataset([row.pop("file")], format="parquet", filesystem=output.fs).to_table(  # the one file it is in
         columns=["label_map", "label_encoding", "width", "height"], filter=wanted).slice(0, 1).to_pylist()
     if not hit:
         return {"overlay": None, "problem": "its labels row is gone"}

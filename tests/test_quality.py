@@ -129,7 +129,7 @@ def test_js_distance_is_null_first_then_scipy_s_against_the_pooled_window(nights
     assert third["mean_confidence_change"] == pytest.approx(third["mean_confidence"] - conf, abs=1e-12)
     low = (first["low_confidence_image_share"] * 4 + second["low_confidence_image_share"] * 5) / images
     assert third["low_confidence_share_change"] == pytest.approx(third["low_confidence_image_share"] - low, abs=1e-12)
-    assert third["low_confidence_share_ratio"] == (pytest.approx(third["low_confidence_image_share"] / low) if low else None)
+    assert third["low_confidence_share_ratio"] == pytest.approx(third["low_confidence_image_share"] / max(low, 0.01))
 
 
 def test_pictures_of_one_colour_drift_further_than_an_in_distribution_night(nights):
@@ -228,7 +228,7 @@ def test_the_window_is_the_model_s_last_nights_the_latest_row_of_each(nights, tm
     assert row["mean_confidence_change"] == pytest.approx(third["mean_confidence"] - conf, abs=1e-12)
     low = (0.25 * 3 + first["low_confidence_image_share"] * 4 + second["low_confidence_image_share"] * 5) / 12
     assert row["low_confidence_share_change"] == pytest.approx(third["low_confidence_image_share"] - low, abs=1e-12)
-    assert row["low_confidence_share_ratio"] == pytest.approx(third["low_confidence_image_share"] / low)
+    assert row["low_confidence_share_ratio"] == pytest.approx(third["low_confidence_image_share"] / max(low, 0.01))
     narrow = compute_quality(Location.of(out), run_id=third["run_id"], run_date=third["run_date"], model_id=model,
                              class_names=CLASS_NAMES, window_nights=1)
     assert narrow["window_runs"] == 1

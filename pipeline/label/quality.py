@@ -33,6 +33,7 @@ from .readers import list_table_files
 QUALITY = "quality"
 # An image is a low-confidence image when over this share of its pixels is below the run's --low-confidence.
 LOW_IMAGE_SHARE_THRESHOLD = 0.5
+LOW_SHARE_FLOOR = 0.01  # the window's low-confidence share the ratio divides by, at least
 WINDOW_NIGHTS = 7
 FILES_PER_TASK = 32      # at most; fewer on a small night, so that every CPU gets a task
 READ_THREADS = 4         # files a task reads at once (object-store latency)
@@ -271,7 +272,8 @@ def drift(pixels: np.ndarray, mean_confidence: float | None, low_share: float | 
     before = _pooled(window, "low_confidence_image_share")
     if low_share is not None and before is not None:
         out["low_confidence_share_change"] = low_share - before
-        out["low_confidence_share_ratio"] = low_share / before if before else None
+        # Against at least 1 %: a window without a low-confidence image still shows a jump to many as doubled.
+        out["low_confidence_share_ratio"] = low_share / max(before, LOW_SHARE_FLOOR)
     return out
 
 

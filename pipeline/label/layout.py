@@ -7,6 +7,8 @@
     index/_complete.json                                 every labels file has its index file (skip.ensure_index)
     runs/<run_id>.json                                   arguments, model id, counts, timings, status
     previews/run_date=YYYY-MM-DD/<run_id>/*.png          optional colour overlays
+    quality/run_date=YYYY-MM-DD/part-<run_id>.parquet    one row per run: counts, class mix, confidence, drift
+    reports/report-YYYY-MM-DD.html                       the night's report (jobs/report.py)
     _staging/<set>/<table>.parquet                       written, not yet committed (never read)
     _commits/<set>.json                                  committed, not yet fully published
     _schema.json                                         the schema version of the tables' files (upgrade)
@@ -24,10 +26,12 @@ STAGING = "_staging"
 COMMITS = "_commits"
 RUNS = "runs"
 PREVIEWS = "previews"
+QUALITY = "quality"
+REPORTS = "reports"
 SCHEMA_MARKER = "_schema.json"
 INDEX_COMPLETE = "_complete.json"
 # Everything the job writes under an output root; images stored anywhere else under it are labeled.
-OWN_FOLDERS = (*TABLES, INDEX, RUNS, PREVIEWS, STAGING, COMMITS)
+OWN_FOLDERS = (*TABLES, INDEX, RUNS, PREVIEWS, QUALITY, REPORTS, STAGING, COMMITS)
 
 
 class OutputLayout:

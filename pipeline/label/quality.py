@@ -28,9 +28,9 @@ import pyarrow.parquet as pq
 import ray
 
 from ..storage import Location
+from .layout import QUALITY
 from .readers import list_table_files
 
-QUALITY = "quality"
 # An image is a low-confidence image when over this share of its pixels is below the run's --low-confidence.
 LOW_IMAGE_SHARE_THRESHOLD = 0.5
 LOW_SHARE_FLOOR = 0.01  # the window's low-confidence share the ratio divides by, at least

@@ -22,6 +22,7 @@ from ..decode import decode_image
 from ..errors import JobError, one_line
 from ..storage import Location
 from .codec import decode_label_map
+from .layout import REPORTS
 from .quality import read_quality
 from .readers import list_table_files
 from .run_record import read_run_records
@@ -272,7 +273,7 @@ def write_report(output: Location, *, run_date: str | None, nights: int, gallery
     """Gather, draw and write `reports/report-<night>.html` under the output; returns the summary."""
     night = gather(output, run_date=run_date, nights=nights, gallery=gallery)
     text = render(night, plots(night.quality))
-    target = output.child("reports", f"report-{night.run_date}.html")
+    target = output.child(REPORTS, f"report-{night.run_date}.html")
     target.write_text(text)
     return {"report": target.uri, "run_date": night.run_date, "runs": len(night.runs), "nights": len(night.quality),
             "gallery": len(night.gallery), "bytes": len(text.encode())}

@@ -3,6 +3,7 @@
 - `models/` is pure PyTorch: it imports neither `pipeline` nor `ray`;
 - the shared modules directly in `pipeline/` import neither job package;
 - `pipeline/label/` and `pipeline/train/` do not import each other;
+- `pipeline/review/` imports no training code, and nothing in `pipeline/` outside it imports it;
 - no library module imports the CLI helpers (`pipeline.cli`): only jobs/ do;
 - jobs/ import only public names (no `_private` module or name).
 """
@@ -82,6 +83,16 @@ def test_job_packages_do_not_import_each_other(package, other):
     files = _python_files(os.path.join("pipeline", package))
     assert files
     assert violations(files, (f"pipeline.{other}",)) == []
+
+
+def test_the_review_loop_reads_labeling_s_output_and_neither_job_imports_it():
+    # pipeline/review/ reads what labeling wrote (its tables, codec, run records) and writes datasets training
+    # reads through files: it imports no training code, and neither job package imports it.
+    assert violations(_python_files(os.path.join("pipeline", "review")), ("pipeline.train",)) == []
+    for package in ("label", "train"):
+        assert violations(_python_files(os.path.join("pipeline", package)), ("pipeline.review",)) == []
+    shared = [p for p in _python_files("pipeline") if os.path.dirname(p) == "pipeline"]
+    assert violations(shared, ("pipeline.review",)) == []
 
 
 def test_no_library_module_imports_the_cli_helpers():

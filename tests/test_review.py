@@ -97,53 +97,93 @@ def test_every_package_records_its_output_run_model_and_classes(night):
     assert coco["info"]["fcn_output"] == night["output"]
 
 
-def test_the_cvat_zip_decodes_to_the_label_maps(night):
-    provenance = night["provenance"]["cvat"]
-    colours = {rgb: i for i, rgb in enumerate(voc_palette(len(CLASS_NAMES)))}
-    with zipfile.ZipFile(f"{night['tmp']}/pkg-cvat/annotations.zip") as z:
+def _decoded_cvat(pkg: str) -> dict[str, np.ndarray]:
+    """The package's masks as class ids, read back as CVAT reads them (colours through labelmap.txt)."""
+    provenance = json.load(open(f"{pkg}/export.json"))
+    with zipfile.ZipFile(f"{pkg}/annotations.zip") as z:
         labelmap = z.read("labelmap.txt").decode().splitlines()
         assert [line.split(":")[0] for line in labelmap[1:]] == CLASS_NAMES
+        colours = {tuple(int(v) for v in line.split(":")[1].split(",")): i for i, line in enumerate(labelmap[1:])}
+        assert colours == {rgb: i for i, rgb in enumerate(voc_palette(len(CLASS_NAMES)))}
         assert z.read("ImageSets/Segmentation/default.txt").decode().split() == [i["name"] for i in provenance["images"]]
+        out = {}
         for image in provenance["images"]:
             rgb = np.asarray(Image.open(io.BytesIO(z.read(f"SegmentationClass/{image['name']}.png"))).convert("RGB"))
-            ids = np.vectorize(lambda r, g, b: colours[(r, g, b)])(rgb[..., 0], rgb[..., 1], rgb[..., 2])
-            assert np.array_equal(ids, night["labels"][image["image_uri"]]), image["name"]
+            out[image["image_uri"]] = np.vectorize(lambda r, g, b: colours[(r, g, b)])(rgb[..., 0], rgb[..., 1], rgb[..., 2])
+    return out
 
 
-def test_the_label_studio_predictions_decode_to_the_label_maps_with_label_studio_sdk(night):
-    tasks = json.load(open(f"{night['tmp']}/pkg-label-studio/tasks.json"))
-    scores = {i["image_uri"]: i["mean_confidence"] for i in night["provenance"]["label-studio"]["images"]}
-    assert len(tasks) == K
-    for task in tasks:
-        uri = task["data"]["image"]
-        label = night["labels"][uri]
+def _decoded_label_studio(pkg: str) -> dict[str, np.ndarray]:
+    """The predictions' regions decoded by label-studio-sdk, one class per pixel."""
+    out = {}
+    for task in json.load(open(f"{pkg}/tasks.json")):
         (prediction,) = task["predictions"]
-        assert prediction["model_version"] == night["provenance"]["label-studio"]["model_ids"][0]
-        assert prediction["score"] == pytest.approx(scores[uri])
-        rebuilt = np.full(label.shape, 255, np.uint8)
+        first = prediction["result"][0]
+        rebuilt = np.full((first["original_height"], first["original_width"]), 255, np.uint8)
         for region in prediction["result"]:
             assert region["type"] == "brushlabels" and region["value"]["format"] == "rle"
             h, w = region["original_height"], region["original_width"]
-            alpha = brush.decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3]
+            mask = brush.decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 127
+            assert (rebuilt[mask] == 255).all()  # one class per pixel
             (name,) = region["value"]["brushlabels"]
-            rebuilt[alpha > 127] = CLASS_NAMES.index(name)
-        assert np.array_equal(rebuilt, label), uri
-    config = open(f"{night['tmp']}/pkg-label-studio/label_config.xml").read()
-    assert all(f'value="{name}"' in config for name in CLASS_NAMES)
+            rebuilt[mask] = CLASS_NAMES.index(name)
+        out[task["data"]["image"]] = rebuilt
+    return out
 
 
-def test_the_coco_masks_decode_to_the_label_maps_with_pycocotools(night):
-    coco = json.load(open(f"{night['tmp']}/pkg-coco/instances.json"))
+def _decoded_coco(pkg: str) -> dict[str, np.ndarray]:
+    """The annotations decoded by pycocotools, one class per pixel."""
+    coco = json.load(open(f"{pkg}/instances.json"))
     assert [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])] == CLASS_NAMES
     names = {c["id"]: c["name"] for c in coco["categories"]}
+    out = {}
     for image in coco["images"]:
-        label = night["labels"][image["coco_url"]]
-        rebuilt = np.full(label.shape, 255, np.uint8)
+        rebuilt = np.full((image["height"], image["width"]), 255, np.uint8)
         for a in (a for a in coco["annotations"] if a["image_id"] == image["id"]):
             mask = coco_mask.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()})
             assert a["area"] == mask.sum() and (rebuilt[mask.astype(bool)] == 255).all()  # one class per pixel
             rebuilt[mask.astype(bool)] = CLASS_NAMES.index(names[a["category_id"]])
-        assert np.array_equal(rebuilt, label), image["file_name"]
+        out[image["coco_url"]] = rebuilt
+    return out
+
+
+DECODED = {"cvat": _decoded_cvat, "label-studio": _decoded_label_studio, "coco": _decoded_coco}
+
+
+@pytest.mark.parametrize("fmt", list(DECODED))
+def test_the_package_decodes_to_exactly_the_label_maps(night, fmt):
+    decoded = DECODED[fmt](f"{night['tmp']}/pkg-{fmt}")
+    assert len(decoded) == K
+    for uri, label in decoded.items():
+        assert np.array_equal(label, night["labels"][uri]), uri  # every pixel
+
+
+def test_label_studio_predictions_carry_the_model_and_the_image_s_confidence(night):
+    tasks = json.load(open(f"{night['tmp']}/pkg-label-studio/tasks.json"))
+    scores = {i["image_uri"]: i["mean_confidence"] for i in night["provenance"]["label-studio"]["images"]}
+    for task in tasks:
+        (prediction,) = task["predictions"]
+        assert prediction["model_version"] == night["provenance"]["label-studio"]["model_ids"][0]
+        assert prediction["score"] == pytest.approx(scores[task["data"]["image"]])
+    config = open(f"{night['tmp']}/pkg-label-studio/label_config.xml").read()
+    assert all(f'value="{name}"' in config for name in CLASS_NAMES)
+
+
+def test_png_encoded_label_maps_export_to_exactly_the_same_pixels(night, tmp_path):
+    """Both label_map encodings: an output written with --label-encoding png decodes the same through each format."""
+    output = str(tmp_path / "png-out")
+    code, _, err = run_label_job(["--images", f"{night['data']}/JPEGImages", "--checkpoint", night["ck"], "--output",
+                                  output, "--run-date", NIGHT, "--label-encoding", "png", *FAST_FLAGS])
+    assert code == 0, err[-3000:]
+    labels = _labels(output)
+    assert {e for (e,) in duckdb.connect().execute(
+        f"SELECT DISTINCT label_encoding FROM read_parquet('{output}/labels/**/*.parquet')").fetchall()} == {"png"}
+    for fmt, decode in DECODED.items():
+        code, _, err = _cli("export_review", ["--output", output, "--to", str(tmp_path / fmt), "--format", fmt,
+                                              "--run-date", NIGHT, "--least-confident", "4"])
+        assert code == 0, err
+        decoded = decode(str(tmp_path / fmt))
+        assert len(decoded) == 4 and all(np.array_equal(v, labels[u]) for u, v in decoded.items()), fmt
 
 
 def test_where_selects_by_sql_and_images_by_a_list(night, tmp_path):

@@ -188,3 +188,50 @@ def test_cvat_writer_s_zip_reads_back_as_written(tmp_path):
     assert np.array_equal(colours[label == 1], np.tile([128, 0, 0], ((label == 1).sum(), 1)))
     (item,) = cvat.read_export((tmp_path / "a.zip").read_bytes(), "a.zip")
     assert np.array_equal(item.regions, label)
+
+
+@pytest.mark.parametrize("task", [None, "x", 3, {"data": None}, {"data": "x"}, {"data": {"image": "a.jpg"}, "annotations": "x"},
+                                  {"data": {"image": "a.jpg"}, "annotations": [{"result": [{"type": "brushlabels", "value": "x"}]}]},
+                                  {"data": {"image": "a.jpg"}, "annotations": [None]}])
+def test_a_malformed_label_studio_task_is_one_problem_and_the_next_task_imports(task):
+    good = label_studio.task("b.jpg", "b", np.zeros((2, 3), np.uint8), ["bg"], model_id="m", run_id="r", score=None)
+    good["annotations"] = [{"result": good.pop("predictions")[0]["result"]}]
+    first, second = label_studio.read_export(json.dumps([task, good]).encode(), "export.json")
+    assert isinstance(first, Problem) and isinstance(second, Reviewed) and second.image == "b.jpg"
+
+
+@pytest.mark.parametrize("change", ["image not an object", "annotation not an object", "image_id null", "width text"])
+def test_a_malformed_coco_entry_is_one_problem_and_the_rest_imports(change):
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 3, "height": 2},
+                       {"id": 2, "file_name": "b.jpg", "width": 3, "height": 2}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": coco_rle(np.ones((2, 3), bool))},
+                            {"id": 2, "image_id": 2, "category_id": 1, "segmentation": coco_rle(np.ones((2, 3), bool))}],
+            "categories": [{"id": 1, "name": "cat"}]}
+    if change == "image not an object":
+        coco["images"][0] = "a.jpg"
+    elif change == "annotation not an object":
+        coco["annotations"][0] = None
+    elif change == "image_id null":
+        coco["annotations"][0]["image_id"] = None
+    else:
+        coco["images"][0]["width"] = "wide"
+    found = list(coco_module_read(coco))
+    assert any(isinstance(f, Problem) for f in found)
+    assert [f.image for f in found if isinstance(f, Reviewed)][-1] == "b.jpg"
+
+
+def coco_rle(mask: np.ndarray) -> dict:
+    return coco.encode(mask)
+
+
+def coco_module_read(data: dict):
+    return coco.read_export(json.dumps(data).encode(), "instances.json")
+
+
+def test_package_names_are_paths_below_the_images_common_folder():
+    from pipeline.review.select import relative_names
+
+    assert relative_names(["/data/a/x.jpg", "/data/b/x.jpg"]) == {"/data/a/x.jpg": "a/x", "/data/b/x.jpg": "b/x"}
+    assert relative_names(["s3://bk/cam1/x.jpg", "s3://bk/cam2/y.png"]) == {"s3://bk/cam1/x.jpg": "cam1/x",
+                                                                            "s3://bk/cam2/y.png": "cam2/y"}
+    assert relative_names(["/d/x.jpg", "/d/x.png"]) == {"/d/x.jpg": "x.jpg", "/d/x.png": "x.png"}

@@ -90,13 +90,21 @@ def read_export(data: bytes, where: str) -> Iterator[Reviewed | Problem]:
         categories = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
         images = coco["images"]
         annotations = coco.get("annotations") or []
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        if not isinstance(images, list) or not isinstance(annotations, list):
+            raise TypeError("images and annotations must be lists")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
         raise CocoExportError(f"{where} is not a COCO instances file ({type(e).__name__}: {e})") from None
-    by_image: dict[int, list[dict]] = {}
-    for a in annotations:
-        by_image.setdefault(a.get("image_id"), []).append(a)
+    by_image: dict = {}
+    for number, a in enumerate(annotations):
+        if not isinstance(a, dict) or not isinstance(a.get("image_id"), (int, str)):
+            yield Problem(f"{where} annotation {number}", "is not an object with an image_id: left out")
+            continue
+        by_image.setdefault(a["image_id"], []).append(a)
     names = list(dict.fromkeys(categories.values()))
-    for image in images:
+    for number, image in enumerate(images):
+        if not isinstance(image, dict) or not isinstance(image.get("id"), (int, str)):
+            yield Problem(f"{where} image {number}", "is not an object with an id")
+            continue
         here = f"{where} image {image.get('id')} ({image.get('file_name')})"
         try:
             height, width = int(image["height"]), int(image["width"])
@@ -126,5 +134,5 @@ def read_export(data: bytes, where: str) -> Iterator[Reviewed | Problem]:
                 ref = image.get("coco_url") or image.get("file_name")
                 name = os.path.splitext(str(image.get("file_name") or ref))[0]
                 yield Reviewed(name, ref, regions, names, here)
-        except (KeyError, TypeError, ValueError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
             yield Problem(here, f"cannot be read ({type(e).__name__}: {e})")

@@ -94,14 +94,21 @@ def read_export(data: bytes, where: str) -> Iterator[Reviewed | Problem]:
     if root is None:
         raise CvatExportError(f"{where} has no {LABELMAP}: export the task as 'Segmentation mask 1.1' (the zip's "
                               f"{LABELMAP} names each class's colour)")
-    names, colours = parse_labelmap(archive.read(members[posixpath.join(root, LABELMAP)]).decode("utf-8-sig"),
-                                    f"{where}/{LABELMAP}")
+    try:
+        text = archive.read(members[posixpath.join(root, LABELMAP)]).decode("utf-8-sig")
+    except (UnicodeDecodeError, zipfile.BadZipFile, OSError) as e:
+        raise CvatExportError(f"{where}/{LABELMAP} cannot be read as text ({type(e).__name__}: {e})") from None
+    names, colours = parse_labelmap(text, f"{where}/{LABELMAP}")
     codes = np.array([(r << 16) | (g << 8) | b for r, g, b in colours], np.int64)
     order = np.argsort(codes, kind="stable")
     masks = posixpath.join(root, MASKS) if root else MASKS
     listed = posixpath.join(root, SPLIT_FILE) if root else SPLIT_FILE
     if listed in members:
-        image_names = [n.strip() for n in archive.read(members[listed]).decode("utf-8-sig").splitlines() if n.strip()]
+        try:
+            listed_text = archive.read(members[listed]).decode("utf-8-sig")
+        except (UnicodeDecodeError, zipfile.BadZipFile, OSError) as e:
+            raise CvatExportError(f"{where}/{SPLIT_FILE} cannot be read as text ({type(e).__name__}: {e})") from None
+        image_names = [n.strip() for n in listed_text.splitlines() if n.strip()]
     else:
         image_names = sorted(posixpath.splitext(posixpath.relpath(m, masks))[0] for m in members
                              if m.startswith(masks + "/") and m.lower().endswith(".png"))

@@ -90,7 +90,7 @@ def read_export(data: bytes, where: str) -> Iterator[Reviewed | Problem]:
         here = f"{where} task {item.get('id', number) if isinstance(item, dict) else number}"
         try:
             found = _task(item, here)
-        except (KeyError, TypeError, ValueError, BrushRLEError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError, BrushRLEError) as e:
             found = Problem(here, str(e) if isinstance(e, (ValueError, BrushRLEError)) else f"malformed task ({e!r})")
         if found is not None:
             yield found

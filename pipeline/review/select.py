@@ -155,7 +155,8 @@ def relative_names(uris: list[str]) -> dict[str, str]:
     if not uris:
         return {}
     folders = [posixpath.dirname(u.split("://", 1)[-1]) for u in uris]
-    common = posixpath.commonpath(folders) if len(set(u.split("://", 1)[0] for u in uris)) == 1 else ""
+    schemes = {u.split("://", 1)[0] if "://" in u else "" for u in uris}
+    common = posixpath.commonpath(folders) if len(schemes) == 1 else ""
     names = {}
     for uri in uris:
         path = uri.split("://", 1)[-1]

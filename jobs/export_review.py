@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.review.select import Selection
     from pipeline.storage import Location
 
-    if args.least_confident is None and args.where is None and args.images is None:
-        raise JobError("say which images to export: --run-date D --least-confident K, --where SQL, or --images FILE")
+    if args.least_confident is None and args.where is None and args.images is None and args.run_date is None:
+        raise JobError("say which images to export: --run-date D (and --least-confident K), --where SQL, or --images FILE")
     if args.least_confident is not None:
         check_number("--least-confident", args.least_confident, at_least=1)
     if args.run_date:  # the labeling job's own rule for the partition value
@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.images:
         listed = Location.of(args.images)
         listed.check_exists("image list")
-        images = tuple(line.strip() for line in listed.read_text().splitlines() if line.strip() and not line.startswith("#"))
+        try:
+            text = listed.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise JobError(f"{listed.uri} is not UTF-8 text (byte {e.start}): list one image URI per line") from None
+        images = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
         if not images:
             raise JobError(f"{listed.uri} names no image")
     selection = Selection(run_date=args.run_date, least_confident=args.least_confident, where=args.where, images=images)

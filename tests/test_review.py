@@ -204,7 +204,10 @@ def test_where_selects_by_sql_and_images_by_a_list(night, tmp_path):
 
 @pytest.mark.parametrize("argv,expected", [
     (["--where", "no_such_column > 1"], "does not run over labels"),
-    (["--run-date", NIGHT], "say which images to export"),
+    ([], "say which images to export"),
+    (["--where", "1=1; COPY (SELECT 1) TO 'x.csv'"], "is not an SQL condition"),
+    (["--where", "1=1); COPY (SELECT 1) TO 'x.csv'; SELECT (1"], "is more than one condition"),
+    (["--where", "length(read_text('/etc/hostname')) > 0"], "does not run over labels"),
     (["--least-confident", "0"], "--least-confident"),
     (["--run-date", "2026-01-01", "--least-confident", "3"], "no labels for run date 2026-01-01"),
     (["--where", "width > 10000"], "matches no labels row"),
@@ -310,7 +313,7 @@ def test_the_imported_dataset_has_both_splits_and_the_checkpoint_s_classes(impor
 def test_each_problem_is_one_line_and_the_rest_is_imported(night, tmp_path):
     images = night["provenance"]["label-studio"]["images"]
     tasks = _ls_export(night, images, missing=f"{night['tmp']}/gone/nowhere.jpg")
-    tasks[1]["annotations"][0]["result"][0]["original_width"] += 1  # its RLE now disagrees with its size
+    tasks[1]["annotations"][0]["result"][0]["value"]["rle"] = _sdk_mask2rle(np.ones((3, 4), bool))  # another size
     tasks[2]["annotations"][0]["result"][0]["value"]["brushlabels"] = ["truck"]  # a class the checkpoint lacks
     tasks[3]["annotations"] = [{"id": 2, "was_cancelled": True, "result": []}]  # skipped by the annotator
     source = tmp_path / "ls.json"
@@ -387,3 +390,72 @@ def test_the_loop_runs_on_s3_package_export_and_dataset(night, bucket):
     for sample in samples:
         mask = np.asarray(Image.open(io.BytesIO(Location.of(sample["mask"]).read_bytes())))
         assert np.array_equal(mask, _truth(night, sample["image"]))
+
+
+def test_an_image_labeled_on_two_nights_is_exported_from_its_newest_row_only(night, tmp_path):
+    import shutil
+
+    from pipeline.testbed import random_checkpoint
+
+    output = str(tmp_path / "out")
+    shutil.copytree(night["output"], output)
+    other = str(tmp_path / "other.pt")
+    random_checkpoint(other, CLASS_NAMES, seed=9)  # another model: every image is labeled again
+    code, _, err = run_label_job(["--images", f"{night['data']}/JPEGImages", "--checkpoint", other, "--output", output,
+                                  "--run-date", "2026-12-07", *FAST_FLAGS])
+    assert code == 0, err[-3000:]
+    code, summary, err = _cli("export_review", ["--output", output, "--to", str(tmp_path / "all"), "--format", "coco",
+                                                "--where", "width > 0"])
+    assert code == 0 and summary["images"] == 10 and summary["runs"] != night["packages"]["coco"]["runs"], err
+    # Rows of the first night match, but each image has a newer one: none is exported, not a stale label.
+    code, _, err = _cli("export_review", ["--output", output, "--to", str(tmp_path / "old"), "--format", "coco",
+                                          "--where", f"run_date = '{NIGHT}'"])
+    assert "matches no labels row" in one_error(code, err)
+    code, summary, err = _cli("export_review", ["--output", output, "--to", str(tmp_path / "k"), "--format", "coco",
+                                                "--least-confident", "3"])
+    assert code == 0 and summary["images"] == 3 and len(summary["model_ids"]) == 1, err
+
+
+def test_one_image_twice_under_two_names_is_refused_and_names_that_spell_one_file_both_import(night, tmp_path):
+    images = night["provenance"]["coco"]["images"][:2]
+    coco = _coco_export(night, images)
+    coco["images"][0]["coco_url"] = images[0]["image_uri"]
+    coco["images"][1]["coco_url"] = images[0]["image_uri"]  # the same image, another file_name
+    coco["images"].append({**coco["images"][1], "id": 3, "coco_url": images[1]["image_uri"], "file_name": "a b.jpg"})
+    coco["images"].append({**coco["images"][1], "id": 4, "coco_url": images[1]["image_uri"].replace(".jpg", "-c.jpg"),
+                           "file_name": "a_b.jpg"})
+    os.link(images[1]["image_uri"], images[1]["image_uri"].replace(".jpg", "-c.jpg"))
+    coco["annotations"] += [{**a, "id": 100 + a["id"], "image_id": n} for n in (3, 4)
+                            for a in coco["annotations"] if a["image_id"] == 2]
+    source = tmp_path / "coco.json"
+    source.write_text(json.dumps(coco))
+    code, summary, err = _cli("import_review", ["--from", str(source), "--format", "coco", "--classes", night["ck"],
+                                                "--to", str(tmp_path / "ds")])
+    assert code == 0, err
+    (line,) = [line for line in err.splitlines() if line.startswith("refused: ")]
+    assert f"image {images[0]['image_uri']} comes twice" in line
+    assert summary["imported"] == 3  # "a b" and "a_b" are two masks, not a clash
+
+
+def test_an_overwritten_dataset_holds_only_the_new_import(night, tmp_path):
+    images = night["provenance"]["coco"]["images"]
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(_coco_export(night, images)))
+    second.write_text(json.dumps(_coco_export(night, images[:2])))
+    args = ["--format", "coco", "--classes", night["ck"], "--images-from", f"{night['tmp']}/pkg-coco", "--to",
+            str(tmp_path / "ds")]
+    assert _cli("import_review", ["--from", str(first), *args])[0] == 0
+    code, summary, err = _cli("import_review", ["--from", str(second), *args, "--overwrite"])
+    assert code == 0 and summary["imported"] == 2, err
+    assert len(os.listdir(tmp_path / "ds" / "SegmentationClass")) == 2
+
+
+def test_an_image_that_is_a_fifo_is_refused_not_waited_for(night, tmp_path):
+    fifo = str(tmp_path / "pipe.jpg")
+    os.mkfifo(fifo)
+    tasks = _ls_export(night, night["provenance"]["label-studio"]["images"][:2], missing=fifo)
+    source = tmp_path / "ls.json"
+    source.write_text(json.dumps(tasks))
+    code, summary, err = _cli("import_review", ["--from", str(source), "--format", "label-studio", "--classes",
+                                                night["ck"], "--to", str(tmp_path / "ds")])
+    assert code == 0 and summary["imported"] == 1 and "pipe.jpg cannot be read (ValueError: not a regular file)" in err, err

@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from pipeline.review import brush_rle, coco, cvat, label_studio
-from pipeline.review.package import Problem, Reviewed
+from pipeline.review.package import DecodeError, Problem, Reviewed
 
 RNG = np.random.default_rng(0)
 
@@ -110,7 +110,7 @@ def test_coco_import_reads_compressed_and_uncompressed_rle_and_polygons():
     expected = np.full((10, 12), -1)
     expected[a] = 0
     expected[b | polygon] = 1
-    assert np.array_equal(item.regions, expected)
+    assert np.array_equal(item.decode(), expected)
 
 
 def _uncompressed(mask: np.ndarray) -> list[int]:
@@ -127,7 +127,7 @@ def test_coco_rle_of_another_size_than_its_image_is_one_problem_and_the_next_ima
                        {"id": 2, "image_id": 2, "category_id": 1, "segmentation": good}], [{"id": 1, "name": "cat"}])
     first, second = coco.read_export(data, "instances.json")
     assert isinstance(first, Problem) and "RLE is 12x8 (size [8, 12]), but the image is 12x10" in first.line()
-    assert isinstance(second, Reviewed) and (second.regions == 0).all()
+    assert isinstance(second, Reviewed) and (second.decode() == 0).all()
 
 
 def _zip(files: dict[str, bytes]) -> bytes:
@@ -156,7 +156,7 @@ def test_cvat_zip_maps_each_colour_through_labelmap_txt():
                  "SegmentationClass/sub/frame_1.png": _rgb_png(rgb)})
     (item,) = cvat.read_export(data, "task.zip")
     assert item.name == "sub/frame_1" and item.names == ["background", "cat", "my:dog"]
-    assert item.regions.tolist() == [[0] * 5, [1] * 5, [2, 2, 0, 0, 0], [0] * 5]
+    assert item.decode().tolist() == [[0] * 5, [1] * 5, [2, 2, 0, 0, 0], [0] * 5]
 
 
 def test_cvat_colour_in_no_labelmap_line_is_one_problem():
@@ -165,8 +165,44 @@ def test_cvat_colour_in_no_labelmap_line_is_one_problem():
     data = _zip({"labelmap.txt": CVAT_LABELMAP.encode(), "SegmentationClass/a.png": _rgb_png(rgb),
                  "SegmentationClass/b.png": _rgb_png(np.zeros((2, 2, 3)))})
     first, second = cvat.read_export(data, "task.zip")
-    assert isinstance(first, Problem) and "colour(s) 1,2,3 are in no line of labelmap.txt" in first.line()
-    assert isinstance(second, Reviewed) and (second.regions == 0).all()
+    with pytest.raises(DecodeError, match="colour\\(s\\) 1,2,3 are in no line of labelmap.txt"):
+        first.decode()
+    assert isinstance(second, Reviewed) and (second.decode() == 0).all()
+
+
+def test_sizes_are_known_before_anything_is_decoded():
+    """A mask that declares a huge size is refused by the import (against its image) before it is decoded: the
+    readers read only headers and metadata."""
+    big = np.zeros((3000, 4000), bool)
+    ls = label_studio.task("a.jpg", "a", big.astype(np.uint8), ["bg"], model_id="m", run_id="r", score=None)
+    ls["annotations"] = [{"result": ls.pop("predictions")[0]["result"]}]
+    ls["annotations"][0]["result"][0].update(original_width=100_000, original_height=100_000)
+    (item,) = label_studio.read_export(json.dumps([ls]).encode(), "x.json")
+    assert (item.width, item.height) == (100_000, 100_000)
+    with pytest.raises(DecodeError, match="but 100000x100000 RGBA has"):  # the header is checked, nothing allocated
+        item.decode()
+    (item,) = coco.read_export(_coco_file([{"id": 1, "file_name": "a.jpg", "width": 100_000, "height": 100_000}], [],
+                                          [{"id": 1, "name": "cat"}]), "i.json")
+    assert (item.width, item.height) == (100_000, 100_000)
+    png = io.BytesIO()
+    Image.new("P", (12_000, 12_000)).save(png, "PNG")
+    (item,) = cvat.read_export(_zip({"labelmap.txt": CVAT_LABELMAP.encode(), "SegmentationClass/a.png": png.getvalue()}),
+                               "t.zip")
+    assert (item.width, item.height) == (12_000, 12_000)
+
+
+@pytest.mark.parametrize("polygon", [[[1e300, 1e300, -1e300, 5, 6, 7]], [[1, 2]], [[1, 2, 3]], [], None, "x",
+                                     [[0, 0, 1, 0, float("nan"), 1]]])
+def test_a_polygon_pycocotools_would_choke_on_is_one_problem(polygon):
+    data = _coco_file([{"id": 1, "file_name": "a.jpg", "width": 12, "height": 10}],
+                      [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": polygon}], [{"id": 1, "name": "cat"}])
+    (item,) = coco.read_export(json.dumps(json.loads(data), allow_nan=True).encode(), "i.json")
+    assert isinstance(item, Problem) and "segmentation is neither RLE nor polygons" in item.line()
+
+
+def test_two_classes_of_one_colour_are_refused():
+    with pytest.raises(cvat.CvatExportError, match="'b' has the colour 1,2,3 of 'a'"):
+        cvat.parse_labelmap("a:1,2,3::\nb:1,2,3::\n", "labelmap.txt")
 
 
 def test_cvat_zip_without_labelmap_is_refused_in_one_line():
@@ -187,12 +223,12 @@ def test_cvat_writer_s_zip_reads_back_as_written(tmp_path):
         colours = np.asarray(Image.open(io.BytesIO(z.read("SegmentationClass/x/y.png"))).convert("RGB"))
     assert np.array_equal(colours[label == 1], np.tile([128, 0, 0], ((label == 1).sum(), 1)))
     (item,) = cvat.read_export((tmp_path / "a.zip").read_bytes(), "a.zip")
-    assert np.array_equal(item.regions, label)
+    assert np.array_equal(item.decode(), label)
 
 
 @pytest.mark.parametrize("task", [None, "x", 3, {"data": None}, {"data": "x"}, {"data": {"image": "a.jpg"}, "annotations": "x"},
                                   {"data": {"image": "a.jpg"}, "annotations": [{"result": [{"type": "brushlabels", "value": "x"}]}]},
-                                  {"data": {"image": "a.jpg"}, "annotations": [None]}])
+                                  {"data": {"image": "a.jpg"}, "annotations": [{"result": "x"}]}])
 def test_a_malformed_label_studio_task_is_one_problem_and_the_next_task_imports(task):
     good = label_studio.task("b.jpg", "b", np.zeros((2, 3), np.uint8), ["bg"], model_id="m", run_id="r", score=None)
     good["annotations"] = [{"result": good.pop("predictions")[0]["result"]}]

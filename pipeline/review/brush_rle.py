@@ -71,8 +71,9 @@ def _bits(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
     return ((codes[owner] >> shift) & np.uint64(1)).astype(np.uint8)
 
 
-def decode(rle) -> np.ndarray:
-    """Brush RLE byte values -> the flat uint8 array it codes (RGBA bytes for an image)."""
+def decode(rle, expected: int | None = None) -> np.ndarray:
+    """Brush RLE byte values -> the flat uint8 array it codes (RGBA bytes for an image). With `expected`, a
+    stream whose header codes another count is refused before anything is allocated."""
     try:
         data = bytes(rle)
     except (TypeError, ValueError):
@@ -89,6 +90,8 @@ def decode(rle) -> np.ndarray:
         return int(bits[pos - size:pos], 2) if size else 0
 
     num = read(32)
+    if expected is not None and num != expected:
+        raise BrushRLEError(f"brush RLE codes {num} values, but the region's size has {expected}")
     word = read(5) + 1
     sizes = [read(4) + 1 for _ in range(4)]
     out = np.zeros(num, np.uint8)
@@ -110,7 +113,8 @@ def decode(rle) -> np.ndarray:
 def decode_mask(rle, width: int, height: int) -> np.ndarray:
     """A brushlabels region's RLE -> its (height, width) bool mask (the alpha channel); BrushRLEError when the
     stream codes another number of values than width x height x 4."""
-    flat = decode(rle)
-    if len(flat) != width * height * 4:
-        raise BrushRLEError(f"brush RLE codes {len(flat)} values, but {width}x{height} RGBA has {width * height * 4}")
+    try:
+        flat = decode(rle, width * height * 4)
+    except BrushRLEError as e:
+        raise BrushRLEError(str(e).replace("the region's size has", f"{width}x{height} RGBA has")) from None
     return flat.reshape(height, width, 4)[:, :, 3] > 127

@@ -11,6 +11,7 @@ overlap the later one wins; pixels in none import as void (255).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -19,9 +20,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import JobError
-from .package import Problem, Reviewed
+from .package import DecodeError, Problem, Reviewed
 
 INSTANCES = "instances.json"
+MAX_SIDE = 1 << 20  # a declared width or height beyond this is not an image
 
 
 class CocoExportError(JobError):
@@ -83,8 +85,6 @@ class CocoWriter:
 def read_export(data: bytes, where: str) -> Iterator[Reviewed | Problem]:
     """Each image of an instances JSON as a Reviewed image (`image` its coco_url, else its file_name), or a
     Problem."""
-    from pycocotools import mask as coco_mask
-
     try:
         coco = json.loads(data)
         categories = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
@@ -107,32 +107,70 @@ def read_export(data: bytes, where: str) -> Iterator[Reviewed | Problem]:
             continue
         here = f"{where} image {image.get('id')} ({image.get('file_name')})"
         try:
-            height, width = int(image["height"]), int(image["width"])
-            layers = []
-            for a in by_image.get(image["id"], []):
-                if a.get("category_id") not in categories:
-                    yield Problem(here, f"annotation {a.get('id')} has category {a.get('category_id')}, which "
-                                        "the file's categories do not list")
-                    break
-                seg = a["segmentation"]
-                if isinstance(seg, dict):
-                    size = [int(v) for v in seg.get("size", [])]
-                    if size != [height, width]:
-                        said = f"{size[1]}x{size[0]} " if len(size) == 2 else ""
-                        yield Problem(here, f"annotation {a.get('id')}'s RLE is {said}(size {size}), but the image "
-                                            f"is {width}x{height}")
-                        break
-                    rle = coco_mask.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else \
-                        {"size": size, "counts": seg["counts"].encode("ascii")}
-                else:  # polygons
-                    rle = coco_mask.merge(coco_mask.frPyObjects(seg, height, width))
-                layers.append((names.index(categories[a["category_id"]]), coco_mask.decode(rle).astype(bool)))
-            else:
-                regions = np.full((height, width), -1, np.int16)
-                for index, mask in layers:
-                    regions[mask] = index
-                ref = image.get("coco_url") or image.get("file_name")
-                name = os.path.splitext(str(image.get("file_name") or ref))[0]
-                yield Reviewed(name, ref, regions, names, here)
+            yield _image(image, by_image.get(image["id"], []), categories, names, here)
         except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
             yield Problem(here, f"cannot be read ({type(e).__name__}: {e})")
+
+
+def _side(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIDE:
+        raise ValueError(f"{what} {value!r} is not a whole number of pixels in 1..{MAX_SIDE}")
+    return value
+
+
+def _segmentation(seg, height: int, width: int, what: str):
+    """An annotation's segmentation as pycocotools' RLE input, checked first: pycocotools takes malformed polygons
+    with a bare Exception or, for huge coordinates, a segmentation fault."""
+    if isinstance(seg, dict):
+        size = seg.get("size")
+        if not isinstance(size, list) or [v for v in size if isinstance(v, int)] != [height, width]:
+            said = f"{size[1]}x{size[0]} " if isinstance(size, list) and len(size) == 2 else ""
+            raise ValueError(f"{what}'s RLE is {said}(size {size}), but the image is {width}x{height}")
+        counts = seg.get("counts")
+        if isinstance(counts, str):
+            return {"size": size, "counts": counts.encode("ascii")}
+        if isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) \
+                and sum(counts) == height * width:
+            return ("uncompressed", seg)
+        raise ValueError(f"{what}'s RLE counts are neither COCO's text nor {height * width} pixels of run lengths")
+    bound = 4 * max(height, width)
+    if not isinstance(seg, list) or not seg or not all(
+            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= bound
+                    for v in p) for p in seg):
+        raise ValueError(f"{what}'s segmentation is neither RLE nor polygons (lists of at least 3 x, y points within "
+                         f"the image's reach)")
+    return ("polygons", seg)
+
+
+def _image(image: dict, annotations: list[dict], categories: dict[int, str], names: list[str], here: str):
+    from pycocotools import mask as coco_mask
+
+    height, width = _side(image.get("height"), "height"), _side(image.get("width"), "width")
+    layers = []
+    for a in annotations:
+        what = f"annotation {a.get('id')}"
+        if a.get("category_id") not in categories:
+            return Problem(here, f"{what} has category {a.get('category_id')}, which the file's categories do not list")
+        layers.append((names.index(categories[a["category_id"]]), _segmentation(a.get("segmentation"), height, width, what)))
+    ref = image.get("coco_url") or image.get("file_name")
+    if not isinstance(ref, str) or not ref:
+        return Problem(here, "has neither a coco_url nor a file_name")
+    name = image.get("file_name") if isinstance(image.get("file_name"), str) and image.get("file_name") else ref
+
+    def decode() -> np.ndarray:
+        regions = np.full((height, width), -1, np.int16)
+        for index, seg in layers:
+            try:
+                if isinstance(seg, dict):
+                    rle = seg
+                elif seg[0] == "uncompressed":
+                    rle = coco_mask.frPyObjects(seg[1], height, width)
+                else:
+                    rle = coco_mask.merge(coco_mask.frPyObjects(seg[1], height, width))
+                regions[coco_mask.decode(rle).astype(bool)] = index
+            except Exception as e:  # noqa: BLE001 - pycocotools raises bare Exceptions: one image's problem
+                raise DecodeError(f"a mask of class {names[index]!r} does not decode ({type(e).__name__}: {e})") from None
+        return regions
+
+    return Reviewed(os.path.splitext(name)[0], ref, width, height, names, here, decode)

@@ -11,6 +11,7 @@ no class (void, 255).
 """
 from __future__ import annotations
 
+import functools
 import io
 import posixpath
 import zipfile
@@ -20,12 +21,13 @@ import numpy as np
 from PIL import Image
 
 from ..errors import JobError
-from .package import Problem, Reviewed, class_colours
+from .package import DecodeError, Problem, Reviewed, class_colours
 
 LABELMAP = "labelmap.txt"
 SPLIT_FILE = "ImageSets/Segmentation/default.txt"
 MASKS = "SegmentationClass"
 ZIP_NAME = "annotations.zip"
+MAX_TEXT = 16 << 20  # labelmap.txt and the image list: a zip member that unpacks to more is no CVAT export
 
 
 class CvatExportError(JobError):
@@ -75,6 +77,9 @@ def parse_labelmap(text: str, where: str) -> tuple[list[str], list[tuple[int, in
             rgb = ()
         if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
             raise CvatExportError(f"{where} line {number}: colour {colour!r} of {name!r} is not r,g,b")
+        if rgb in colours:
+            raise CvatExportError(f"{where} line {number}: {name.strip()!r} has the colour {colour} of "
+                                  f"{names[colours.index(rgb)]!r}: their pixels could not be told apart")
         names.append(name.strip())
         colours.append(rgb)
     if not names:
@@ -94,24 +99,20 @@ def read_export(data: bytes, where: str) -> Iterator[Reviewed | Problem]:
     if root is None:
         raise CvatExportError(f"{where} has no {LABELMAP}: export the task as 'Segmentation mask 1.1' (the zip's "
                               f"{LABELMAP} names each class's colour)")
-    try:
-        text = archive.read(members[posixpath.join(root, LABELMAP)]).decode("utf-8-sig")
-    except (UnicodeDecodeError, zipfile.BadZipFile, OSError) as e:
-        raise CvatExportError(f"{where}/{LABELMAP} cannot be read as text ({type(e).__name__}: {e})") from None
+    text = _text(archive, members[posixpath.join(root, LABELMAP)], f"{where}/{LABELMAP}")
     names, colours = parse_labelmap(text, f"{where}/{LABELMAP}")
     codes = np.array([(r << 16) | (g << 8) | b for r, g, b in colours], np.int64)
     order = np.argsort(codes, kind="stable")
     masks = posixpath.join(root, MASKS) if root else MASKS
     listed = posixpath.join(root, SPLIT_FILE) if root else SPLIT_FILE
     if listed in members:
-        try:
-            listed_text = archive.read(members[listed]).decode("utf-8-sig")
-        except (UnicodeDecodeError, zipfile.BadZipFile, OSError) as e:
-            raise CvatExportError(f"{where}/{SPLIT_FILE} cannot be read as text ({type(e).__name__}: {e})") from None
-        image_names = [n.strip() for n in listed_text.splitlines() if n.strip()]
+        image_names = [n.strip() for n in _text(archive, members[listed], f"{where}/{SPLIT_FILE}").splitlines() if n.strip()]
     else:
         image_names = sorted(posixpath.splitext(posixpath.relpath(m, masks))[0] for m in members
                              if m.startswith(masks + "/") and m.lower().endswith(".png"))
+    if not image_names:
+        raise CvatExportError(f"{where} holds no mask: {LABELMAP} is at '{root or '.'}', so its masks belong in "
+                              f"{masks}/ (Segmentation mask 1.1)")
     for name in image_names:
         member = posixpath.join(masks, f"{name}.png")
         here = f"{where}/{member}"
@@ -119,25 +120,42 @@ def read_export(data: bytes, where: str) -> Iterator[Reviewed | Problem]:
             yield Problem(here, f"image {name!r} is listed in {SPLIT_FILE} but has no mask")
             continue
         try:
-            rgb = np.asarray(Image.open(io.BytesIO(archive.read(members[member]))).convert("RGB"), np.int64)
+            with Image.open(io.BytesIO(archive.read(members[member]))) as header:  # the size, nothing decoded yet
+                width, height = header.size
         except Exception as e:  # noqa: BLE001 - one broken mask; the rest import
             yield Problem(here, f"mask cannot be read ({type(e).__name__}: {e})")
             continue
-        pixel = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-        sorted_codes = codes[order]
-        at = np.clip(np.searchsorted(sorted_codes, pixel), 0, len(codes) - 1)
-        known = sorted_codes[at] == pixel
-        if not known.all():
-            unknown = sorted({int(c) for c in np.unique(pixel[~known])[:4]})
-            said = ", ".join(f"{c >> 16},{(c >> 8) & 255},{c & 255}" for c in unknown)
-            black = pixel[~known] == 0
-            if black.all():  # unpainted, and labelmap.txt has no class at 0,0,0: void
-                regions = np.where(known, order[at], -1).astype(np.int16)
-                yield Reviewed(name, name, regions, names, here)
-                continue
-            yield Problem(here, f"colour(s) {said} are in no line of {LABELMAP}")
-            continue
-        yield Reviewed(name, name, order[at].astype(np.int16), names, here)
+        yield Reviewed(name, name, width, height, names, here,
+                       functools.partial(_decode, archive, members[member], codes, order))
+
+
+def _decode(archive: zipfile.ZipFile, member: str, codes: np.ndarray, order: np.ndarray) -> np.ndarray:
+    try:
+        rgb = np.asarray(Image.open(io.BytesIO(archive.read(member))).convert("RGB"), np.uint32)
+    except Exception as e:  # noqa: BLE001 - one broken mask; the rest import
+        raise DecodeError(f"mask cannot be read ({type(e).__name__}: {e})") from None
+    pixel = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    sorted_codes = codes[order]
+    at = np.clip(np.searchsorted(sorted_codes, pixel), 0, len(codes) - 1)
+    known = sorted_codes[at] == pixel
+    if known.all():
+        return order[at].astype(np.int16)
+    if (pixel[~known] == 0).all():  # unpainted, and labelmap.txt has no class at 0,0,0: void
+        return np.where(known, order[at], -1).astype(np.int16)
+    unknown = [int(c) for c in np.unique(pixel[~known])[:4]]
+    said = ", ".join(f"{c >> 16},{(c >> 8) & 255},{c & 255}" for c in unknown)
+    raise DecodeError(f"colour(s) {said} are in no line of {LABELMAP}")
+
+
+def _text(archive: zipfile.ZipFile, member: str, where: str) -> str:
+    """A small text member (labelmap.txt, the image list), refused when it unpacks to more than MAX_TEXT bytes."""
+    try:
+        if archive.getinfo(member).file_size > MAX_TEXT:
+            raise CvatExportError(f"{where} unpacks to {archive.getinfo(member).file_size:,} bytes: not a CVAT "
+                                  f"{posixpath.basename(where)} (at most {MAX_TEXT:,})")
+        return archive.read(member).decode("utf-8-sig")
+    except (UnicodeDecodeError, zipfile.BadZipFile, OSError) as e:
+        raise CvatExportError(f"{where} cannot be read as text ({type(e).__name__}: {e})") from None
 
 
 def _root(members: dict[str, str]) -> str | None:

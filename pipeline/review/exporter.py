@@ -66,6 +66,10 @@ def export_review(cfg: ExportConfig) -> dict:
     to = Location.writable(cfg.to)
     if to.child(PROVENANCE).exists() and not cfg.overwrite:
         raise JobError(f"{to.uri} already holds a review package ({PROVENANCE}): choose another --to, or --overwrite")
+    if cfg.overwrite:  # export.json first (a package without it is visibly incomplete), then every format's files
+        for name in (PROVENANCE, ZIP_NAME, TASKS, CONFIG, INSTANCES):
+            if to.child(name).exists():
+                to.child(name).remove()
     rows = choose(output, cfg.selection)
     if not rows:
         raise SelectionError(f"the selection ({cfg.selection.describe()}) matches no labels row under {output.uri}")

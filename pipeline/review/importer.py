@@ -11,9 +11,12 @@ imported. The images stay where they are: the manifest names them.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import posixpath
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,7 +31,7 @@ from ..errors import JobError, one_line
 from ..storage import Location
 from ..synthetic import encode_mask, split_ids
 from . import coco, cvat, label_studio
-from .package import FORMATS, PROVENANCE, Problem, Reviewed
+from .package import FORMATS, PROVENANCE, DecodeError, Problem, Reviewed
 
 MANIFEST = "manifest.csv"
 MASKS = "SegmentationClass"
@@ -84,7 +87,9 @@ class ImageLookup:
                 self.by_name[posixpath.splitext(rel)[0]] = info.uri
                 self.by_name[rel] = info.uri
 
-    def resolve(self, ref: str | None, name: str) -> str | None:
+    def resolve(self, ref, name) -> str | None:
+        ref = ref if isinstance(ref, str) else None
+        name = name if isinstance(name, str) else None
         for key in (name, ref):
             if key and key in self.by_name:
                 return self.by_name[key]
@@ -96,8 +101,13 @@ class ImageLookup:
 
 
 def image_size(uri: str) -> tuple[int, int]:
-    """(width, height) from the image's header (one small read); FileNotFoundError when it is not there."""
+    """(width, height) from the image's header (one small read); FileNotFoundError when it is not there. A local
+    path must be a regular file (a FIFO would block the read for ever)."""
     location = Location.of(uri)
+    if location.is_local:
+        mode = os.stat(location.path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError("not a regular file")
     with location.fs.open(location.path, "rb", block_size=1 << 16) as f:
         with Image.open(f) as image:
             return image.size
@@ -117,12 +127,18 @@ def import_review(cfg: ImportConfig, say: Callable[[str], None]) -> dict:
     source = Location.of(cfg.source)
     source.check_exists("export")
     to = Location.writable(cfg.to)
-    if to.child(MANIFEST).exists() and not cfg.overwrite:
-        raise JobError(f"{to.uri} already holds an imported dataset ({MANIFEST}): choose another --to, or --overwrite")
+    if to.child(MANIFEST).exists() or to.child(MASKS).exists():
+        if not cfg.overwrite:
+            raise JobError(f"{to.uri} already holds an imported dataset ({MANIFEST}): choose another --to, or --overwrite")
+        # The manifest first: a dataset that lost it is visibly incomplete, never old masks under a new manifest.
+        for old in (to.child(MANIFEST), to.child(REPORT), to.child(MASKS)):
+            if old.exists():
+                old.remove(recursive=True)
     lookup = ImageLookup(cfg.images_from)
     problems: list[str] = []
     unknown: dict[str, int] = {}
     rows: dict[str, dict] = {}
+    seen: set[str] = set()
     void = 0
 
     def refuse(line: str) -> None:
@@ -138,6 +154,9 @@ def import_review(cfg: ImportConfig, say: Callable[[str], None]) -> dict:
             refuse(f"{item.where}: image {item.image or item.name!r} is neither a URI nor a name "
                    f"{'in ' + lookup.source if lookup.source else 'known (pass --images-from the export package)'}")
             continue
+        if uri in seen:
+            refuse(f"{item.where}: image {uri} comes twice in the export; the first is imported")
+            continue
         try:
             width, height = image_size(uri)
         except FileNotFoundError:
@@ -146,21 +165,25 @@ def import_review(cfg: ImportConfig, say: Callable[[str], None]) -> dict:
         except Exception as e:  # noqa: BLE001 - one image; the rest import
             refuse(f"{item.where}: image {uri} cannot be read ({one_line(e)})")
             continue
-        if item.regions.shape != (height, width):
-            refuse(f"{item.where}: mask is {item.regions.shape[1]}x{item.regions.shape[0]}, but image {uri} is "
-                   f"{width}x{height}")
+        if (item.width, item.height) != (width, height):  # before decoding: a declared size costs nothing
+            refuse(f"{item.where}: mask is {item.width}x{item.height}, but image {uri} is {width}x{height}")
             continue
+        try:
+            regions = item.decode()
+        except DecodeError as e:
+            refuse(f"{item.where}: {e}")
+            continue
+        seen.add(uri)
         mask_id = safe_id(item.name)
-        if mask_id in rows:
-            refuse(f"{item.where}: image {item.name!r} comes twice in the export; the first is imported")
-            continue
+        if mask_id in rows:  # two names that spell one file name ("a b" and "a_b")
+            mask_id = f"{mask_id}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}"
         lut = np.full(len(item.names) + 1, VOID_LABEL, np.uint8)  # index -1 (no region) is the last entry
         for index, name in enumerate(item.names):
             if name in class_id:
                 lut[index] = class_id[name]
-            elif np.any(item.regions == index):
+            elif np.any(regions == index):
                 unknown[name] = unknown.get(name, 0) + 1
-        mask = lut[item.regions]
+        mask = lut[regions]
         void += int((mask == VOID_LABEL).sum())
         to.child(MASKS, f"{mask_id}.png").write_bytes(encode_mask(mask))
         rows[mask_id] = {"image": uri, "mask": f"{MASKS}/{mask_id}.png"}
@@ -168,7 +191,9 @@ def import_review(cfg: ImportConfig, say: Callable[[str], None]) -> dict:
         refuse(f"{source.uri}: class {name!r} is not one of the {len(class_names)} classes of {cfg.classes}: its "
                f"pixels in {count} mask(s) were imported as void ({VOID_LABEL})")
     if not rows:
-        raise JobError(f"nothing imported from {source.uri}: {len(problems)} problem(s), each on a line above")
+        raise JobError(f"nothing imported from {source.uri}: {len(problems)} problem(s), each on a line above"
+                       if problems else f"nothing imported from {source.uri}: it holds no reviewed image (no "
+                                        "annotation that was not cancelled)")
     train, val = split_ids(sorted(rows), cfg.seed, cfg.val_fraction)
     for ids, split in ((train, "train"), (val, "val")):
         for i in ids:

@@ -19,11 +19,12 @@ import numpy as np
 
 from ..errors import JobError
 from .brush_rle import BrushRLEError, decode_mask, encode_mask
-from .package import Problem, Reviewed, class_colours, compose, hex_colour
+from .package import DecodeError, Problem, Reviewed, class_colours, compose, hex_colour
 
 TASKS = "tasks.json"
 CONFIG = "label_config.xml"
 FROM_NAME, TO_NAME = "label", "image"
+MAX_SIDE = 1 << 20  # a declared width or height beyond this is not an image
 
 
 class LabelStudioExportError(JobError):
@@ -96,36 +97,56 @@ def read_export(data: bytes, where: str) -> Iterator[Reviewed | Problem]:
             yield found
 
 
+def _size(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIDE:
+        raise ValueError(f"{what} {value!r} is not a whole number of pixels in 1..{MAX_SIDE}")
+    return value
+
+
 def _task(item: dict, here: str) -> Reviewed | Problem | None:
-    image = item.get("data", {}).get(TO_NAME)
+    data = item.get("data")
+    image = data.get(TO_NAME) if isinstance(data, dict) else None
     if not isinstance(image, str) or not image:
         return Problem(here, f"task has no data.{TO_NAME}")
-    done = [a for a in item.get("annotations") or [] if not a.get("was_cancelled")]
+    annotations = item.get("annotations") or []
+    if not isinstance(annotations, list):
+        return Problem(here, "its annotations are not a list")
+    done = [a for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")]
     if not done:
         return None  # nobody reviewed it: neither imported nor a problem
-    annotation = max(done, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
+    annotation = max(done, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), str(a.get("id") or "")))
     names: list[str] = []
-    layers = []
+    regions = []  # (rle, class index): decoded only once the import has seen the image's own size
     size = None
     for region in annotation.get("result") or []:
-        if str(region.get("type", "")).lower() != "brushlabels":
+        if not isinstance(region, dict) or str(region.get("type", "")).lower() != "brushlabels":
             continue
         value = region["value"]
-        if value.get("format", "rle") != "rle" or "rle" not in value:
+        if value.get("format", "rle") != "rle" or not isinstance(value.get("rle"), list):
             return Problem(here, f"region {region.get('id')} is not brush RLE (format {value.get('format')!r})")
-        width, height = int(region["original_width"]), int(region["original_height"])
+        width = _size(region.get("original_width"), "original_width")
+        height = _size(region.get("original_height"), "original_height")
         if size is not None and size != (width, height):
             return Problem(here, f"its regions disagree on the image size ({size[0]}x{size[1]} and {width}x{height})")
         size = (width, height)
-        try:
-            mask = decode_mask(value["rle"], width, height)
-        except BrushRLEError as e:
-            return Problem(here, f"region {region.get('id')}: {e}")
-        for label in value.get("brushlabels") or []:
+        labels = value.get("brushlabels")
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            return Problem(here, f"region {region.get('id')}'s brushlabels {labels!r} is not a list of class names")
+        for label in labels:
             if label not in names:
                 names.append(label)
-            layers.append((names.index(label), mask))
+            regions.append((value["rle"], names.index(label), region.get("id")))
     if size is None:
         return Problem(here, "its annotation has no brushlabels region")
-    name = item.get("data", {}).get("name") or image
-    return Reviewed(str(name), image, compose(size[1], size[0], layers), names, here)
+    name = data.get("name") if isinstance(data.get("name"), str) and data.get("name") else image
+
+    def decode() -> np.ndarray:
+        layers = []
+        for rle, index, region_id in regions:
+            try:
+                layers.append((index, decode_mask(rle, size[0], size[1])))
+            except BrushRLEError as e:
+                raise DecodeError(f"region {region_id}: {e}") from None
+        return compose(size[1], size[0], layers)
+
+    return Reviewed(name, image, size[0], size[1], names, here, decode)

@@ -7,6 +7,7 @@ image's name and URI) beside the format's own files (docs/review.md).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,16 +27,24 @@ def hex_colour(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
+class DecodeError(ValueError):
+    """A reviewed image's mask that cannot be decoded (its message is the refused line's)."""
+
+
 @dataclass
 class Reviewed:
-    """One image as the annotators left it: `regions` (H, W) int16 of indices into `names` (-1: no region, which
-    imports as void), the image's reference as the export gives it (a URI, or a name to look up), and where in
-    the export it came from (for messages)."""
+    """One image as the annotators left it, not yet decoded: the image's reference as the export gives it (a URI,
+    or a name to look up), the size its masks declare, the class names its regions use, and where in the export it
+    came from (for messages). `decode()` gives (H, W) int16 indices into `names` (-1: no region, which imports as
+    void) or raises DecodeError; the import calls it only once the declared size is the image's, so a file that
+    declares a huge mask costs nothing."""
     name: str
     image: str | None
-    regions: np.ndarray
+    width: int
+    height: int
     names: list[str]
     where: str
+    decode: Callable[[], np.ndarray]
 
 
 @dataclass

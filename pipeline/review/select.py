@@ -78,7 +78,7 @@ def _small(output: Location, path: str) -> pa.Table:
 
 def choose(output: Location, selection: Selection) -> list[dict]:
     """The chosen rows' small columns (image_uri, run_id, file, ...): least confident first with K, otherwise by
-    image URI."""
+    image URI. Only an image's newest row in scope counts: a row that matches but has a newer one is left out."""
     files = list_table_files(output, "labels")
     if selection.run_date:
         files = [p for p in files if _run_date_of(p) == selection.run_date]
@@ -86,44 +86,86 @@ def choose(output: Location, selection: Selection) -> list[dict]:
             raise SelectionError(f"no labels for run date {selection.run_date} under {output.uri}")
     if not files:
         raise SelectionError(f"no labels under {output.uri}: label a night first (jobs/label.py)")
-    picked: list[pa.Table] = []
-    wanted = pa.array(sorted(set(selection.images)), pa.string()) if selection.images else None
     k = selection.least_confident
+    per_file = k
+    while True:
+        candidates, pruned = _candidates(output, files, selection, per_file)
+        newest = _newest_rows(output, files, candidates)
+        if k is None:
+            return [newest[uri] for uri in sorted(newest)]
+        chosen = sorted(newest.values(), key=lambda r: (r["mean_confidence"], r["image_uri"]))
+        if len(chosen) >= k or not pruned:
+            return chosen[:k]
+        per_file *= 4  # stale rows took places among each file's K least confident: look deeper
+
+
+def _candidates(output: Location, files: list[str], selection: Selection, per_file: int | None) -> tuple[list[dict], bool]:
+    """The rows that match, each file's `per_file` least confident of them with K; and whether a file had more."""
+    picked: list[pa.Table] = []
+    pruned = False
+    wanted = pa.array(sorted(set(selection.images)), pa.string()) if selection.images else None
     for path in files:
         small = _small(output, path)
         if wanted is not None:
             small = small.filter(pc.is_in(small["image_uri"], value_set=wanted))
         if selection.where is not None and small.num_rows:
             small = _where(small, selection.where)
-        if k is not None:  # each file's K least confident: memory stays K rows per file
+        if per_file is not None:  # each file's K least confident: memory stays K rows per file
             small = small.filter(pc.is_valid(small["mean_confidence"]))
-            small = small.take(pc.select_k_unstable(small, min(k, small.num_rows), [("mean_confidence", "ascending")]))
+            pruned = pruned or small.num_rows > per_file
+            small = small.take(pc.select_k_unstable(small, min(per_file, small.num_rows), [("mean_confidence", "ascending")]))
         if small.num_rows:
             picked.append(small)
-    if not picked:
-        return []
-    newest: dict[str, dict] = {}  # one row per image: its newest night, then its newest labeling
-    for row in pa.concat_tables(picked, promote_options="permissive").to_pylist():
-        seen = newest.get(row["image_uri"])
-        if seen is None or (row["run_date"], row["labeled_at"]) > (seen["run_date"], seen["labeled_at"]):
-            newest[row["image_uri"]] = row
-    if k is None:
-        return [newest[uri] for uri in sorted(newest)]
-    return sorted(newest.values(), key=lambda r: (r["mean_confidence"], r["image_uri"]))[:k]
+    rows = pa.concat_tables(picked, promote_options="permissive").to_pylist() if picked else []
+    return rows, pruned
+
+
+def _newest_rows(output: Location, files: list[str], candidates: list[dict]) -> dict[str, dict]:
+    """image URI -> its candidate row, for the candidates that are their image's newest row in `files` (newest
+    night, then newest labeled_at): one more pass over the files' image_uri and labeled_at, for these images only."""
+    if not candidates:
+        return {}
+    uris = pa.array(sorted({r["image_uri"] for r in candidates}), pa.string())
+    latest: dict[str, tuple] = {}
+    for path in files:
+        t = pads.dataset([path], format="parquet", filesystem=output.fs).to_table(
+            columns=["image_uri", "labeled_at"], filter=pc.field("image_uri").isin(uris))
+        night = _run_date_of(path)
+        for uri, at in zip(t["image_uri"].to_pylist(), t["labeled_at"].to_pylist(), strict=True):
+            key = _age(night, at)
+            if uri not in latest or key > latest[uri]:
+                latest[uri] = key
+    return {r["image_uri"]: r for r in candidates if _age(r["run_date"], r["labeled_at"]) == latest[r["image_uri"]]}
+
+
+def _age(run_date: str, labeled_at) -> tuple[str, float]:
+    """How new a row is: its night, then when it was labeled (a file from before labeled_at counts as oldest)."""
+    return run_date, labeled_at.timestamp() if labeled_at is not None else float("-inf")
 
 
 def _where(small: pa.Table, where: str) -> pa.Table:
+    """The rows of one file's small columns that match the condition. It is one SQL condition and nothing else:
+    one statement, on a connection that can reach no file or network and whose settings are locked."""
     import duckdb
 
-    con = duckdb.connect()
-    con.register("labels", small)
+    query = f"SELECT * FROM labels WHERE ({where})"
+    hint = f"it may use {', '.join(SMALL_COLUMNS)}, run_date"
     try:
-        return con.sql(f"SELECT * FROM labels WHERE {where}").to_arrow_table()
+        if len(duckdb.extract_statements(query)) != 1:
+            raise SelectionError(f"--where {where!r} is more than one condition (a ';'): give one SQL condition; {hint}")
     except duckdb.Error as e:
-        raise SelectionError(f"--where {where!r} does not run over labels ({one_line(e)}); it may use "
-                             f"{', '.join(SMALL_COLUMNS)}, run_date") from None
+        raise SelectionError(f"--where {where!r} is not an SQL condition ({one_line(e)}); {hint}") from None
+    con = duckdb.connect()
+    try:
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+        con.register("labels", small)
+        found = con.sql(query).to_arrow_table()
+    except duckdb.Error as e:
+        raise SelectionError(f"--where {where!r} does not run over labels ({one_line(e)}); {hint}") from None
     finally:
         con.close()
+    return found
 
 
 def read_chosen(output: Location, rows: list[dict]) -> Iterator[Chosen]:

@@ -29,6 +29,10 @@ NIGHTS = ("2026-12-01", "2026-12-02", "2026-12-03", "2026-12-04", "2026-12-05", 
 SHIFT = {3: "grey", 4: "noise"}
 GREY, NOISE, BROKEN = 3, 4, 5
 DRIFT_OVER, LOW_SHARE_DOUBLED = 0.1, 2.0  # k8s/monitoring/prometheus-rules.yaml's thresholds
+# This tiny model is sure of itself even on noise: at the default 0.5, one training run made every noise image a
+# low-confidence image and another none (measured: noise pixels below 0.9 are 74-86 % of an image, ordinary ones
+# 6-28 %, so at 0.9 the share is 100 % against 0 %). docs/labeling.md: set it from a night you trust.
+LOW_CONFIDENCE = "0.9"
 
 
 def _night_images(root: str, k: int) -> str:
@@ -53,9 +57,11 @@ def drill(ray_module, tmp_path_factory) -> dict:
     from tests.jobs_util import load_job
 
     tmp = str(tmp_path_factory.mktemp("drill"))
-    data, canary = f"{tmp}/syn", f"{tmp}/canary"
+    # The canary is the training run's own validation split (120 images): the checkpoint's recorded mean IU is its
+    # score there, so the default minimum (that minus 0.05) leaves the whole margin. A canary of 30 other images
+    # scored 0.04 under or 0.05 over validation, run to run: a pass by 0.007 once.
+    data = canary = f"{tmp}/syn"
     synthesize_voc(data, 600, size=(64, 48), seed=1)
-    synthesize_voc(canary, 60, size=(64, 48), seed=7, val_fraction=0.5)
     import contextlib
     import io
 
@@ -74,7 +80,8 @@ def drill(ray_module, tmp_path_factory) -> dict:
         images = _night_images(tmp, k)
         ck = broken if k == BROKEN else trained["best_checkpoint"]
         runs.append(run_label_job(["--images", images, "--checkpoint", ck, "--output", output, "--run-date", night,
-                                   "--canary", canary, *FAST_FLAGS, "--max-side", "64"]))  # native size, as trained
+                                   "--canary", canary, *FAST_FLAGS, "--max-side", "64",  # native size, as trained
+                                   "--low-confidence", LOW_CONFIDENCE]))
     summaries = [json.loads(r[1].strip().splitlines()[-1]) for r in runs]
     for night, s in zip(NIGHTS, summaries, strict=True):  # shown with -s: the figures the thresholds are set from
         canary = {k: (s.get("canary") or {}).get(k) for k in ("mean_iou", "min_iou", "min_iou_source", "passed")}

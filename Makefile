@@ -25,7 +25,7 @@ test: venv lint
 	PYTHONFAULTHANDLER=1 $(PY) -m pytest -m "not spark and not slow" $(PYTEST_ARGS)
 
 # The scenarios of half a minute or more on a Ray of their own (Ray clusters, the GPU check's rehearsal, a full disk,
-# a deleted bucket, the drift drill, the demo's review loop; ~17 minutes on 2 cores): out of `make test` to keep it under 15 minutes; CI (.ci/run) runs both.
+# a deleted bucket, the drift drill, the demo's review loop; ~13 minutes on 2 cores): out of `make test` to keep it under 15 minutes; CI (.ci/run) runs both.
 test-slow: venv
 	PYTHONFAULTHANDLER=1 $(PY) -m pytest -m slow $(PYTEST_ARGS)
 

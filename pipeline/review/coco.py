@@ -20,10 +20,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import JobError
-from .package import DecodeError, Problem, Reviewed
+from .package import DecodeError, Problem, Reviewed, compose, declared_side
 
 INSTANCES = "instances.json"
-MAX_SIDE = 1 << 20  # a declared width or height beyond this is not an image
 
 
 class CocoExportError(JobError):
@@ -112,12 +111,6 @@ def read_export(data: bytes, where: str) -> Iterator[Reviewed | Problem]:
             yield Problem(here, f"cannot be read ({type(e).__name__}: {e})")
 
 
-def _side(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIDE:
-        raise ValueError(f"{what} {value!r} is not a whole number of pixels in 1..{MAX_SIDE}")
-    return value
-
-
 def _segmentation(seg, height: int, width: int, what: str):
     """An annotation's segmentation as pycocotools' RLE input, checked first: pycocotools takes malformed polygons
     with a bare Exception or, for huge coordinates, a segmentation fault."""
@@ -146,7 +139,7 @@ def _segmentation(seg, height: int, width: int, what: str):
 def _image(image: dict, annotations: list[dict], categories: dict[int, str], names: list[str], here: str):
     from pycocotools import mask as coco_mask
 
-    height, width = _side(image.get("height"), "height"), _side(image.get("width"), "width")
+    height, width = declared_side(image.get("height"), "height"), declared_side(image.get("width"), "width")
     layers = []
     for a in annotations:
         what = f"annotation {a.get('id')}"
@@ -158,19 +151,19 @@ def _image(image: dict, annotations: list[dict], categories: dict[int, str], nam
         return Problem(here, "has neither a coco_url nor a file_name")
     name = image.get("file_name") if isinstance(image.get("file_name"), str) and image.get("file_name") else ref
 
+    def mask(index: int, seg) -> np.ndarray:
+        try:
+            if isinstance(seg, dict):
+                rle = seg
+            elif seg[0] == "uncompressed":
+                rle = coco_mask.frPyObjects(seg[1], height, width)
+            else:
+                rle = coco_mask.merge(coco_mask.frPyObjects(seg[1], height, width))
+            return coco_mask.decode(rle).astype(bool)
+        except Exception as e:  # noqa: BLE001 - pycocotools raises bare Exceptions: one image's problem
+            raise DecodeError(f"a mask of class {names[index]!r} does not decode ({type(e).__name__}: {e})") from None
+
     def decode() -> np.ndarray:
-        regions = np.full((height, width), -1, np.int16)
-        for index, seg in layers:
-            try:
-                if isinstance(seg, dict):
-                    rle = seg
-                elif seg[0] == "uncompressed":
-                    rle = coco_mask.frPyObjects(seg[1], height, width)
-                else:
-                    rle = coco_mask.merge(coco_mask.frPyObjects(seg[1], height, width))
-                regions[coco_mask.decode(rle).astype(bool)] = index
-            except Exception as e:  # noqa: BLE001 - pycocotools raises bare Exceptions: one image's problem
-                raise DecodeError(f"a mask of class {names[index]!r} does not decode ({type(e).__name__}: {e})") from None
-        return regions
+        return compose(height, width, ((index, mask(index, seg)) for index, seg in layers))
 
     return Reviewed(os.path.splitext(name)[0], ref, width, height, names, here, decode)

@@ -12,7 +12,6 @@ imported. The images stay where they are: the manifest names them.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import posixpath
@@ -212,8 +211,3 @@ def import_review(cfg: ImportConfig, say: Callable[[str], None]) -> dict:
 
 def _csv(value: str) -> str:
     return '"' + value.replace('"', '""') + '"' if any(c in value for c in ',"\n') else value
-
-
-def mask_of(dataset: Location, row: dict) -> np.ndarray:
-    """An imported mask back as class ids (tests, tools)."""
-    return np.asarray(Image.open(io.BytesIO(dataset.child(row["mask"]).read_bytes())))

@@ -19,12 +19,11 @@ import numpy as np
 
 from ..errors import JobError
 from .brush_rle import BrushRLEError, decode_mask, encode_mask
-from .package import DecodeError, Problem, Reviewed, class_colours, compose, hex_colour
+from .package import DecodeError, Problem, Reviewed, class_colours, compose, declared_side, hex_colour
 
 TASKS = "tasks.json"
 CONFIG = "label_config.xml"
 FROM_NAME, TO_NAME = "label", "image"
-MAX_SIDE = 1 << 20  # a declared width or height beyond this is not an image
 
 
 class LabelStudioExportError(JobError):
@@ -97,12 +96,6 @@ def read_export(data: bytes, where: str) -> Iterator[Reviewed | Problem]:
             yield found
 
 
-def _size(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIDE:
-        raise ValueError(f"{what} {value!r} is not a whole number of pixels in 1..{MAX_SIDE}")
-    return value
-
-
 def _task(item: dict, here: str) -> Reviewed | Problem | None:
     data = item.get("data")
     image = data.get(TO_NAME) if isinstance(data, dict) else None
@@ -124,8 +117,8 @@ def _task(item: dict, here: str) -> Reviewed | Problem | None:
         value = region["value"]
         if value.get("format", "rle") != "rle" or not isinstance(value.get("rle"), list):
             return Problem(here, f"region {region.get('id')} is not brush RLE (format {value.get('format')!r})")
-        width = _size(region.get("original_width"), "original_width")
-        height = _size(region.get("original_height"), "original_height")
+        width = declared_side(region.get("original_width"), "original_width")
+        height = declared_side(region.get("original_height"), "original_height")
         if size is not None and size != (width, height):
             return Problem(here, f"its regions disagree on the image size ({size[0]}x{size[1]} and {width}x{height})")
         size = (width, height)

@@ -16,6 +16,7 @@ from models.voc import voc_palette
 
 PROVENANCE = "export.json"
 FORMATS = ("cvat", "label-studio", "coco")
+MAX_SIDE = 1 << 20  # a declared width or height beyond this is not an image
 
 
 def class_colours(n: int) -> list[tuple[int, int, int]]:
@@ -71,6 +72,13 @@ class Provenance:
         return json.dumps({"output": self.output, "format": self.format, "class_names": self.class_names,
                            "selection": self.selection, "runs": runs, "model_ids": models,
                            "count": len(self.images), "images": self.images}, indent=1)
+
+
+def declared_side(value, what: str) -> int:
+    """A width or height as an export declares it: a whole number of pixels in 1..MAX_SIDE, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIDE:
+        raise ValueError(f"{what} {value!r} is not a whole number of pixels in 1..{MAX_SIDE}")
+    return value
 
 
 def compose(height: int, width: int, layers) -> np.ndarray:

@@ -20,7 +20,7 @@ import pyarrow.dataset as pads
 from ..errors import JobError, one_line
 from ..label.codec import decode_label_map
 from ..label.readers import list_table_files
-from ..label.tables import SCHEMAS
+from ..label.tables import SCHEMAS, UNCERTAINTY
 from ..storage import Location
 
 # Every labels column but the label map, plus the partition's run_date: what --where may use.
@@ -66,9 +66,9 @@ def _run_date_of(path: str) -> str:
 
 
 def _small(output: Location, path: str) -> pa.Table:
-    table = pads.dataset([path], format="parquet", filesystem=output.fs).to_table(
-        columns=[c for c in SMALL_COLUMNS if c in pads.dataset([path], format="parquet", filesystem=output.fs).schema.names])
-    for name in ("mean_confidence", "mean_margin", "low_confidence_fraction"):  # files older than the columns
+    ds = pads.dataset([path], format="parquet", filesystem=output.fs)
+    table = ds.to_table(columns=[c for c in SMALL_COLUMNS if c in ds.schema.names])
+    for name in UNCERTAINTY:  # files older than the columns
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, pa.float64()))
     n = table.num_rows

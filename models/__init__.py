@@ -13,7 +13,7 @@ _EXPORTS = {
                    "from_shippable", "load_checkpoint", "load_checkpoint_bytes", "read_checkpoint_payload", "save_checkpoint",
                    "shippable"],
     "convention": ["CAFFE", "TORCHVISION", "InputConvention"],
-    "layers": ["PADDINGS", "ModelConfigError", "is_bilinear", "upsamplers"],
+    "layers": ["PADDINGS", "ModelConfigError", "is_bilinear", "output_knots", "upsamplers"],
     "surgery": ["BackboneError", "init_backbone", "init_from_stage", "vgg16_to_fcn"],
     "voc": ["MAX_CLASSES", "VOC_CLASSES", "VOID_LABEL", "flat_palette", "voc_palette"],
 }

@@ -25,6 +25,10 @@ class FCN16s(VGG16Trunk):
         self.upscore2 = upsampler(num_classes, 2)
         self.upscore16 = upsampler(num_classes, 16)
 
+    def final_upsampling(self) -> tuple[str, int]:
+        """The last upsampler's name and the crop of its output (layers.output_knots)."""
+        return "upscore16", REFERENCE_CROP if self.padding == "reference" else same_crop(16)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, pool4, h = self.trunk(x)
         fp32, (h, pool4) = fp32_head(h, pool4)

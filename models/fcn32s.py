@@ -23,6 +23,10 @@ class FCN32s(VGG16Trunk):
         self.upscore = upsampler(num_classes, 32)
         self.crop = REFERENCE_CROP if padding == "reference" else same_crop(32)
 
+    def final_upsampling(self) -> tuple[str, int]:
+        """The last upsampler's name and the crop of its output (layers.output_knots)."""
+        return "upscore", self.crop
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h = self.trunk(x)
         fp32, (h,) = fp32_head(h)

@@ -31,6 +31,10 @@ class FCN8s(VGG16Trunk):
         self.upscore_pool4 = upsampler(num_classes, 2)
         self.upscore8 = upsampler(num_classes, 8)
 
+    def final_upsampling(self) -> tuple[str, int]:
+        """The last upsampler's name and the crop of its output (layers.output_knots)."""
+        return "upscore8", REFERENCE_CROP if self.padding == "reference" else same_crop(8)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pool3, pool4, h = self.trunk(x)
         fp32, (pool3, pool4, h) = fp32_head(pool3, pool4, h)

@@ -58,6 +58,22 @@ def upsamplers(model: nn.Module) -> dict[str, nn.ConvTranspose2d]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.ConvTranspose2d)}
 
 
+def output_knots(model: nn.Module) -> tuple[int, float] | None:
+    """(factor, phase) where the model's output is exactly a bilinear interpolation of a stride-`factor` map whose
+    cells sit at output pixels factor * k + phase (in its interior): the last upsampler holds the bilinear kernel
+    (size 2f, stride f: cell k's centre lands at f * k + f - 1/2, less the crop). None when it does not (learned
+    upsampling) or the model says nothing of its last upsampler. Tiled labeling samples these cells exactly."""
+    final = getattr(model, "final_upsampling", None)
+    if final is None:
+        return None
+    name, crop = final()
+    layer = getattr(model, name)
+    if not is_bilinear(layer):
+        return None
+    factor = layer.stride[0]
+    return factor, (factor - 0.5 - crop) % factor
+
+
 def is_bilinear(layer: nn.ConvTranspose2d) -> bool:
     """Whether the layer's weight is exactly (bit for bit) the reference bilinear kernel on the class diagonal,
     as in published weights and in checkpoints trained with frozen upsampling."""

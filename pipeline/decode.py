@@ -43,7 +43,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if w < 1 or h < 1:
         raise DecodeError(f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
-        raise DecodeError(f"image is {w}x{h} ({w * h / 1e6:.1f} MP), over the {max_pixels / 1e6:.1f} MP limit")
+        raise DecodeError(f"image is {w}x{h} ({w * h / 1e6:.1f} MP), over the {max_pixels / 1e6:.1f} MP limit (--max-pixels)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -107,6 +107,15 @@ ROWS = [
     ("label", ["--rows-per-file", "0"], "--rows-per-file must be >= 1, got 0"),
     ("label", ["--max-side", "-1"], "--max-side must be >= 1"),
     ("label", ["--canvas-multiple", "0"], "--canvas-multiple must be in [1, 1024], got 0"),
+    # --tile (issue 34): a tile smaller than the model can take, off the canvas multiple, overlap outside [0, 0.9)
+    ("label", ["--tile", "32"], "--tile 32 is smaller than the model can take: at least 64 pixels"),
+    ("label", ["--tile", "0"], "--tile 0 is smaller than the model can take"),
+    ("label", ["--tile", "100"], "--tile 100 is not a multiple of the canvas multiple 32 (--canvas-multiple): try 128"),
+    ("label", ["--tile", "100", "--canvas-multiple", "4"], "--tile 100 is not a multiple of 8, the blending's score stride"),
+    ("label", ["--tile-overlap", "0.9"], _finite("--tile-overlap", "in [0, 0.9)", "0.9")),
+    ("label", ["--tile-overlap", "-0.1"], _finite("--tile-overlap", "in [0, 0.9)", "-0.1")),
+    ("label", ["--tile-overlap", "nan"], _finite("--tile-overlap", "in [0, 0.9)", "nan")),
+    ("label", ["--tile-blend", "median"], "argument --tile-blend: invalid choice: 'median'"),
     ("label", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     ("label", ["--batch-size", "1000000000"], "--batch-size must be in [1, 1024], got 1000000000"),  # slots
     ("label", ["--canvas-multiple", "100000"], "--canvas-multiple must be in [1, 1024], got 100000"),  # 30 GB canvases

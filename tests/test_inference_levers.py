@@ -219,13 +219,14 @@ def test_postprocess_checks_raw_label_sizes_column_wise():
         "stat_confidence_sum": pa.array([[1.0, 3.0], [4.5], []], f64),
         **{k: pa.array([[0, 1], [0], []], i32) for k in ("stat_x_min", "stat_y_min", "stat_x_max", "stat_y_max")},
         "mean_confidence": pa.array([0.7, 0.75, None]), "mean_margin": pa.array([0.4, 0.5, None]),
-        "low_confidence_fraction": pa.array([0.25, 0.0, None]),
+        "low_confidence_fraction": pa.array([0.25, 0.0, None]), "tiles": pa.array([0, 6, None], pa.int32()),
         "stage": pa.array([None, None, "decode"], pa.string()), "error": pa.array([None, None, "bad"], pa.string()),
         "actor": pa.array(["x"] * 3, pa.string()),
     })
     out = postprocess_stage(batch, encoding="raw").to_pylist()
     assert [(r["mean_confidence"], r["mean_margin"], r["low_confidence_fraction"]) for r in out] == [
         (0.7, 0.4, 0.25), (0.75, 0.5, 0.0), (None, None, None)]  # passed through as the actor computed them
+    assert [r["tiles"] for r in out] == [0, 6, None]
     assert out[0]["label_map"] == ok.tobytes() and out[0]["error"] is None
     assert out[0]["stat_pixel_fraction"] == [2 / 6, 4 / 6] and out[0]["stat_mean_confidence"] == [0.5, 0.75]
     assert (out[1]["stage"], out[1]["error"], out[1]["label_map"]) == ("postprocess", "label map has 5 bytes, expected 6", None)

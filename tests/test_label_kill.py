@@ -1,4 +1,5 @@
-"""kill -9 of the labeling job's driver in the middle of a run, then a rerun: every image exactly once."""
+"""kill -9 of the labeling job's driver in the middle of a run, then a rerun: every image exactly once, tiled
+(--tile) or whole."""
 from __future__ import annotations
 
 import glob
@@ -18,6 +19,7 @@ from tests.label_fixtures import FAST_FLAGS, decode_row, duckdb_connection, good
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_GOOD = 16
+TILE = 64
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -55,7 +57,9 @@ def _count(con, root, table, key):
 def test_driver_kill_9_mid_run_then_rerun_is_exactly_once(ray_session, tiny_checkpoint, tmp_path):
     ck_path, _ = tiny_checkpoint
     images, output = str(tmp_path / "imgs"), str(tmp_path / "out")
-    files = {f"p{i:02d}.png": good_image(i, 20 + i % 7, 24 + i % 5) for i in range(N_GOOD)}
+    # Every other image is larger than --tile: labeled at its own size in tiles (issue 34), exactly once too.
+    files = {f"p{i:02d}.png": good_image(i, 20 + i % 7, 24 + i % 5) if i % 2 else good_image(i, 70 + i, 90 + i % 5)
+             for i in range(N_GOOD)}
     files.update({"p03x_bad.jpg": b"", "p11x_bad.png": b"not an image"})
     write_files(images, files)
 
@@ -63,7 +67,7 @@ def test_driver_kill_9_mid_run_then_rerun_is_exactly_once(ray_session, tiny_chec
     env.pop("RAY_ADDRESS", None)
     # FAST_FLAGS: one inference actor, as in the rerun below (by default 2 CPUs got 2, each importing torch at start).
     cmd = [sys.executable, os.path.join(REPO, "jobs", "label.py"), "--images", images, "--checkpoint", ck_path,
-           "--output", output, "--rows-per-file", "2", *FAST_FLAGS]
+           "--output", output, "--rows-per-file", "2", "--tile", str(TILE), *FAST_FLAGS]
     child = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT)
     try:
@@ -89,7 +93,7 @@ def test_driver_kill_9_mid_run_then_rerun_is_exactly_once(ray_session, tiny_chec
 
     summary = label_images(LabelConfig(images=images, checkpoint=ck_path, output=output, rows_per_file=2,
                                        batch_size=1, max_side=48, progress=False, actors=1, threads_per_actor=1,
-                                       cpus_per_actor=1.0))
+                                       cpus_per_actor=1.0, tile=TILE))
     recovered = summary["recovered"]
     done_before = len(_count(con, output, "labels", "image_uri")) - summary["labelled"]
     assert summary["skipped"] == done_before >= len(before)
@@ -108,5 +112,6 @@ def test_driver_kill_9_mid_run_then_rerun_is_exactly_once(ray_session, tiny_chec
                                   "GROUP BY ALL").fetchall())
     for r in rows:
         assert pixel_sums[r["image_uri"]] == r["width"] * r["height"]
+        assert (r["tiles"] > 0) == (max(r["width"], r["height"]) > TILE)
         assert sorted(np.unique(decode_row(r)).tolist()) == r["classes_present"]
     assert not glob.glob(f"{output}/_staging/*") and not glob.glob(f"{output}/_commits/*")

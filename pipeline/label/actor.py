@@ -92,6 +92,7 @@ class BatchLabeler:
             "stat_x_min": list_column(per_class["x_min"], i32), "stat_y_min": list_column(per_class["y_min"], i32),
             "stat_x_max": list_column(per_class["x_max"], i32), "stat_y_max": list_column(per_class["y_max"], i32),
             **_uncertainty_columns(done),
+            "tiles": pa.array([None if p is None else p.tiles for p in done], pa.int32()),
             "stage": pa.array(stages, pa.string()), "error": pa.array(errors, pa.string()),
             "actor": pa.array([json.dumps(self.info, sort_keys=True)] * len(done), pa.string()),
         })

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .tiling import Tiling
+
 
 def target_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
     """(h, w) the model sees: the long side at most `max_side`, aspect ratio kept."""
@@ -37,11 +39,14 @@ class Prepared:
     width: int
 
 
-def preprocess(rgb: np.ndarray, max_side: int | None, canvas_multiple: int) -> Prepared:
-    """RGB uint8 (H, W, 3) -> canvas, as a function of the image alone (see the module docstring)."""
+def preprocess(rgb: np.ndarray, max_side: int | None, canvas_multiple: int, tiling: Tiling | None = None) -> Prepared:
+    """RGB uint8 (H, W, 3) -> canvas, as a function of the image alone (see the module docstring). An image that
+    `tiling` applies to keeps its own size: its "canvas" is the image itself, cut into tiles by the actor."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 (H, W, 3) array, got {rgb.dtype} {rgb.shape}")
     height, width = rgb.shape[:2]
+    if tiling is not None and tiling.applies(height, width):
+        return Prepared(np.ascontiguousarray(rgb), height, width, height, width)
     h, w = target_size(height, width, max_side)
     if (h, w) != (height, width):
         rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))

@@ -10,6 +10,7 @@ from ..decode import DEFAULT_MAX_PIXELS
 from ..errors import CPU_QUANTUM, UsageError, check_number
 from .codec import ENCODINGS
 from .inference_settings import InferenceSettings, check_settings
+from .tiling import DEFAULT_BLEND, DEFAULT_OVERLAP
 
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_CANVAS_MULTIPLE = 32
@@ -55,6 +56,10 @@ class LabelConfig:
     grouped_upsampling: bool = True
     cast_weights: bool = True
     low_confidence: float = 0.5           # max softmax probability below which a pixel counts as low-confidence
+    # Large images (pipeline.label.tiling): a long side over --tile is labeled at native resolution in tiles.
+    tile: int | None = None               # None: every image whole (shrunk to --max-side)
+    tile_overlap: float = DEFAULT_OVERLAP
+    tile_blend: str = DEFAULT_BLEND
     # The canary set (pipeline.label.canary): labeled and scored beside every run.
     canary: str | None = None             # VOC layout or manifest with masks
     canary_split: str = "val"
@@ -95,7 +100,8 @@ class LabelConfig:
         # batch size and the device that complete them (inference_settings below).
         check_settings(max_side=self.max_side, canvas_multiple=self.effective_canvas_multiple, batch_size=self.batch_size or 1,
                        cudnn=self.cudnn, compile=self.compile, reproducible=self.reproducible,
-                       low_confidence=self.low_confidence)
+                       low_confidence=self.low_confidence, tile=self.tile, tile_overlap=self.tile_overlap,
+                       tile_blend=self.tile_blend)
 
     @property
     def effective_canvas_multiple(self) -> int:
@@ -109,7 +115,8 @@ class LabelConfig:
         return InferenceSettings(max_side=self.max_side, canvas_multiple=self.effective_canvas_multiple,
                                  batch_size=batch_size, device=device, amp=self.amp, cast_weights=self.cast_weights,
                                  grouped_upsampling=self.grouped_upsampling, cudnn=self.cudnn, compile=self.compile,
-                                 reproducible=self.reproducible, low_confidence=self.low_confidence)
+                                 reproducible=self.reproducible, low_confidence=self.low_confidence,
+                                 tile=self.tile, tile_overlap=self.tile_overlap, tile_blend=self.tile_blend)
 
     @property
     def read_limit(self) -> int:

@@ -36,7 +36,7 @@ def labeled_rows(todo: ray.data.Dataset, listed_by: Location | None, *, checkpoi
                           num_cpus=plan.task_cpus, fn_kwargs={"listed_by": listed_by, "max_bytes": config.read_limit})
     ds = ds.map_batches(decode_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
                         fn_kwargs={"max_pixels": config.max_pixels, "max_side": config.max_side,
-                                   "canvas_multiple": settings.canvas_multiple})
+                                   "canvas_multiple": settings.canvas_multiple, "tiling": settings.tiling})
     # Postprocess: with raw label maps it is a few array operations, done by the inference actor at the end of
     # each batch; PNG encoding is real CPU work, kept off the (GPU) inference actors in its own small,
     # long-lived actors (tasks would start a worker process, torch import included, per call on small nodes).

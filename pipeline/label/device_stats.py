@@ -24,7 +24,8 @@ STATS = ("pixel_count", "confidence_sum", "x_min", "y_min", "x_max", "y_max", "m
 
 @torch.inference_mode()
 def labels_and_stats(scores: torch.Tensor, height: int, width: int, *, dense: bool,
-                     low_confidence: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+                     low_confidence: float = 0.5, stride: int | None = None,
+                     phase: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (n, C, h, w) of n images of one size -> label maps (n, height, width) uint8 and per-class
     statistics (n, C, len(STATS)) float64, on the logits' device, without a host synchronisation.
 
@@ -33,12 +34,16 @@ def labels_and_stats(scores: torch.Tensor, height: int, width: int, *, dense: bo
     alone. The statistics are deterministic: `dense` per-class reductions (no float atomics: the GPU's form),
     else bincounts (sequential sums: the CPU's, the cheaper form there). A pixel is low-confidence when its max
     softmax probability is below `low_confidence`.
+
+    `stride`: the logits are one value per stride x stride cell of the image (a tiled image's blended scores,
+    pipeline.label.blend), cell j at pixel stride * j + `phase`, possibly overhanging it: the upsampling scale is
+    exactly `stride`, not h / height.
     """
     n, c, h, w = scores.shape
     band_rows = max(1, min(height, BAND_ELEMENTS // max(1, c * width)))
     label = torch.empty((n, height, width), dtype=torch.uint8, device=scores.device)
     stats = (DenseStats if dense else BincountStats)(n, c, height, width, scores.device)
-    upsample = BandUpsampler(scores, height, width)
+    upsample = BandUpsampler(scores, height, width, stride, phase)
     for r0 in range(0, height, band_rows):
         r1 = min(height, r0 + band_rows)
         band = upsample(r0, r1)  # (n, C, r1 - r0, width)
@@ -53,10 +58,13 @@ def labels_and_stats(scores: torch.Tensor, height: int, width: int, *, dense: bo
     return label, stats.result()
 
 
-def _lerp_index(out_size: int, in_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source indices and weights of bilinear resampling with align_corners=False (PyTorch's convention), made
-    on the device (a host-built index would be a blocking copy)."""
-    src = (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * (in_size / out_size) - 0.5
+def _lerp_index(out_size: int, in_size: int, device: torch.device, scale: float,
+                phase: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices and weights of bilinear resampling with align_corners=False (PyTorch's convention) at
+    `scale` source pixels per output pixel, made on the device (a host-built index would be a blocking copy).
+    With `phase`, source cell j sits at output pixel j / scale + phase instead."""
+    out = torch.arange(out_size, dtype=torch.float64, device=device)
+    src = (out + 0.5) * scale - 0.5 if phase is None else (out - phase) * scale
     src = src.clamp(min=0)
     i0 = src.floor().long().clamp(max=in_size - 1)
     i1 = (i0 + 1).clamp(max=in_size - 1)
@@ -64,10 +72,9 @@ def _lerp_index(out_size: int, in_size: int, device: torch.device) -> tuple[torc
     return i0, i1, t
 
 
-def _source_rows(r0: int, r1: int, in_size: int, out_size: int) -> tuple[int, int]:
+def _source_rows(r0: int, r1: int, in_size: int, scale: float) -> tuple[int, int]:
     """Source rows [lo, hi) that output rows [r0, r1) interpolate from, with a row of margin on each side
     (host arithmetic: the exact indices live on the device)."""
-    scale = in_size / out_size
     lo = max(0, math.floor((r0 + 0.5) * scale - 0.5) - 1)
     hi = min(in_size, math.floor((r1 - 0.5) * scale - 0.5) + 3)
     return lo, hi
@@ -76,23 +83,32 @@ def _source_rows(r0: int, r1: int, in_size: int, out_size: int) -> tuple[int, in
 class BandUpsampler:
     """Rows r0..r1 of logits (n, C, h, w) bilinearly resized to (height, width), align_corners=False: across
     with F.interpolate on just the source rows the band needs, then down by a lerp between two of those rows.
-    Every band does the same arithmetic per pixel, so the band split changes no bit."""
+    Every band does the same arithmetic per pixel, so the band split changes no bit.
 
-    def __init__(self, scores: torch.Tensor, height: int, width: int):
-        self.scores, self.height, self.width = scores, height, width
+    With `stride`, logit j of each axis sits at pixel stride * j + phase (the grid may overhang the image), and
+    both directions lerp between two gathered source rows or columns at scale 1 / stride."""
+
+    def __init__(self, scores: torch.Tensor, height: int, width: int, stride: int | None = None, phase: float = 0.0):
+        self.scores, self.height, self.width, self.stride = scores, height, width, stride
         self.h, self.w = scores.shape[-2:]
-        if self.h != height:
-            self.yi0, self.yi1, self.yt = _lerp_index(height, self.h, scores.device)
+        self.scale = 1 / stride if stride else self.h / height
+        at = phase if stride else None
+        if self.h != height or stride:
+            self.yi0, self.yi1, self.yt = _lerp_index(height, self.h, scores.device, self.scale, at)
+        if stride:
+            self.xi0, self.xi1, self.xt = _lerp_index(width, self.w, scores.device, self.scale, at)
 
     def _across(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.stride:
+            return torch.lerp(rows.index_select(3, self.xi0), rows.index_select(3, self.xi1), self.xt.view(1, 1, 1, -1))
         if self.w == self.width:
             return rows
         return F.interpolate(rows, size=(rows.shape[2], self.width), mode="bilinear", align_corners=False)
 
     def __call__(self, r0: int, r1: int) -> torch.Tensor:
-        if self.h == self.height:
+        if self.h == self.height and not self.stride:
             return self._across(self.scores[:, :, r0:r1])
-        lo, hi = _source_rows(r0, r1, self.h, self.height)
+        lo, hi = _source_rows(r0, r1, self.h, self.scale)
         src = self._across(self.scores[:, :, lo:hi])
         a = src.index_select(2, self.yi0[r0:r1] - lo)
         b = src.index_select(2, self.yi1[r0:r1] - lo)

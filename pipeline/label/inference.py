@@ -35,15 +35,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import MAX_CLASSES, Checkpoint, InputConvention
+from models import MAX_CLASSES, Checkpoint, InputConvention, output_knots
 from models.fast_paths import cast_trunk, group_upsamplers
 
 from .. import faults
 from ..amp import autocast
 from ..batching import fixed_slot_batch, to_input
+from .blend import CELL_CENTRE, TileBlender, score_cells
 from .canvas import Prepared, preprocess
 from .device_stats import labels_and_stats
 from .inference_settings import COMPILE_SHAPE_LIMIT, InferenceSettings
+from .tiling import SCORE_STRIDE
 
 
 def resolve_device(device: str) -> torch.device:
@@ -80,6 +82,7 @@ class Prediction:
     y_max: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     margin_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float64: sum of top-1 minus top-2
     low_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # pixels below --low-confidence
+    tiles: int = 0                     # tiles it was labeled in (0: whole, as one canvas)
 
     @property
     def uncertainty(self) -> Uncertainty:
@@ -173,6 +176,10 @@ class Predictor:
             # cuDNN reads it once per process, at its first convolution (a static in ATen): a Predictor is made
             # before any (an actor makes its own first); a process that already ran one keeps the mode it started with.
             os.environ["TORCH_CUDNN_USE_HEURISTIC_MODE_B"] = "1"
+        # Where the output's bilinear pieces meet, on the blending's score grid (pipeline.label.blend); from the
+        # model as given, before the levers rewrite its upsamplers. None: sampled at the cells' centres.
+        knots = output_knots(model)
+        self.score_phase = None if knots is None else knots[1] % SCORE_STRIDE
         self.model, self.applied = self._prepare_model(model)
         self._compiled = None
         self.compile_seconds = 0.0
@@ -231,11 +238,13 @@ class Predictor:
 
     # --------------------------------------------------------------------------------- labels and stats
 
-    def labels_and_stats(self, scores: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def labels_and_stats(self, scores: torch.Tensor, height: int, width: int, stride: int | None = None,
+                         phase: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (n, C, h, w) of n images of one size -> label maps (n, height, width) uint8 and per-class
         statistics (n, C, len(device_stats.STATS)) float64, on the device (`device_stats.labels_and_stats`):
         dense reductions on CUDA, bincounts on the CPU."""
-        return labels_and_stats(scores, height, width, dense=self.cuda, low_confidence=self.settings.low_confidence)
+        return labels_and_stats(scores, height, width, dense=self.cuda, low_confidence=self.settings.low_confidence,
+                                stride=stride, phase=phase)
 
     def to_host(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Prediction]:
         """Results of `labels_and_stats` -> Predictions (in order): one copy into pinned host memory and one
@@ -281,53 +290,114 @@ class Predictor:
     # ------------------------------------------------------------------------------------------ batches
 
     def predict_chunk(self, items: list[Prepared]) -> list[Prediction]:
-        """Images sharing one canvas size (at most batch_size of them): one forward pass, one copy back."""
+        """Whole images sharing one canvas size (at most batch_size of them): one forward pass, one copy back."""
         faults.fire("label.forward")
-        # Images of one (resized, original) size sit next to each other: their logits are one slice.
-        key = lambda i: _size_key(items[i])  # noqa: E731
-        order = sorted(range(len(items)), key=key)
-        logits = self.forward([items[i].canvas for i in order])
-        parts, start = [], 0
-        for (rh, rw, height, width), group in itertools.groupby(order, key=key):
-            stop = start + len(list(group))
-            parts.append(self.labels_and_stats(logits[start:stop, :, :rh, :rw], height, width))
-            start = stop
-        preds = self.to_host(parts)
+        order = sorted(range(len(items)), key=lambda i: _size_key(items[i]))
+        preds = self._whole(self.forward([items[i].canvas for i in order]), [items[i] for i in order])
         out: list[Prediction | None] = [None] * len(items)
         for i, pred in zip(order, preds, strict=True):
             out[i] = pred
         return out  # type: ignore[return-value]
 
-    def predict(self, items: list[Prepared]) -> list[Prediction | Exception]:
-        """Predictions in input order. Images are grouped by canvas size into fixed-shape batches.
+    def _whole(self, logits: torch.Tensor, items: list[Prepared]) -> list[Prediction]:
+        """Predictions of whole images from their slots' logits (items sorted by _size_key: images of one
+        (resized, original) size sit next to each other, and their logits are one slice)."""
+        if not items:
+            return []
+        parts, start = [], 0
+        for (rh, rw, height, width), group in itertools.groupby(items, key=_size_key):
+            stop = start + len(list(group))
+            parts.append(self.labels_and_stats(logits[start:stop, :, :rh, :rw], height, width))
+            start = stop
+        return self.to_host(parts)
 
-        A batch that fails is retried image by image, so one image that cannot be labeled costs only itself
-        (its slot holds the exception). When the device itself no longer works after the error (a sticky CUDA
-        error: every later image would fail too) DeviceFailure is raised instead (see InferenceActor)."""
+    def predict(self, items: list[Prepared]) -> list[Prediction | Exception]:
+        """Predictions in input order. Whole images are grouped by canvas size into fixed-shape batches; the tiles
+        of tiled images (settings.tiling) join the batches of the tile's canvas, after the whole images of that
+        size, image by image in grid order.
+
+        A batch that fails is retried slot by slot, so one image that cannot be labeled costs only itself (its
+        slot holds the exception; a tiled image fails with any of its tiles). When the device itself no longer
+        works after the error (a sticky CUDA error: every later image would fail too) DeviceFailure is raised
+        instead (see InferenceActor)."""
         out: list[Prediction | Exception | None] = [None] * len(items)
-        groups: dict[tuple[int, int], list[int]] = {}
+        tiling = self.settings.tiling
+        groups: dict[tuple[int, int], list[_Slot]] = {}
+        tiled = []
         for i, p in enumerate(items):
-            groups.setdefault(p.canvas.shape[:2], []).append(i)
+            if tiling is not None and tiling.applies(p.height, p.width):
+                tiled.append(i)
+            else:
+                groups.setdefault(p.canvas.shape[:2], []).append(_Slot(i))
+        for i in tiled:
+            grid = tiling.grid(items[i].height, items[i].width)
+            groups.setdefault((tiling.size, tiling.size), []).extend(_Slot(i, k, y, x) for k, (y, x) in enumerate(grid))
+        blenders: dict[int, TileBlender] = {}
         b = self.settings.batch_size
-        for idxs in groups.values():
-            for k in range(0, len(idxs), b):
-                chunk = idxs[k:k + b]
-                try:
-                    for i, pred in zip(chunk, self.predict_chunk([items[i] for i in chunk]), strict=True):
-                        out[i] = pred
+        for slots in groups.values():
+            for k in range(0, len(slots), b):
+                chunk = [s for s in slots[k:k + b] if out[s.item] is None]  # not the tiles of a failed image
+                if not chunk:
                     continue
-                except Exception as e:  # noqa: BLE001 - retried image by image below, unless the device failed
+                try:
+                    self._run(chunk, items, out, blenders)
+                    continue
+                except Exception as e:  # noqa: BLE001 - retried slot by slot below, unless the device failed
                     self._check_recoverable(e)
                     if len(chunk) == 1:
-                        out[chunk[0]] = e
+                        self._fail(chunk[0], e, out, blenders)
                         continue
-                for i in chunk:
+                for slot in chunk:
+                    if out[slot.item] is not None:  # a tile of an image that failed just now
+                        continue
                     try:
-                        out[i] = self.predict_chunk([items[i]])[0]
+                        self._run([slot], items, out, blenders)
                     except Exception as e:  # noqa: BLE001 - reported per image
                         self._check_recoverable(e)
-                        out[i] = e
+                        self._fail(slot, e, out, blenders)
         return out  # type: ignore[return-value]
+
+    def _run(self, chunk: list[_Slot], items: list[Prepared], out: list, blenders: dict[int, TileBlender]) -> None:
+        """One forward pass over the chunk's slots. Everything that can fail for this chunk (the pass, whole
+        images' labels, the tiles' cells, a new image's blending state) comes before anything is kept, so a
+        retry never adds a tile twice; a tiled image's last tile then finishes it (a failure there is its own)."""
+        faults.fire("label.forward")
+        whole = sorted((s for s in chunk if s.tile < 0), key=lambda s: _size_key(items[s.item]))
+        tiles = [s for s in chunk if s.tile >= 0]
+        tiling = self.settings.tiling
+        canvases = [items[s.item].canvas for s in whole]
+        canvases += [tiling.tile_canvas(items[s.item].canvas, s.y0, s.x0) for s in tiles]
+        logits = self.forward(canvases)
+        preds = self._whole(logits[:len(whole)], [items[s.item] for s in whole])
+        cells = score_cells(logits[len(whole):len(canvases)], self.score_phase) if tiles else None
+        for s in tiles:
+            if s.item not in blenders:
+                p = items[s.item]
+                blenders[s.item] = TileBlender(tiling, p.height, p.width, logits.shape[1], logits.device)
+        for s, pred in zip(whole, preds, strict=True):
+            out[s.item] = pred
+        for j, s in enumerate(tiles):
+            blender = blenders[s.item]
+            blender.add(cells[j])
+            if blender.complete:
+                del blenders[s.item]
+                try:
+                    out[s.item] = self._blended(blender)
+                except Exception as e:  # noqa: BLE001 - this image only
+                    self._check_recoverable(e)
+                    out[s.item] = e
+
+    def _blended(self, blender: TileBlender) -> Prediction:
+        """A tiled image's prediction from its blended scores, upsampled in row bands like a shrunk image's."""
+        scores = blender.scores()
+        phase = CELL_CENTRE if self.score_phase is None else self.score_phase
+        pred = self.to_host([self.labels_and_stats(scores, blender.height, blender.width, SCORE_STRIDE, phase)])[0]
+        pred.tiles = blender.tiles
+        return pred
+
+    def _fail(self, slot: _Slot, e: Exception, out: list, blenders: dict[int, TileBlender]) -> None:
+        out[slot.item] = e
+        blenders.pop(slot.item, None)  # the failed image's blending state, freed
 
     def _check_recoverable(self, e: Exception) -> None:
         """Raise DeviceFailure when the device no longer works after `e`; otherwise the caller retries the
@@ -336,6 +406,16 @@ class Predictor:
             raise DeviceFailure(f"{self.device}: {type(e).__name__}: {e}") from e
         if self.cuda:
             torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One slot's worth of work: image `item` whole (tile -1), or tile `tile` of its grid, at (y0, x0)."""
+
+    item: int
+    tile: int = -1
+    y0: int = 0
+    x0: int = 0
 
 
 def _size_key(p: Prepared) -> tuple[int, int, int, int]:
@@ -360,5 +440,8 @@ def predict_image(checkpoint_or_model: Checkpoint | nn.Module, convention: Input
     if settings is None:
         settings = InferenceSettings(max_side=max_side, canvas_multiple=canvas_multiple, batch_size=batch_size,
                                      device=device, amp=amp, channels_last=channels_last)
-    predictor = Predictor(model, convention, settings)
-    return predictor.predict_chunk([preprocess(rgb, settings.max_side, settings.canvas_multiple)])[0]
+    pred = Predictor(model, convention, settings).predict([preprocess(rgb, settings.max_side, settings.canvas_multiple,
+                                                                      settings.tiling)])[0]
+    if isinstance(pred, Exception):
+        raise pred
+    return pred

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UsageError, check_number
+from .tiling import DEFAULT_BLEND, DEFAULT_OVERLAP, Tiling, check_tiling
 
 CUDNN_MODES = ("heuristic", "heuristic-b", "benchmark", "benchmark-b")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -32,6 +33,9 @@ class InferenceSettings:
 
     low_confidence: a pixel whose max softmax probability is below it counts in its image's
     low_confidence_fraction (it changes no label).
+
+    tile, tile_overlap, tile_blend: an image whose long side exceeds `tile` is labeled at its own resolution in
+    overlapping tiles (pipeline.label.tiling; None: never); max_side applies to the others only.
     """
 
     max_side: int | None = 1024
@@ -46,11 +50,19 @@ class InferenceSettings:
     compile: str = "off"
     reproducible: bool = False
     low_confidence: float = 0.5
+    tile: int | None = None
+    tile_overlap: float = DEFAULT_OVERLAP
+    tile_blend: str = DEFAULT_BLEND
 
     def __post_init__(self) -> None:
         check_settings(max_side=self.max_side, canvas_multiple=self.canvas_multiple, batch_size=self.batch_size,
                        cudnn=self.cudnn, compile=self.compile, reproducible=self.reproducible,
-                       low_confidence=self.low_confidence)
+                       low_confidence=self.low_confidence, tile=self.tile, tile_overlap=self.tile_overlap,
+                       tile_blend=self.tile_blend)
+
+    @property
+    def tiling(self) -> Tiling | None:
+        return None if self.tile is None else Tiling(self.tile, self.tile_overlap, self.tile_blend)
 
     def levers(self) -> dict:
         """The settings that choose kernels, as the run record and the summary state them."""
@@ -66,7 +78,8 @@ MAX_BATCH_SIZE = 1024
 
 
 def check_settings(*, max_side: int | None, canvas_multiple: int, batch_size: int, cudnn: str, compile: str,
-                   reproducible: bool, low_confidence: float = 0.5) -> None:
+                   reproducible: bool, low_confidence: float = 0.5, tile: int | None = None,
+                   tile_overlap: float = DEFAULT_OVERLAP, tile_blend: str = DEFAULT_BLEND) -> None:
     """The rules of InferenceSettings' values; raises UsageError naming the flag. InferenceSettings checks itself
     with them, and LabelConfig.validate checks the flags with them before Ray starts (the resource plan, which
     gives the run's batch size and device, comes later)."""
@@ -77,6 +90,7 @@ def check_settings(*, max_side: int | None, canvas_multiple: int, batch_size: in
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise UsageError(f"--batch-size must be in [1, {MAX_BATCH_SIZE}], got {batch_size}")
     check_number("--low-confidence", low_confidence, above=0.0, at_most=1.0)
+    check_tiling(tile, tile_overlap, tile_blend, canvas_multiple)
     for name, value, choices in (("cudnn", cudnn, CUDNN_MODES), ("compile", compile, COMPILE_MODES)):
         if value not in choices:
             raise UsageError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")

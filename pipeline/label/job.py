@@ -255,7 +255,21 @@ def _inference_summary(settings: InferenceSettings, ck: Checkpoint, actors: list
                              for name, layer in upsamplers(ck.model).items()}
     summary["compile_seconds"] = round(sum(a.get("compile_seconds", 0) for a in actors), 1)
     summary["low_confidence"] = settings.low_confidence  # labels.low_confidence_fraction's threshold
+    summary["tiling"] = _tiling_summary(settings, ck)
     return summary
+
+
+def _tiling_summary(settings: InferenceSettings, ck: Checkpoint) -> dict | None:
+    """--tile's settings (labels.tiles counts each image's tiles) and how the tiles' logits are sampled for blending
+    (pipeline.label.blend); None without --tile."""
+    from models import output_knots
+
+    if settings.tiling is None:
+        return None
+    knots = output_knots(ck.model)
+    cells = ("the model's own score cells (bilinear output, stride {}, phase {})".format(*knots) if knots else
+             "cell centres (the last upsampler is not bilinear: labels may differ slightly from a whole-image pass)")
+    return {**settings.tiling.to_dict(), "score_cells": cells}
 
 
 class ProgressLog:

@@ -53,18 +53,21 @@ def render_overlay(rgb: np.ndarray, label: np.ndarray, class_names: list[str], *
     """PNG bytes: `rgb` (H, W, 3) blended with the palette colour of `label` (H, W), legend below."""
     if rgb.shape[:2] != label.shape:
         raise ValueError(f"image {rgb.shape[:2]} and label map {label.shape} differ in size")
+    h, w = label.shape
+    long_side = max(h, w)
+    lines = legend_lines(label, class_names)  # of the whole label map, not the preview's
+    if long_side > MAX_SIDE:
+        # Shrunk before blending: a 100 MP image's float blend would be 1.2 GB; the preview is 1024 px a side.
+        s = MAX_SIDE / long_side
+        size = (max(1, round(w * s)), max(1, round(h * s)))
+        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR, reducing_gap=3.0))
+        label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
     colours = palette_array()[label]
     blend = (rgb.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
     img = Image.fromarray(blend)
-    h, w = label.shape
-    long_side = max(h, w)
     if long_side < MIN_SIDE:
         k = math.ceil(MIN_SIDE / long_side)
         img = img.resize((w * k, h * k), Image.NEAREST)
-    elif long_side > MAX_SIDE:
-        s = MAX_SIDE / long_side
-        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.NEAREST)
-    lines = legend_lines(label, class_names)
     draw_probe = ImageDraw.Draw(img)
     text_w = max((draw_probe.textlength(line.text, font=line.font.image, **line.font.options) for line in lines),
                  default=0)
@@ -180,7 +183,9 @@ def _one_line(name: str) -> str:
 
 def legend_lines(label: np.ndarray, class_names: list[str]) -> list[LegendLine]:
     """The legend of a label map: one line per class present, most pixels first."""
-    ids, counts = np.unique(label, return_counts=True)
+    counts = np.bincount(label.reshape(-1), minlength=256)  # uint8 ids: one pass, no sort of 100 MP
+    ids = np.flatnonzero(counts)
+    counts = counts[ids]
     lines = []
     for i in np.argsort(-counts, kind="stable"):
         cid = int(ids[i])

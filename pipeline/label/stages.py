@@ -21,6 +21,7 @@ from .canvas import preprocess
 from .codec import encode_label_map
 from .columns import binary_column, binary_views, list_from_values, list_values
 from .tables import RESULT_SCHEMA, UNCERTAINTY, UTC_TS
+from .tiling import Tiling
 
 TASK_CPUS = 0.25          # Ray CPU request of a read/decode/postprocess task: they never starve the actors
 READ_THREADS = 8          # concurrent object reads inside one read task (I/O bound)
@@ -64,15 +65,17 @@ def read_stage(batch: pa.Table, *, listed_by: Location | None, max_bytes: int) -
     })
 
 
-def decode_stage(batch: pa.Table, *, max_pixels: int, max_side: int | None, canvas_multiple: int) -> pa.Table:
-    """Bytes -> RGB -> canvas (resize to max_side, edge-pad to the canvas), per row."""
+def decode_stage(batch: pa.Table, *, max_pixels: int, max_side: int | None, canvas_multiple: int,
+                 tiling: Tiling | None = None) -> pa.Table:
+    """Bytes -> RGB -> canvas (resize to max_side, edge-pad to the canvas), per row; an image that `tiling`
+    applies to keeps its own size (the actor cuts it into tiles)."""
     sizes = ("width", "height", "resized_h", "resized_w", "canvas_h", "canvas_w")
     cols: dict[str, list] = {k: [] for k in (*sizes, "canvas", "stage", "error")}
     for data, stage, error in zip(batch["data"].to_pylist(), batch["stage"].to_pylist(), batch["error"].to_pylist(), strict=True):
         prepared = None
         if error is None:
             try:
-                prepared = preprocess(decode_image(data, max_pixels=max_pixels), max_side, canvas_multiple)
+                prepared = preprocess(decode_image(data, max_pixels=max_pixels), max_side, canvas_multiple, tiling)
             except DecodeError as e:
                 stage, error = "decode", str(e)
             except Exception as e:  # noqa: BLE001 - an unexpected decoder failure costs this row only
@@ -152,7 +155,7 @@ def postprocess_stage(batch: pa.Table, *, encoding: str) -> pa.Table:
         "stat_mean_confidence": list_from_values(conf / np.maximum(counts, 1), lengths, f64),
         "stat_x_min": batch["stat_x_min"], "stat_y_min": batch["stat_y_min"],
         "stat_x_max": batch["stat_x_max"], "stat_y_max": batch["stat_y_max"],
-        **{name: batch[name] for name in UNCERTAINTY},
+        **{name: batch[name] for name in UNCERTAINTY}, "tiles": batch["tiles"],
         "at": pa.array([now] * n, UTC_TS),
         "stage": pa.array(stages, pa.string()), "error": pa.array(errors, pa.string()),
         "actor": batch["actor"],

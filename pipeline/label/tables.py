@@ -33,6 +33,8 @@ LABELS_SCHEMA = pa.schema([
     pa.field("labeled_at", UTC_TS, nullable=False),
     # Added after labeled_at's step: how sure the model was of the image (upgrade step 3 gives older files nulls).
     *(pa.field(name, pa.float64(), nullable=True) for name in UNCERTAINTY),
+    # Added after them: the tiles the image was labeled in, 0 when whole (upgrade step 4 gives older files nulls).
+    pa.field("tiles", pa.int32(), nullable=True),
 ])
 
 CLASS_STATS_SCHEMA = pa.schema([
@@ -79,7 +81,7 @@ RESULT_SCHEMA = pa.schema([
     ("stat_class_id", _LIST_I32), ("stat_pixel_count", pa.list_(pa.int64())),
     ("stat_pixel_fraction", pa.list_(pa.float64())), ("stat_mean_confidence", pa.list_(pa.float64())),
     ("stat_x_min", _LIST_I32), ("stat_y_min", _LIST_I32), ("stat_x_max", _LIST_I32), ("stat_y_max", _LIST_I32),
-    *((name, pa.float64()) for name in UNCERTAINTY),
+    *((name, pa.float64()) for name in UNCERTAINTY), ("tiles", pa.int32()),
     ("at", UTC_TS), ("stage", pa.string()), ("error", pa.string()), ("actor", pa.string()),
 ])
 
@@ -96,7 +98,7 @@ def split_results(block: pa.Table, *, model_id: str, run_id: str, class_names: l
         "height": ok["height"], "label_map": ok["label_map"], "label_encoding": ok["label_encoding"],
         "classes_present": ok["classes_present"], "model_id": pa.array([model_id] * n_ok, pa.string()),
         "run_id": pa.array([run_id] * n_ok, pa.string()), "labeled_at": ok["at"],
-        **{name: ok[name] for name in UNCERTAINTY},
+        **{name: ok[name] for name in UNCERTAINTY}, "tiles": ok["tiles"],
     }, schema=LABELS_SCHEMA)
     parents = pc.list_parent_indices(ok["stat_class_id"])
     class_id = pc.list_flatten(ok["stat_class_id"])

@@ -137,11 +137,20 @@ def _labels_uncertainty(rows: pa.Table, ctx: FileContext) -> pa.Table:
     return rows
 
 
+def _labels_tiles(rows: pa.Table, ctx: FileContext) -> pa.Table:
+    return rows.append_column(_TILES, pa.nulls(rows.num_rows, _TILES.type))
+
+
+# labels/'s tile count (--tile): files written before say nothing (null), though every image then was whole.
+_TILES = pa.field("tiles", pa.int32(), nullable=True)
+
 STEPS: tuple[Step, ...] = (
     Step(2, "class_stats", FIRST_RELEASE["class_stats"].append(pa.field("labeled_at", _TS, nullable=True)),
          _class_stats_labeled_at, "class_stats.labeled_at (the labels row's labeled_at)"),
     Step(3, "labels", pa.schema([*FIRST_RELEASE["labels"], *_UNCERTAINTY]), _labels_uncertainty,
          "labels.mean_confidence, mean_margin, low_confidence_fraction (null: labeled before they existed)"),
+    Step(4, "labels", pa.schema([*FIRST_RELEASE["labels"], *_UNCERTAINTY, _TILES]), _labels_tiles,
+         "labels.tiles (null: labeled before tiling existed)"),
 )
 
 SCHEMA_VERSION = 1 + len(STEPS)

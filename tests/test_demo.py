@@ -125,12 +125,14 @@ def test_demo_review_loop_raises_the_reviewed_images_mean_iu(tmp_path):
     and COCO packages; their ground truth comes back as each tool exports it; import each; fine-tune the labeling
     checkpoint on one import; label again. 600 images and 4 epochs: a model past predicting background everywhere
     (20 images, 1 epoch is not, and fine-tuning it measured no rise)."""
-    epochs = 25
+    epochs = 35
     summary = _demo(["--workdir", str(tmp_path / "demo"), "--count", "600", "--size", "48x40", "--epochs", "4",
                      "--previews", "0", "--review", "--review-count", "8", "--review-epochs", str(epochs)],
                     lines=40 + epochs + 8)  # the fine-tuning's epoch lines, the review's own
     review = summary["review"]
     assert review["reviewed"] == 8 and review["imported"] == {"cvat": 8, "label-studio": 8, "coco": 8}
-    # Measured 0.244 -> 0.538 (2 cores); the rise asserted leaves room for training's run-to-run spread.
+    # Fine-tuning on all 8 (jobs/demo.py review_round), rises measured on 2 cores (1 or 3 training threads, several
+    # seeds, 3 base models): 25 epochs +0.26 to +0.38 (5 runs), 35 epochs +0.32 to +0.34 (3); the old split (7 train,
+    # 1 val) rose +0.24 to +0.34 here and +0.12 in CI (0.249 -> 0.373). +0.15 leaves room for that spread.
     assert review["mean_iou_after"] >= review["mean_iou_before"] + 0.15, review
     assert review["fine_tuned"].startswith(str(tmp_path / "demo" / "runs" / "demo-reviewed"))

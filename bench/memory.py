@@ -44,19 +44,24 @@ def memory_kb(pid: int) -> tuple[int, int]:
 def run_measuring_memory(cmd: list[str], *, env: dict, cwd: str, every: float = 0.2,
                          timeout: float = 1800) -> tuple[int, bytes, dict]:
     """Run `cmd` in a new session, sampling its processes every `every` s. Returns (exit code, stdout,
-    {"pss_kb", "rss_kb", "processes", "shm_kb"} peaks). shm_kb: the most /dev/shm pages one process of the tree
+    {"pss_kb", "rss_kb", "processes", "shm_kb"} peaks, and "rss_kb_by_process": each process title's peak RSS).
+    shm_kb: the most /dev/shm pages one process of the tree
     has resident, i.e. the object store of a local Ray the command started (its store is one file there, mapped
     whole by the raylet); other Rays on the machine do not count. Whatever the command leaves running in its session
     is killed."""
     child = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL)
-    peak = {"pss_kb": 0, "rss_kb": 0, "processes": 0, "shm_kb": 0}
+    peak = {"pss_kb": 0, "rss_kb": 0, "processes": 0, "shm_kb": 0, "rss_kb_by_process": {}}
     done = threading.Event()
+    by_process = peak["rss_kb_by_process"]
 
     def sample():
         while not done.is_set():
             pids = session_pids(child.pid)
             mem = [memory_kb(p) for p in pids]
+            for pid, (_, rss) in zip(pids, mem, strict=True):
+                name = process_title(pid)
+                by_process[name] = max(by_process.get(name, 0), rss)
             peak["pss_kb"] = max(peak["pss_kb"], sum(m[0] for m in mem))
             peak["rss_kb"] = max(peak["rss_kb"], sum(m[1] for m in mem))
             peak["processes"] = max(peak["processes"], len(pids))
@@ -75,6 +80,15 @@ def run_measuring_memory(cmd: list[str], *, env: dict, cwd: str, every: float = 
             pass
     return child.returncode, stdout, peak
 
+
+
+def process_title(pid: int) -> str:
+    """A process's title, cut at 80 characters: Ray names its workers by what they run (ray::MapWorker(...))."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:80] or str(pid)
+    except OSError:
+        return str(pid)
 
 
 def shm_resident_kb(pid: int) -> int:

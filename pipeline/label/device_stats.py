@@ -86,21 +86,27 @@ class BandUpsampler:
     Every band does the same arithmetic per pixel, so the band split changes no bit.
 
     With `stride`, logit j of each axis sits at pixel stride * j + phase (the grid may overhang the image), and
-    both directions lerp between two gathered source rows or columns at scale 1 / stride."""
+    both directions interpolate at scale 1 / stride."""
 
     def __init__(self, scores: torch.Tensor, height: int, width: int, stride: int | None = None, phase: float = 0.0):
         self.scores, self.height, self.width, self.stride = scores, height, width, stride
         self.h, self.w = scores.shape[-2:]
         self.scale = 1 / stride if stride else self.h / height
-        at = phase if stride else None
         if self.h != height or stride:
-            self.yi0, self.yi1, self.yt = _lerp_index(height, self.h, scores.device, self.scale, at)
-        if stride:
-            self.xi0, self.xi1, self.xt = _lerp_index(width, self.w, scores.device, self.scale, at)
+            self.yi0, self.yi1, self.yt = _lerp_index(height, self.h, scores.device, self.scale, phase if stride else None)
+        # Across, F.interpolate's own kernel (one pass; two gathers cost more) puts cell j at stride * j +
+        # (stride - 1) / 2: pixel x is its pixel x + shift, and pixels past either end repeat the end cell.
+        self.shift = round((stride - 1) / 2 - phase) if stride else 0
 
     def _across(self, rows: torch.Tensor) -> torch.Tensor:
         if self.stride:
-            return torch.lerp(rows.index_select(3, self.xi0), rows.index_select(3, self.xi1), self.xt.view(1, 1, 1, -1))
+            wide = F.interpolate(rows, size=(rows.shape[2], self.w * self.stride), mode="bilinear", align_corners=False)
+            lo, hi = self.shift, self.shift + self.width
+            if lo < 0 or hi > wide.shape[3]:
+                left = max(0, -lo)
+                wide = F.pad(wide, (left, max(0, hi - wide.shape[3]), 0, 0), mode="replicate")
+                lo, hi = lo + left, hi + left
+            return wide[..., lo:hi]
         if self.w == self.width:
             return rows
         return F.interpolate(rows, size=(rows.shape[2], self.width), mode="bilinear", align_corners=False)

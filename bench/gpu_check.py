@@ -2,7 +2,7 @@
 
     bench/gpu_check.sh [--dry-run] [OUTDIR] [-- GPU_CHECK_ARGS...]     (the wrapper: kit install, log capture)
     python bench/gpu_check.py --out OUTDIR [--dry-run] [--steps a,b] [--deadline-s S] [--label-args "..."]
-                              [--train-args "..."] [--label-images N]
+                              [--train-args "..."] [--label-images N] [--tiled-images N]
 
 Steps, in this order (`--steps` picks some; the ones a step needs run too; each job runs as its own CLI
 process with its log in OUTDIR/<step>.log; a failing step does not stop the others, and the exit status says
@@ -16,7 +16,10 @@ whether all passed):
 - train_probe: FLOPs per training image, the largest batch that fits, a plain step loop; train: `jobs/train.py`
   with `--train-args` (images/s, MFU, peak memory, validation's share); evaluate: `jobs/evaluate.py` == training;
 - precision: bf16 vs fp32 labels; reproducibility: the run's levers vs `--reproducible` labels (share of pixels
-  that differ), both on the trained checkpoint when there is one.
+  that differ), both on the trained checkpoint when there is one;
+- label_tiled: `jobs/label.py --tile 512` end to end on 200 JPEGs of 4000x3000 (issue 34; dry run: 6 of 200x150,
+  --tile 64): megapixels/s and tiles/s (labels.tiles), next to the forward ceiling at the tile shape (the model
+  alone on (batch, 3, tile, tile) canvases) and their ratio. Last, so a short call's deadline skips it first.
 
 `--deadline-s`: a step that cannot finish before the deadline is skipped (a job's timeout is what is left), so a
 short GPU call always returns figures; summary.json is rewritten after every step. The last line is the JSON
@@ -73,12 +76,18 @@ class Sizes:
     precision_images: int
     device: str
     amp: str
+    tiled_size: tuple[int, int]  # (width, height) of the label_tiled step's large JPEGs
+    tiled_images: int
+    tiled_distinct: int          # distinct large images rendered (the rest are hard links: distinct names)
+    tile: int                    # its --tile
+    tile_ceiling_tiles: int      # tiles the forward ceiling at the tile shape times
 
 
 GPU = Sizes(((500, 375), (375, 500), (500, 333)), 48, 200, 8000, 1.0, 320, 3, (192, 128, 64, 32),
-            1024, 96, "cuda", "bf16")
+            1024, 96, "cuda", "bf16", (4000, 3000), 200, 8, 512, 512)
 # Two validation images (23 training images at the reference proportion): an epoch on CPU is mostly its fixed start.
-DRY = Sizes(((80, 60), (60, 80), (80, 53)), 4, 2, 48, 1 / 16, 64, 2, (4, 2), 16, 6, "cpu", "off")
+DRY = Sizes(((80, 60), (60, 80), (80, 53)), 4, 2, 48, 1 / 16, 64, 2, (4, 2), 16, 6, "cpu", "off",
+            (200, 150), 6, 2, 64, 8)
 
 
 def log(msg: str) -> None:
@@ -327,7 +336,7 @@ def label_job(work: str, out: str, s: Sizes, data: dict, checkpoint: str, step: 
                 summary["labelled"] / max(1e-9, t["pipeline"] + t["list_and_skip"] + t["ray_start_and_resources"]
                                           - t["inference_ready"]), 1),
             "timings_seconds": t, "resources": summary["resources"], "inference": summary.get("inference"),
-            "log_lines": summary["_log_lines"]}
+            "log_lines": summary["_log_lines"], "process_seconds": summary["_process_seconds"]}
 
 
 def label_config(label_args: list[str]):
@@ -391,6 +400,111 @@ def forward_ceiling(checkpoint: str, s: Sizes, items: list, batch_sizes: tuple[i
         if s.device == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def make_tiled_images(work: str, s: Sizes, count: int) -> dict:
+    """`count` large JPEGs of s.tiled_size for the tiled step: s.tiled_distinct mosaics of synthetic samples
+    (each a different arrangement), rendered and encoded in threads, the rest hard links (distinct file names are
+    distinct images to the job). A second call reuses the folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from pipeline.synthetic import render_sample
+
+    folder = os.path.join(work, f"tiled-{s.tiled_size[0]}x{s.tiled_size[1]}-{count}")
+    if os.path.isdir(folder) and len(os.listdir(folder)) == count:
+        return {"images": folder, "count": count, "reused": True}
+    t = time.perf_counter()
+    os.makedirs(folder, exist_ok=True)
+    width, height = s.tiled_size
+    cell = max(32, width // 16)
+    rows, cols = -(-height // cell), -(-width // cell)
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        samples = list(pool.map(lambda i: render_sample(34, i, (cell, cell))[0], range(16)))
+
+        def mosaic(k: int) -> str:
+            order = np.random.default_rng([34, k]).integers(0, len(samples), size=(rows, cols))
+            image = np.concatenate([np.concatenate([samples[j] for j in row], axis=1) for row in order])[:height, :width]
+            path = os.path.join(folder, f"base-{k:03d}.jpg")
+            Image.fromarray(np.ascontiguousarray(image)).save(path, quality=90)
+            return path
+
+        bases = list(pool.map(mosaic, range(min(count, s.tiled_distinct))))
+    for k in range(count):
+        os.link(bases[k % len(bases)], os.path.join(folder, f"{k:05d}.jpg"))
+    for path in bases:
+        os.remove(path)
+    return {"images": folder, "count": count, "distinct": len(bases), "seconds": round(time.perf_counter() - t, 2)}
+
+
+def labels_pixels_and_tiles(output: str) -> tuple[int, int, int]:
+    """(rows, pixels, tiles) of an output's labels/ table: width x height and labels.tiles summed over its rows."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    rows = pixels = tiles = 0
+    for path in sorted(glob.glob(os.path.join(output, "labels", "*", "*.parquet"))):
+        table = pq.read_table(path, columns=["width", "height", "tiles"])
+        w, h = (table.column(c).to_numpy().astype(np.int64) for c in ("width", "height"))
+        rows += table.num_rows
+        pixels += int((w * h).sum())
+        tiles += int(table.column("tiles").fill_null(0).to_numpy().sum())
+    return rows, pixels, tiles
+
+
+def tile_canvases(images: str, tiling, n: int) -> list:
+    """`n` tile canvases (Prepared, each a (tile, tile, 3) canvas) cut from the first of the tiled step's images,
+    repeated as needed: what the job's batches of tiles hold."""
+    from pipeline.decode import decode_image
+    from pipeline.label.canvas import Prepared
+
+    rgb = decode_image(open(os.path.join(images, sorted(os.listdir(images))[0]), "rb").read())
+    grid = tiling.grid(*rgb.shape[:2])
+    tiles = [tiling.tile_canvas(rgb, y, x) for y, x in grid]
+    return [Prepared(tiles[k % len(tiles)], tiling.size, tiling.size, tiling.size, tiling.size) for k in range(n)]
+
+
+def label_tiled(work: str, out: str, s: Sizes, checkpoint: str, label_args: list[str], count: int, timeout: float,
+                keep: dict) -> dict:
+    """Issue 34: `jobs/label.py --tile` end to end on large images, megapixels/s and tiles/s, then the forward
+    ceiling at the tile shape (the model alone on (batch, 3, tile, tile) canvases) at the job's batch size. The
+    job's figures go into `keep` first, so a failing ceiling does not lose them. A --tile in --label-args wins."""
+    from pipeline.label.tiling import Tiling
+
+    t = time.perf_counter()
+    made = make_tiled_images(work, s, count)
+    job = label_job(work, out, s, {"images": made["images"]}, checkpoint, "label_tiled",
+                    ["--tile", str(s.tile), *label_args], max(10.0, timeout - (time.perf_counter() - t)))
+    rows, pixels, tiles = labels_pixels_and_tiles(os.path.join(work, "label_tiled-out"))
+    tiling_used = job["inference"]["tiling"]
+    timings = job["timings_seconds"]
+    seconds = {"end_to_end": job["wall_seconds"], "pipeline": timings["pipeline"],
+               "after_model_ready": max(1e-9, timings["pipeline"] + timings["list_and_skip"]
+                                        + timings["ray_start_and_resources"] - timings["inference_ready"])}
+    figures = {"images": made, "image_size": f"{s.tiled_size[0]}x{s.tiled_size[1]}", "tile": tiling_used["tile"],
+               "tile_overlap": tiling_used["tile_overlap"], "tile_blend": tiling_used["tile_blend"],
+               "labelled": job["labelled"], "errors": job["errors"], "label_rows": rows,
+               "megapixels": round(pixels / 1e6, 3), "tiles": tiles, "tiles_per_image": round(tiles / max(1, rows), 2),
+               "batch_size": job["resources"]["batch_size"], "seconds": {k: round(v, 3) for k, v in seconds.items()},
+               "timings_seconds": timings, "process_seconds": job["process_seconds"], "log_lines": job["log_lines"]}
+    for name, sec in seconds.items():
+        figures[f"megapixels_per_second_{name}"] = round(pixels / 1e6 / sec, 3)
+        figures[f"tiles_per_second_{name}"] = round(tiles / sec, 2)
+    keep["tiled"] = figures
+    tiling = Tiling(tiling_used["tile"], tiling_used["tile_overlap"], tiling_used["tile_blend"])
+    batch = figures["batch_size"]
+    ceiling = forward_ceiling(checkpoint, s, tile_canvases(made["images"], tiling, max(batch, s.tile_ceiling_tiles)),
+                              (batch,), label_args)
+    bare = ceiling[str(batch)]
+    figures.update(forward_ceiling_tiles_per_second=bare,
+                   forward_ceiling_megapixels_per_second=round(bare * tiling.size ** 2 / 1e6, 3),
+                   forward_ceiling_compile_seconds=ceiling.get(f"compile_seconds_{batch}"),
+                   pipeline_vs_ceiling=round(figures["tiles_per_second_pipeline"] / bare, 3),
+                   after_model_ready_vs_ceiling=round(figures["tiles_per_second_after_model_ready"] / bare, 3),
+                   end_to_end_vs_ceiling=round(figures["tiles_per_second_end_to_end"] / bare, 3))
+    return figures
 
 
 def slot_fill(items: list, batch_size: int, rows_per_call: int) -> float:
@@ -548,14 +662,16 @@ def fwd_matrix(out: str, s: Sizes, budget: float) -> dict:
 
 # Steps in order, what each needs, and (GPU) the seconds one needs at least to be worth starting.
 STEPS = ("fwd_matrix", "data", "label_reference", "prepare_images", "forward_ceiling", "syncs", "label_same",
-         "train_probe", "train", "evaluate", "precision", "reproducibility")
+         "train_probe", "train", "evaluate", "precision", "reproducibility", "label_tiled")
 NEEDS = {"label_reference": ("data",), "prepare_images": ("data",), "forward_ceiling": ("prepare_images",),
          "syncs": ("prepare_images",), "label_same": ("data",), "train_probe": ("data",), "train": ("train_probe",),
-         "evaluate": ("train",), "precision": ("prepare_images",), "reproducibility": ("prepare_images",)}
+         "evaluate": ("train",), "precision": ("prepare_images",), "reproducibility": ("prepare_images",),
+         "label_tiled": ("data",)}
+# label_tiled: ~50-80 s on one H100 (docs/gpu.md "The next GPU call, prepared"); under 60 s left it is skipped.
 MIN_SECONDS = {"fwd_matrix": 120, "data": 20, "label_reference": 60, "prepare_images": 10, "forward_ceiling": 40,
                "syncs": 10, "label_same": 60, "train_probe": 40, "train": 120, "evaluate": 30, "precision": 20,
-               "reproducibility": 30}
-JOB_TIMEOUT = {"label_reference": 240, "label_same": 240, "train": 300, "evaluate": 150}
+               "reproducibility": 30, "label_tiled": 60}
+JOB_TIMEOUT = {"label_reference": 240, "label_same": 240, "train": 300, "evaluate": 150, "label_tiled": 150}
 
 
 def selected_steps(names: str | None) -> list[str]:
@@ -588,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      "--batch-size ...), also used by forward_ceiling and reproducibility")
     ap.add_argument("--train-args", default="", help="extra jobs/train.py arguments")
     ap.add_argument("--label-images", type=int, default=None, help="images of the labeling steps (GPU: 8,000)")
+    ap.add_argument("--tiled-images", type=int, default=None, help="large images of the label_tiled step (GPU: 200 "
+                                                                  "of 4000x3000; dry run: 6 of 200x150)")
     ap.add_argument("--fwd-budget-s", type=float, default=360, help="budget of the fwd_matrix step")
     ap.add_argument("--keep-work", action="store_true", help="keep the synthetic data and job outputs (a temporary "
                     "folder, named in the log)")
@@ -595,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     s = DRY if args.dry_run else GPU
     if args.label_images:
         s = dataclasses.replace(s, label_images=args.label_images)
+    if args.tiled_images:
+        s = dataclasses.replace(s, tiled_images=args.tiled_images)
     steps = selected_steps(args.steps)
     label_args, train_args = shlex.split(args.label_args), shlex.split(args.train_args)
     out = os.path.abspath(args.out)
@@ -661,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_steps(result: dict, step, timeout, work: str, out: str, s: Sizes, data: dict, label_args: list[str],
               train_args: list[str]) -> None:
     """Every step after the data, in STEPS order: labeling first (its figures matter most, on random weights:
-    throughput does not depend on them), then training, then the label comparisons on the trained weights."""
+    throughput does not depend on them), then training, then the label comparisons on the trained weights, then
+    tiled labeling."""
     from pipeline.testbed import random_checkpoint
 
     random_ck = os.path.join(work, "fcn8s-reference.pt")
@@ -706,6 +827,10 @@ def run_steps(result: dict, step, timeout, work: str, out: str, s: Sizes, data: 
         label["precision"] = step("precision", precision, weights, s, items[:s.precision_images])
         label["reproducibility"] = step("reproducibility", reproducibility, weights, s, items[:s.precision_images],
                                         label_args, batch)
+    # Last: the newest figures (issue 34), so a short call's deadline skips this before the owed ones. Random
+    # weights: throughput does not depend on them.
+    label["tiled"] = step("label_tiled", label_tiled, work, out, s, random_ck, label_args, s.tiled_images,
+                          timeout("label_tiled"), label) or label.get("tiled")
 
 
 if __name__ == "__main__":

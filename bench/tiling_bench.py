@@ -2,7 +2,8 @@
 
     python bench/tiling_bench.py agreement [--side 2048]
     python bench/tiling_bench.py throughput [--side 2048] [--tile 512] [--width-mult 0.25] [--rounds 3]
-    python bench/tiling_bench.py memory [--megapixels 100] [--tile 512]
+    python bench/tiling_bench.py memory [--megapixels 100] [--tile 512] [--label-encoding raw|png]
+    python bench/tiling_bench.py stages [--megapixels 100] [--tile 512] [--label-encoding raw|png]
 
 - agreement: a side x side mosaic of synthetic samples labeled whole (--max-side 0) and in tiles, for tile sizes,
   overlaps and blends, by a narrow FCN-8s fitted to the synthetic set (pipeline.testbed.fitted_checkpoint): the
@@ -12,7 +13,10 @@
   against the bare model's forward passes on the same tiles in the same fixed-slot batches, rounds interleaved
   in one process; the ratio is the figure (at least 0.85).
 - memory: jobs/label.py --tile on one image of --megapixels as its own process tree: peak RSS of the inference
-  actor and of the write tasks, against the floor (the decoded image and its label map).
+  actor and of the write tasks, against the floor (the decoded image and its label map). Ray reuses a worker
+  process for decode, write and quality tasks, and each keeps its peak heap, so:
+- stages: each stage (decode, the inference actor's call, the write task, the commit-time merge) run on the image
+  in its own fresh process, as its task runs it: the memory it adds to what it started with.
 
 Each prints one JSON line; record the figures in bench/RESULTS.md.
 """
@@ -163,24 +167,135 @@ def memory(args) -> dict:
         env.pop("RAY_ADDRESS", None)
         cmd = [sys.executable, os.path.join(REPO, "jobs", "label.py"), "--images", folder, "--checkpoint", checkpoint,
                "--output", os.path.join(work, "out"), "--no-progress", "--tile", str(args.tile),
-               "--max-pixels", str(side * side), "--batch-size", "4"]
+               "--max-pixels", str(side * side), "--batch-size", "4", "--label-encoding", args.label_encoding]
         code, stdout, peak = run_measuring_memory(cmd, env=env, cwd=REPO, every=0.1)
         if code != 0:
             raise RuntimeError(f"label job failed ({code}): {stdout.decode()[-2000:]}")
         summary = json.loads(stdout.decode().strip().splitlines()[-1])
-    by = peak["rss_kb_by_process"]
-    pick = lambda key: round(max((v for k, v in by.items() if key in k), default=0) / 1024, 1)  # noqa: E731
+    by = peak["by_process"].values()
+
+    def pick(key: str) -> dict:
+        """Peak RSS and PSS (MB) of the processes that ran `key`, the largest; RSS counts the object store pages a
+        process maps (its input and output blocks), PSS shares them out."""
+        runs = [p for p in by if any(key in t for t in p["titles"])]
+        return {k: round(max((p[f"{k}_kb"] for p in runs), default=0) / 1024, 1) for k in ("rss", "pss")}
+
     return {"bench": "tiling_memory", "megapixels": round(side * side / 1e6, 1), "side": side, "tile": args.tile,
             "width_mult": args.width_mult, "labelled": summary["labelled"], "wall_seconds": summary["wall_seconds"],
             "floor_mb": {"decoded_image": round(side * side * 3 / 2**20, 1), "label_map": round(side * side / 2**20, 1),
                          "blend_state_21_classes": round(22 * (side / 8) ** 2 * 4 / 2**20, 1)},
-            "peak_rss_mb": {"inference_actor": pick("InferenceActor"), "write_tasks": pick("stage_results"),
-                            "decode_tasks": pick("decode_stage"), "driver": pick("jobs/label.py")},
+            "label_encoding": args.label_encoding,
+            "peak_mb": {"inference_actor": pick("InferenceActor"), "stage_results": pick("stage_results"),
+                        "merge_staged": pick("merge_staged"), "decode_tasks": pick("decode_blocks"),
+                        "driver": pick("jobs/label.py")},
             "peak_shm_mb": round(peak["shm_kb"] / 1024, 1),
-            "processes": {k: round(v / 1024, 1) for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:8]}}
+            "processes": [{"rss_mb": round(p["rss_kb"] / 1024, 1), "pss_mb": round(p["pss_kb"] / 1024, 1),
+                           "titles": p["titles"]} for p in sorted(by, key=lambda p: -p["rss_kb"])[:10]]}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    """VmHWM: this address space's peak RSS (ru_maxrss would carry the parent's peak across fork and exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def _one_stage(stage: str, work: str, encoding: str, tile: int) -> dict:
+    """One stage of the job on the one image, in this (fresh) process, as its Ray task or actor runs it: its input
+    read from the previous stage's Arrow file; (RSS before, peak RSS) in MB."""
+    import pyarrow as pa
+
+    from pipeline.label.tiling import Tiling
+
+    def load(name: str) -> pa.Table:  # read into memory (not mapped): the input counts in "before"
+        with pa.OSFile(os.path.join(work, name)) as source:
+            return pa.ipc.open_file(source).read_all()
+
+    def save(table: pa.Table, name: str) -> None:
+        with pa.OSFile(os.path.join(work, name), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+
+    if stage == "decode":
+        from pipeline.label.stages import decode_stage
+
+        with open(os.path.join(work, "images", "big.png"), "rb") as f:
+            data = f.read()
+        batch = pa.table({"image_uri": ["big.png"], "image_version": ["1"], "data": pa.array([data], pa.binary()),
+                          "stage": pa.array([None], pa.string()), "error": pa.array([None], pa.string())})
+        del data
+        before = _rss_mb()
+        out = decode_stage(batch, max_pixels=10**9, max_side=1024, canvas_multiple=32, tiling=Tiling(tile))
+        save(out, "decoded.arrow")
+    elif stage == "actor":
+        from models import load_checkpoint
+        from pipeline.label.actor import BatchLabeler
+        from pipeline.label.inference import Predictor
+        from pipeline.label.inference_settings import InferenceSettings
+
+        ck = load_checkpoint(os.path.join(work, "fcn8s.pt"))
+        predictor = Predictor(ck.model, ck.convention, InferenceSettings(max_side=1024, batch_size=4, tile=tile))
+        batch = load("decoded.arrow")
+        before = _rss_mb()
+        out = BatchLabeler(predictor, {}, postprocess_encoding=encoding)(batch)
+        assert out["error"][0].as_py() is None, out["error"][0]
+        save(out, "results.arrow")
+    else:
+        from pipeline.label.filesets import merge_staged
+        from pipeline.label.writer import OutputSettings, stage_results
+        from pipeline.storage import Location
+
+        settings = OutputSettings(Location.of(os.path.join(work, "out")), "bench", "2026-12-07", "m", tuple(
+            f"c{i}" for i in range(21)), bytes_per_file=256 * 2**20)
+        if stage == "write":
+            batch = load("results.arrow")
+            before = _rss_mb()
+            save(stage_results(batch, settings=settings), "staged.arrow")
+        else:  # the commit-time merge of that staged file into the group's labels file
+            staged = load("staged.arrow")
+            before = _rss_mb()
+            merge_staged(staged, settings=settings)
+    return {"stage": stage, "rss_before_mb": round(before, 1), "peak_rss_mb": round(_peak_mb(), 1),
+            "stage_adds_mb": round(_peak_mb() - before, 1)}
+
+
+def stages(args) -> dict:
+    """Each stage in its own fresh process (no Ray): what it adds to the memory it started with."""
+    import subprocess
+
+    from PIL import Image
+
+    from models import VOC_CLASSES
+    from pipeline.testbed import random_checkpoint
+
+    side = int((args.megapixels * 1e6) ** 0.5)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        os.makedirs(os.path.join(work, "images"))
+        tile_img, _ = mosaic(1024, distinct=64)
+        Image.fromarray(np.tile(tile_img, (side // 1024 + 1, side // 1024 + 1, 1))[:side, :side]).save(
+            os.path.join(work, "images", "big.png"), compress_level=1)
+        random_checkpoint(os.path.join(work, "fcn8s.pt"), list(VOC_CLASSES), width_mult=args.width_mult, padding="same")
+        rows = []
+        for stage in ("decode", "actor", "write", "merge"):
+            proc = subprocess.run([sys.executable, __file__, "_stage", stage, work, args.label_encoding, str(args.tile)],
+                                  capture_output=True, text=True, cwd=REPO, timeout=1800)
+            if proc.returncode:
+                raise RuntimeError(f"{stage}: {proc.stderr[-2000:]}")
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {"bench": "tiling_stage_memory", "megapixels": round(side * side / 1e6, 1), "tile": args.tile,
+            "label_encoding": args.label_encoding, "width_mult": args.width_mult, "classes": 21,
+            "floor_mb": {"decoded_image": round(side * side * 3 / 2**20, 1), "label_map": round(side * side / 2**20, 1),
+                         "blend_state": round(22 * (side / 8) ** 2 * 4 / 2**20, 1)}, "stages": rows}
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["_stage"]:
+        print(json.dumps(_one_stage(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     a = sub.add_parser("agreement")
@@ -195,9 +310,16 @@ def main() -> None:
     m.add_argument("--megapixels", type=float, default=100.0)
     m.add_argument("--tile", type=int, default=512)
     m.add_argument("--width-mult", type=float, default=0.0625)
+    m.add_argument("--label-encoding", default="raw")
     m.add_argument("--workdir", default=None)
+    st = sub.add_parser("stages")
+    st.add_argument("--megapixels", type=float, default=100.0)
+    st.add_argument("--tile", type=int, default=512)
+    st.add_argument("--width-mult", type=float, default=0.0625)
+    st.add_argument("--label-encoding", default="raw")
+    st.add_argument("--workdir", default=None)
     args = p.parse_args()
-    print(json.dumps({"agreement": agreement, "throughput": throughput, "memory": memory}[args.what](args)))
+    print(json.dumps({"agreement": agreement, "throughput": throughput, "memory": memory, "stages": stages}[args.what](args)))
 
 
 if __name__ == "__main__":

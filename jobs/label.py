@@ -26,7 +26,7 @@ from pipeline.label.canary import DEGRADED_EXIT_STATUS, MIN_IOU_MARGIN, verdict 
 from pipeline.label.codec import ENCODINGS  # noqa: E402
 from pipeline.label.config import COMPILED_CANVAS_MULTIPLE, DEFAULT_CANVAS_MULTIPLE, DEVICES, LabelConfig  # noqa: E402
 from pipeline.label.inference_settings import COMPILE_MODES, CUDNN_MODES  # noqa: E402
-from pipeline.label.tiling import BLENDS, MAX_OVERLAP, MIN_TILE  # noqa: E402
+from pipeline.label.tiling import BLENDS, MAX_OVERLAP, MAX_TILE, MIN_TILE  # noqa: E402
 
 DEFAULTS = LabelConfig(images="", checkpoint="", output="")
 
@@ -104,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("large images (docs/labeling.md \"Large images\")")
     g.add_argument("--tile", type=int, default=d.tile, metavar="SIZE",
                    help="label an image whose long side exceeds SIZE at its own resolution (up to --max-pixels) in "
-                        f"overlapping SIZE x SIZE tiles, batched like whole images (a multiple of the canvas multiple, "
-                        f"at least {MIN_TILE}; default: off, every image whole, shrunk to --max-side); smaller images "
-                        "take the whole-image path unchanged")
+                        "overlapping SIZE x SIZE tiles, batched like whole images (a multiple of 8 and of the canvas "
+                        f"multiple, {MIN_TILE}-{MAX_TILE}; default: off, every image whole, shrunk to --max-side); "
+                        "smaller images take the whole-image path unchanged")
     g.add_argument("--tile-overlap", type=float, default=d.tile_overlap, metavar="F",
                    help=f"share of a tile its neighbour overlaps, in [0, {MAX_OVERLAP})")
     g.add_argument("--tile-blend", choices=BLENDS, default=d.tile_blend,

@@ -67,7 +67,7 @@ def output_knots(model: nn.Module) -> tuple[int, float] | None:
     if final is None:
         return None
     name, crop = final()
-    layer = getattr(model, name)
+    layer = model.get_submodule(name)
     if not is_bilinear(layer):
         return None
     factor = layer.stride[0]

@@ -110,8 +110,12 @@ ROWS = [
     # --tile (issue 34): a tile smaller than the model can take, off the canvas multiple, overlap outside [0, 0.9)
     ("label", ["--tile", "32"], "--tile 32 is smaller than the model can take: at least 64 pixels"),
     ("label", ["--tile", "0"], "--tile 0 is smaller than the model can take"),
-    ("label", ["--tile", "100"], "--tile 100 is not a multiple of the canvas multiple 32 (--canvas-multiple): try 128"),
-    ("label", ["--tile", "100", "--canvas-multiple", "4"], "--tile 100 is not a multiple of 8, the blending's score stride"),
+    ("label", ["--tile", "100"], "--tile 100 is not a multiple of the canvas multiple 32 (--canvas-multiple; 128 with "
+                                 "--compile): try 128"),
+    ("label", ["--tile", "100", "--canvas-multiple", "4"], "--tile 100 is not a multiple of 8, the blending's score stride: try 104"),
+    ("label", ["--tile", "100", "--canvas-multiple", "3"], "--tile 100 is not a multiple of the canvas multiple 3"),
+    ("label", ["--tile", "9000"], "--tile 9000 is over 8192: every tile is a full canvas"),
+    ("label", ["--tile", "512", "--max-pixels", "800000000"], "--max-pixels 800000000 is too many with --tile: at most 715,827,882"),
     ("label", ["--tile-overlap", "0.9"], _finite("--tile-overlap", "in [0, 0.9)", "0.9")),
     ("label", ["--tile-overlap", "-0.1"], _finite("--tile-overlap", "in [0, 0.9)", "-0.1")),
     ("label", ["--tile-overlap", "nan"], _finite("--tile-overlap", "in [0, 0.9)", "nan")),

@@ -80,8 +80,13 @@ def test_a_side_no_longer_than_a_tile_is_one_tile():
     assert t.grid(1, 1000) == [(0, x) for x in t.origins(1000)]
 
 
-def test_the_step_keeps_the_overlap_on_the_score_grid():
+def test_the_step_keeps_at_least_the_overlap_on_the_score_grid():
     assert Tiling(512, 0.25).step == 384 and Tiling(512, 0.0).step == 512 and Tiling(64, 0.89).step == 8
+    assert Tiling(64, 0.05).step == 56  # a small overlap is rounded up to a cell, never down to none
+
+
+def test_tiles_are_spread_evenly_with_no_near_duplicate_at_the_end():
+    assert Tiling(512).origins(900) == [0, 192, 392]  # not [0, 384, 392]: two tiles 98 % the same
 
 
 @pytest.mark.parametrize("blend", BLENDS)
@@ -247,6 +252,10 @@ class _FailsOnWhite(torch.nn.Module):
         self.inner, self.num_classes = model, model.num_classes
         self.white = float(((1.0 - np.array(TORCHVISION.mean)) / np.array(TORCHVISION.std)).min())
 
+    def final_upsampling(self):  # the inner model's: tiles are sampled at its knots, the default path
+        name, crop = self.inner.final_upsampling()
+        return f"inner.{name}", crop
+
     def forward(self, x):
         if (x.amin(dim=(1, 2, 3)) >= self.white - 1e-4).any():
             raise RuntimeError("this batch cannot be labeled")
@@ -260,6 +269,7 @@ def test_a_failed_tile_fails_its_image_only(fitted):
     settings = tiled(64, batch_size=3)
     prep = lambda im: preprocess(im, None, 32, settings.tiling)  # noqa: E731
     failing = Predictor(_FailsOnWhite(fitted.model), fitted.convention, settings)
+    assert failing.score_phase == 3.5
     out = failing.predict([prep(bad), prep(good), prep(gradient_rgb(64, 64, 0))])
     assert isinstance(out[0], RuntimeError) and "cannot be labeled" in str(out[0])
     # The good tiled image's tiles were retried one by one where they shared a batch with the bad one's: each
@@ -267,6 +277,45 @@ def test_a_failed_tile_fails_its_image_only(fitted):
     reference = failing.predict([prep(good)])[0]
     assert np.array_equal(out[1].label, reference.label) and np.array_equal(out[1].confidence_sum, reference.confidence_sum)
     assert out[2].tiles == 0 and out[2].label.shape == (64, 64)
+
+
+def test_a_tiled_images_full_size_pass_out_of_memory_once_is_retried(fitted, monkeypatch):
+    """The blended image's full-size labels and statistics (the likeliest pass to run out of memory) get a second try,
+    as a whole image gets a pass of its own after its batch; a second failure is its error."""
+    import pipeline.label.inference as inference
+
+    image = mosaic(256, distinct=16, seed=6)[0][:150, :210]
+    settings = tiled(64)
+    reference = predict_image(fitted, None, image, settings=settings)
+    real, calls = inference.labels_and_stats, []
+
+    def flaky(scores, height, width, *, fail: int, **kw):
+        if kw.get("stride"):
+            calls.append(1)
+            if len(calls) <= fail:
+                raise torch.OutOfMemoryError("no memory for the full-size pass")
+        return real(scores, height, width, **kw)
+
+    monkeypatch.setattr(inference, "labels_and_stats", lambda *a, **kw: flaky(*a, fail=1, **kw))
+    again = predict_image(fitted, None, image, settings=settings)
+    assert len(calls) == 2 and np.array_equal(again.label, reference.label)
+    assert np.array_equal(again.confidence_sum, reference.confidence_sum)  # the scores were divided once
+    calls.clear()
+    monkeypatch.setattr(inference, "labels_and_stats", lambda *a, **kw: flaky(*a, fail=2, **kw))
+    with pytest.raises(torch.OutOfMemoryError):
+        predict_image(fitted, None, image, settings=settings)
+    assert len(calls) == 2
+
+
+def test_wide_images_upsample_in_bands_of_at_least_a_score_cell(monkeypatch):
+    """A band shorter than a score cell would upsample the same source rows across again for every row."""
+    import pipeline.label.device_stats as ds
+
+    seen = []
+    real = ds.BandUpsampler.__call__
+    monkeypatch.setattr(ds.BandUpsampler, "__call__", lambda self, r0, r1: seen.append(r1 - r0) or real(self, r0, r1))
+    labels_and_stats(torch.randn(1, 21, 4, 12_500), 32, 100_000, dense=False, stride=SCORE_STRIDE, phase=3.5)
+    assert min(seen[:-1] or seen) >= SCORE_STRIDE and sum(seen) == 32
 
 
 def test_a_strip_of_1_by_100000_is_labeled(fitted):
@@ -305,3 +354,29 @@ def test_blended_upsampling_works_in_row_bands():
     assert torch.allclose(full[1], banded[1], rtol=1e-9, atol=0)
     counts_and_boxes = [0, 2, 3, 4, 5, 7]  # STATS: pixel_count, the box, low_count: integers, exact
     assert torch.equal(full[1][..., counts_and_boxes], banded[1][..., counts_and_boxes])
+
+
+def test_decode_tasks_hand_on_large_images_one_block_at_a_time():
+    """A decode task's rows kept at their own size for tiling leave it in blocks of about DECODE_BLOCK_BYTES, not
+    all at once; the rows, failed ones included, are decode_stage's."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from pipeline.label.stages import decode_blocks, decode_stage
+
+    def png(h, w, seed):
+        buf = io.BytesIO()
+        Image.fromarray(gradient_rgb(h, w, seed)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    data = [png(300, 200, 0), b"not an image", png(40, 30, 1), png(250, 260, 2)]
+    batch = pa.table({"image_uri": [f"u{i}" for i in range(4)], "image_version": ["1"] * 4, "data": data,
+                      "stage": pa.array([None] * 4, pa.string()), "error": pa.array([None] * 4, pa.string())})
+    kw = dict(max_pixels=10**6, max_side=48, canvas_multiple=32, tiling=Tiling(64))
+    blocks = list(decode_blocks(batch, block_bytes=100_000, **kw))
+    assert [b.num_rows for b in blocks] == [1, 3]  # 180 KB canvas: a block of its own; then 195 KB at the last
+    whole = decode_stage(batch, **kw)
+    assert pa.concat_tables(blocks).to_pylist() == whole.to_pylist()
+    assert whole["canvas_h"].to_pylist() == [300, 0, 64, 250] and whole["error"][1].as_py() is not None

@@ -41,15 +41,16 @@ def score_cells(logits: torch.Tensor, phase: float | None) -> torch.Tensor:
 class TileBlender:
     """One tiled image's blending state: weighted sums of its tiles' score cells, and of the weights."""
 
-    def __init__(self, tiling: Tiling, height: int, width: int, classes: int, device: torch.device):
+    def __init__(self, tiling: Tiling, height: int, width: int, classes: int, device: torch.device,
+                 window: torch.Tensor | None = None):
         self.tiling, self.height, self.width = tiling, height, width
         self.grid = tiling.grid(height, width)
         self.h, self.w = tiling.score_shape(height, width)
         self.sums = torch.zeros((1, classes, self.h, self.w), dtype=torch.float32, device=device)
         self.weights = torch.zeros((self.h, self.w), dtype=torch.float32, device=device)
-        window = torch.from_numpy(tiling.window()).to(device)
-        self.window = window[:, None] * window[None, :]
+        self.window = tile_window(tiling, device) if window is None else window
         self.added = 0
+        self._scores: torch.Tensor | None = None
 
     @property
     def tiles(self) -> int:
@@ -70,7 +71,15 @@ class TileBlender:
         self.added += 1
 
     def scores(self) -> torch.Tensor:
-        """The blended logits (1, C, h, w), once every tile is in (in place: the sums become the scores)."""
+        """The blended logits (1, C, h, w), once every tile is in (in place, once: the sums become the scores)."""
         if not self.complete:
             raise RuntimeError(f"{self.added} of {len(self.grid)} tiles blended")
-        return self.sums.div_(self.weights)
+        if self._scores is None:
+            self._scores = self.sums.div_(self.weights)
+        return self._scores
+
+
+def tile_window(tiling: Tiling, device: torch.device) -> torch.Tensor:
+    """A tile's 2-D blending weights (t, t) on the device: the outer product of the tiling's window."""
+    window = torch.from_numpy(tiling.window()).to(device)
+    return window[:, None] * window[None, :]

@@ -9,6 +9,9 @@ from PIL import Image
 from models import flat_palette
 
 ENCODINGS = ("raw", "png")
+# The row states the map's size, and it is checked from the PNG's header before any pixel is decoded: Pillow's own
+# bomb limit (89 MP warns, 179 MP refuses) would refuse the label maps of tiled 100-700 MP images (--tile).
+Image.MAX_IMAGE_PIXELS = None
 
 
 def encode_label_map(label: np.ndarray, encoding: str) -> bytes:
@@ -29,7 +32,10 @@ def decode_label_map(data: bytes, encoding: str, height: int, width: int) -> np.
     if encoding == "raw":
         return np.frombuffer(data, np.uint8).reshape(height, width)
     if encoding == "png":
-        arr = np.asarray(Image.open(io.BytesIO(data)))
+        img = Image.open(io.BytesIO(data))
+        if img.size != (width, height):
+            raise ValueError(f"PNG label map is {img.size[1]}x{img.size[0]} (height x width), expected {height}x{width}")
+        arr = np.asarray(img)
         if arr.shape != (height, width):
             raise ValueError(f"PNG label map is {arr.shape}, expected {(height, width)}")
         return arr

@@ -49,7 +49,8 @@ def _binary_chunk(cells: list[np.ndarray | None]) -> pa.Array:
     offsets = np.zeros(n + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
     parts = [np.ascontiguousarray(c).reshape(-1).view(np.uint8) for c in cells if c is not None and c.nbytes]
-    data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    # One cell (a large image's canvas or label map): its own buffer, not a copy (Arrow keeps the array alive).
+    data = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.uint8)
     valid = np.array([c is not None for c in cells], bool)
     bitmap = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
     return pa.Array.from_buffers(pa.binary(), n, [bitmap, pa.py_buffer(offsets), pa.py_buffer(data)],

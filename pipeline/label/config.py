@@ -19,6 +19,8 @@ DEFAULT_CANVAS_MULTIPLE = 32
 COMPILED_CANVAS_MULTIPLE = 128
 # A run id names files and a folder: no path separators, no leading '.' or '-' ('..' would climb out).
 RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
+# A tiled image's canvas (3 bytes a pixel) is one binary cell: Arrow's int32 offsets and Parquet cap it at 2 GiB.
+MAX_TILED_PIXELS = (2**31 - 1) // 3
 
 
 @dataclass
@@ -96,6 +98,10 @@ class LabelConfig:
         if self.run_id is not None and not re.fullmatch(RUN_ID_PATTERN, self.run_id):
             raise UsageError("--run-id must start with a letter or digit and hold letters, digits, '_', '.' and '-' "
                              f"only (at most 128), got {self.run_id!r}")
+        if self.tile is not None and self.max_pixels > MAX_TILED_PIXELS:
+            raise UsageError(f"--max-pixels {self.max_pixels} is too many with --tile: at most {MAX_TILED_PIXELS:,} (a "
+                             "tiled image travels at its own size as one Arrow and Parquet cell, 3 bytes a pixel, "
+                             "under 2 GiB)")
         # The inference settings' own rules (canvas, levers, --reproducible with --compile), before Ray plans the
         # batch size and the device that complete them (inference_settings below).
         check_settings(max_side=self.max_side, canvas_multiple=self.effective_canvas_multiple, batch_size=self.batch_size or 1,

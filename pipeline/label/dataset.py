@@ -11,7 +11,7 @@ from .config import LabelConfig
 from .crash_budget import bound_crashes, start_attempts
 from .inference_settings import InferenceSettings
 from .resources import ResourcePlan
-from .stages import Postprocessor, decode_stage, read_stage
+from .stages import Postprocessor, decode_blocks, read_stage
 from .writer import OutputSettings, stage_results
 
 
@@ -34,7 +34,7 @@ def labeled_rows(todo: ray.data.Dataset, listed_by: Location | None, *, checkpoi
     `encoding`): the labeling job's stages before its writer; the canary set takes this path too."""
     ds = todo.map_batches(read_stage, batch_size=config.rows_per_read_task, batch_format="pyarrow",
                           num_cpus=plan.task_cpus, fn_kwargs={"listed_by": listed_by, "max_bytes": config.read_limit})
-    ds = ds.map_batches(decode_stage, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
+    ds = ds.map_batches(decode_blocks, batch_size=None, batch_format="pyarrow", num_cpus=plan.task_cpus,
                         fn_kwargs={"max_pixels": config.max_pixels, "max_side": config.max_side,
                                    "canvas_multiple": settings.canvas_multiple, "tiling": settings.tiling})
     # Postprocess: with raw label maps it is a few array operations, done by the inference actor at the end of
@@ -45,7 +45,10 @@ def labeled_rows(todo: ray.data.Dataset, listed_by: Location | None, *, checkpoi
     # On a GPU: calls of 16 forward passes' rows, so that grouping them by canvas size fills the fixed-shape
     # batches' slots (more rows per call, fewer empty slots: bench/RESULTS.md), and two calls running at once, so
     # one call's host work (unpacking, pinning, building the result table) overlaps the other's forward passes.
-    rows_per_call = config.rows_per_actor_call or (16 if gpu else 4) * plan.batch_size
+    # With --tile, a row may be a large image at its own size (a 100 MP one is 300 MB) whose tiles fill the slots by
+    # themselves: calls of batch_size rows, so a call holds a few such images, not 16 x batch_size of them.
+    per_call = 1 if settings.tiling is not None else 16 if gpu else 4
+    rows_per_call = config.rows_per_actor_call or per_call * plan.batch_size
     # CUDA graphs (--compile reduce-overhead) are recorded and replayed per thread: one call at a time there.
     concurrent_calls = 2 if gpu and settings.compile != "reduce-overhead" else None
     ds = ds.map_batches(

@@ -41,6 +41,8 @@ def labels_and_stats(scores: torch.Tensor, height: int, width: int, *, dense: bo
     """
     n, c, h, w = scores.shape
     band_rows = max(1, min(height, BAND_ELEMENTS // max(1, c * width)))
+    if stride:  # a band of fewer rows than a score cell would upsample the same source rows across again and again
+        band_rows = min(height, max(band_rows, stride))
     label = torch.empty((n, height, width), dtype=torch.uint8, device=scores.device)
     stats = (DenseStats if dense else BincountStats)(n, c, height, width, scores.device)
     upsample = BandUpsampler(scores, height, width, stride, phase)

@@ -41,7 +41,7 @@ from models.fast_paths import cast_trunk, group_upsamplers
 from .. import faults
 from ..amp import autocast
 from ..batching import fixed_slot_batch, to_input
-from .blend import CELL_CENTRE, TileBlender, score_cells
+from .blend import CELL_CENTRE, TileBlender, score_cells, tile_window
 from .canvas import Prepared, preprocess
 from .device_stats import labels_and_stats
 from .inference_settings import COMPILE_SHAPE_LIMIT, InferenceSettings
@@ -182,6 +182,7 @@ class Predictor:
         self.score_phase = None if knots is None else knots[1] % SCORE_STRIDE
         self.model, self.applied = self._prepare_model(model)
         self._compiled = None
+        self._window: torch.Tensor | None = None  # a tile's blending weights on the device (pipeline.label.blend)
         self.compile_seconds = 0.0
         self._compiled_shapes: set[tuple[int, ...]] = set()
         self._compile_lock = threading.Lock()
@@ -189,7 +190,9 @@ class Predictor:
             import torch._dynamo as dynamo
 
             # One static graph per canvas shape; the canvas buckets bound them (LabelConfig.effective_canvas_multiple).
-            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, COMPILE_SHAPE_LIMIT)
+            # The tile's canvas (--tile) is one shape more.
+            limit = COMPILE_SHAPE_LIMIT + (settings.tiling is not None)
+            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, limit)
             self._compiled = torch.compile(self.model, mode=settings.compile, dynamic=False)
 
     def _prepare_model(self, model: nn.Module) -> tuple[nn.Module, dict]:
@@ -249,15 +252,14 @@ class Predictor:
     def to_host(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Prediction]:
         """Results of `labels_and_stats` -> Predictions (in order): one copy into pinned host memory and one
         synchronisation for all of them. Label maps are views of that one host buffer (no copy per image)."""
+        if not self.cuda:  # already host memory: views of the results themselves, no copy into one buffer
+            return [self._prediction(lab[i].numpy(), st[i].numpy()) for lab, st in parts for i in range(lab.shape[0])]
         flat = self._flatten(parts)
-        if self.cuda:
-            host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
-            host.copy_(flat, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.device))  # the stream the copy went to (cuda:N too)
-            done.synchronize()  # waits for this call's work only: another thread's later kernels may still run
-        else:
-            host = flat
+        host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))  # the stream the copy went to (cuda:N too)
+        done.synchronize()  # waits for this call's work only: another thread's later kernels may still run
         buf = host.numpy()
         out: list[Prediction] = []
         offset = 0
@@ -370,10 +372,12 @@ class Predictor:
         logits = self.forward(canvases)
         preds = self._whole(logits[:len(whole)], [items[s.item] for s in whole])
         cells = score_cells(logits[len(whole):len(canvases)], self.score_phase) if tiles else None
+        if tiles and self._window is None:
+            self._window = tile_window(tiling, logits.device)  # once: a host-to-device copy waits on the stream
         for s in tiles:
             if s.item not in blenders:
                 p = items[s.item]
-                blenders[s.item] = TileBlender(tiling, p.height, p.width, logits.shape[1], logits.device)
+                blenders[s.item] = TileBlender(tiling, p.height, p.width, logits.shape[1], logits.device, self._window)
         for s, pred in zip(whole, preds, strict=True):
             out[s.item] = pred
         for j, s in enumerate(tiles):
@@ -381,11 +385,19 @@ class Predictor:
             blender.add(cells[j])
             if blender.complete:
                 del blenders[s.item]
-                try:
-                    out[s.item] = self._blended(blender)
-                except Exception as e:  # noqa: BLE001 - this image only
-                    self._check_recoverable(e)
-                    out[s.item] = e
+                out[s.item] = self._finish(blender)
+
+    def _finish(self, blender: TileBlender) -> Prediction | Exception:
+        """A tiled image's prediction; its full-size pass (the likeliest to run out of memory, beside another
+        thread's work) is tried twice, as a whole image gets a pass of its own after its batch; then its error."""
+        for attempt in (1, 2):
+            try:
+                return self._blended(blender)
+            except Exception as e:  # noqa: BLE001 - this image only
+                self._check_recoverable(e)
+                if attempt == 2 or not is_out_of_memory(e):
+                    return e
+        raise AssertionError("unreachable")
 
     def _blended(self, blender: TileBlender) -> Prediction:
         """A tiled image's prediction from its blended scores, upsampled in row bands like a shrunk image's."""

@@ -7,6 +7,7 @@ taken from the inference actor.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
@@ -65,13 +66,28 @@ def read_stage(batch: pa.Table, *, listed_by: Location | None, max_bytes: int) -
     })
 
 
+# Decoded canvases of one output block at most (then the block goes on): a task's rows may be 100 MP images kept at
+# their own size for tiling (300 MB each), and a block of eight would hold 2.4 GB in the task and the object store.
+DECODE_BLOCK_BYTES = 64 * 2**20
+_SIZES = ("width", "height", "resized_h", "resized_w", "canvas_h", "canvas_w")
+
+
 def decode_stage(batch: pa.Table, *, max_pixels: int, max_side: int | None, canvas_multiple: int,
                  tiling: Tiling | None = None) -> pa.Table:
     """Bytes -> RGB -> canvas (resize to max_side, edge-pad to the canvas), per row; an image that `tiling`
-    applies to keeps its own size (the actor cuts it into tiles)."""
-    sizes = ("width", "height", "resized_h", "resized_w", "canvas_h", "canvas_w")
-    cols: dict[str, list] = {k: [] for k in (*sizes, "canvas", "stage", "error")}
-    for data, stage, error in zip(batch["data"].to_pylist(), batch["stage"].to_pylist(), batch["error"].to_pylist(), strict=True):
+    applies to keeps its own size (the actor cuts it into tiles). One table of every row."""
+    return pa.concat_tables(decode_blocks(batch, max_pixels=max_pixels, max_side=max_side,
+                                          canvas_multiple=canvas_multiple, tiling=tiling, block_bytes=None))
+
+
+def decode_blocks(batch: pa.Table, *, max_pixels: int, max_side: int | None, canvas_multiple: int,
+                  tiling: Tiling | None = None, block_bytes: int | None = DECODE_BLOCK_BYTES) -> Iterator[pa.Table]:
+    """decode_stage's rows as the pipeline's decode tasks yield them: a table whenever its canvases reach
+    `block_bytes` (None: one table), so a task holds one large image's canvas at a time, not its whole batch's."""
+    cols: dict[str, list] = {k: [] for k in (*_SIZES, "canvas", "stage", "error")}
+    start, held = 0, 0
+    rows = zip(batch["data"].to_pylist(), batch["stage"].to_pylist(), batch["error"].to_pylist(), strict=True)
+    for i, (data, stage, error) in enumerate(rows):
         prepared = None
         if error is None:
             try:
@@ -80,8 +96,9 @@ def decode_stage(batch: pa.Table, *, max_pixels: int, max_side: int | None, canv
                 stage, error = "decode", str(e)
             except Exception as e:  # noqa: BLE001 - an unexpected decoder failure costs this row only
                 stage, error = "decode", one_line(e)
+        del data
         if prepared is None:
-            for k in sizes:
+            for k in _SIZES:
                 cols[k].append(0)
             cols["canvas"].append(None)
         else:
@@ -92,10 +109,20 @@ def decode_stage(batch: pa.Table, *, max_pixels: int, max_side: int | None, canv
             cols["canvas_h"].append(prepared.canvas.shape[0])
             cols["canvas_w"].append(prepared.canvas.shape[1])
             cols["canvas"].append(prepared.canvas)
+            held += prepared.canvas.nbytes
         cols["stage"].append(stage)
         cols["error"].append(error)
-    table = {"image_uri": batch["image_uri"], "image_version": batch["image_version"]}
-    for k in sizes:
+        if block_bytes is not None and held >= block_bytes:
+            yield _decoded(batch.slice(start, i + 1 - start), cols)
+            cols = {k: [] for k in cols}
+            start, held = i + 1, 0
+    if cols["stage"] or start == 0:
+        yield _decoded(batch.slice(start), cols)
+
+
+def _decoded(rows: pa.Table, cols: dict[str, list]) -> pa.Table:
+    table = {"image_uri": rows["image_uri"], "image_version": rows["image_version"]}
+    for k in _SIZES:
         table[k] = pa.array(cols[k], pa.int32())
     table["canvas"] = binary_column(cols["canvas"])  # one copy of each canvas, no bytes objects
     table["stage"] = pa.array(cols["stage"], pa.string())
@@ -131,7 +158,10 @@ def postprocess_stage(batch: pa.Table, *, encoding: str) -> pa.Table:
         sizes = pc.binary_length(raw).fill_null(-1).to_numpy(zero_copy_only=False)
         for i in np.flatnonzero((sizes != widths * heights) & np.array([e is None for e in errors], bool)):
             stages[i], errors[i] = "postprocess", f"label map has {sizes[i]} bytes, expected {widths[i] * heights[i]}"
-        label_maps = pc.if_else(pa.array([e is None for e in errors], pa.bool_()), raw, pa.scalar(None, pa.binary()))
+        ok = [e is None for e in errors]
+        # Nulls where a row failed; when none did, the column as it came (a 100 MP map is 100 MB: no copy of it).
+        label_maps = raw if all(ok) and raw.null_count == 0 else pc.if_else(pa.array(ok, pa.bool_()), raw,
+                                                                              pa.scalar(None, pa.binary()))
     else:
         cells: list[bytes | None] = [None] * n
         for i, data in enumerate(binary_views(raw)):

@@ -7,9 +7,10 @@ fixed-slot batches. Their logits are blended at the *score resolution*, one valu
 SCORE_STRIDE block (pipeline.label.blend), so an image's blending state is C x H x W / 64 floats, never
 C x H x W; the blended scores are upsampled back in row bands as a shrunk image's are.
 
-Tile origins are multiples of SCORE_STRIDE (each tile's score cells fall on the image's grid): the last tile of
-a row or column is pulled back to end at the border, rounded up to the grid, so it overhangs by at most
-SCORE_STRIDE - 1 edge-padded pixels; a side shorter than a tile is edge-padded to it, like a canvas.
+Tile origins are multiples of SCORE_STRIDE (each tile's score cells fall on the image's grid), spread evenly: the
+last tile of a row or column ends at the border rounded up to the grid, so it overhangs by at most
+SCORE_STRIDE - 1 edge-padded pixels; a side shorter than a tile is edge-padded to it, like a canvas (a 1 x N strip
+costs a full tile per tile step: say so to users of strips).
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ SCORE_STRIDE = 8
 # The FCN trunk's coarsest stride is 32 (pool5); a tile must hold at least two pool5 cells a side, else its fc
 # layers see little but padding.
 MIN_TILE = 64
+# A tile is a full canvas whatever the image (edge-padded where the image is shorter): past this, memory, not detail.
+MAX_TILE = 8192
 # MONAI's sliding_window_inference default (sigma_scale=0.125): sigma as a share of the tile side.
 GAUSSIAN_SIGMA = 0.125
 
@@ -45,13 +48,15 @@ def check_tiling(tile: int | None, overlap: float, blend: str, canvas_multiple: 
     check_number("--tile", tile)  # a number; the bounds below say why
     if tile < MIN_TILE:
         raise UsageError(f"--tile {tile} is smaller than the model can take: at least {MIN_TILE} pixels (two cells "
-                         "of the FCN's stride-32 pool5 a side)")
-    if tile % canvas_multiple:
-        raise UsageError(f"--tile {tile} is not a multiple of the canvas multiple {canvas_multiple} (--canvas-multiple): "
-                         f"try {math.ceil(tile / canvas_multiple) * canvas_multiple}")
-    if tile % SCORE_STRIDE:
-        raise UsageError(f"--tile {tile} is not a multiple of {SCORE_STRIDE}, the blending's score stride: "
-                         f"try {math.ceil(tile / SCORE_STRIDE) * SCORE_STRIDE}")
+                         "of the FCN's stride-32 pool5 a side; leave --tile out to label every image whole)")
+    if tile > MAX_TILE:
+        raise UsageError(f"--tile {tile} is over {MAX_TILE}: every tile is a full canvas of that size, so larger tiles "
+                         "cost memory, not detail (--max-side 0 labels an image whole at its own size)")
+    multiple = math.lcm(canvas_multiple, SCORE_STRIDE)
+    if tile % multiple:
+        why = (f"the canvas multiple {canvas_multiple} (--canvas-multiple; 128 with --compile)"
+               if tile % canvas_multiple else f"{SCORE_STRIDE}, the blending's score stride")
+        raise UsageError(f"--tile {tile} is not a multiple of {why}: try {math.ceil(tile / multiple) * multiple}")
 
 
 @dataclass(frozen=True)
@@ -69,15 +74,17 @@ class Tiling:
 
     @property
     def step(self) -> int:
-        """Pixels from one tile's origin to the next: the tile less the overlap, on the score grid."""
-        return max(SCORE_STRIDE, round(self.size * (1 - self.overlap) / SCORE_STRIDE) * SCORE_STRIDE)
+        """The most pixels from one tile's origin to the next: the tile less at least the overlap, on the score grid."""
+        return max(SCORE_STRIDE, math.floor(self.size * (1 - self.overlap) / SCORE_STRIDE) * SCORE_STRIDE)
 
     def origins(self, length: int) -> list[int]:
-        """Tile origins along a side of `length` pixels (see the module docstring)."""
+        """Tile origins along a side of `length` pixels (see the module docstring): as few tiles as the step allows,
+        spread evenly from 0 to the last (no near-duplicate tile at the end), each step at most `step`."""
         if length <= self.size:
             return [0]
         last = math.ceil((length - self.size) / SCORE_STRIDE) * SCORE_STRIDE
-        return [*range(0, last, self.step), last]
+        gaps = math.ceil(last / self.step)
+        return [round(i * last / gaps / SCORE_STRIDE) * SCORE_STRIDE for i in range(gaps + 1)]
 
     def grid(self, height: int, width: int) -> list[tuple[int, int]]:
         """(y0, x0) of every tile of an image, row by row: the order its tiles are blended in, always."""

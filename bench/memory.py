@@ -44,24 +44,28 @@ def memory_kb(pid: int) -> tuple[int, int]:
 def run_measuring_memory(cmd: list[str], *, env: dict, cwd: str, every: float = 0.2,
                          timeout: float = 1800) -> tuple[int, bytes, dict]:
     """Run `cmd` in a new session, sampling its processes every `every` s. Returns (exit code, stdout,
-    {"pss_kb", "rss_kb", "processes", "shm_kb"} peaks, and "rss_kb_by_process": each process title's peak RSS).
+    {"pss_kb", "rss_kb", "processes", "shm_kb"} peaks, and "by_process": each process's peak RSS and PSS and the
+    titles it had: Ray renames a worker for each task).
     shm_kb: the most /dev/shm pages one process of the tree
     has resident, i.e. the object store of a local Ray the command started (its store is one file there, mapped
     whole by the raylet); other Rays on the machine do not count. Whatever the command leaves running in its session
     is killed."""
     child = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL)
-    peak = {"pss_kb": 0, "rss_kb": 0, "processes": 0, "shm_kb": 0, "rss_kb_by_process": {}}
+    peak = {"pss_kb": 0, "rss_kb": 0, "processes": 0, "shm_kb": 0, "by_process": {}}
     done = threading.Event()
-    by_process = peak["rss_kb_by_process"]
+    by_process = peak["by_process"]
 
     def sample():
         while not done.is_set():
             pids = session_pids(child.pid)
             mem = [memory_kb(p) for p in pids]
-            for pid, (_, rss) in zip(pids, mem, strict=True):
-                name = process_title(pid)
-                by_process[name] = max(by_process.get(name, 0), rss)
+            for pid, (pss, rss) in zip(pids, mem, strict=True):
+                seen = by_process.setdefault(pid, {"rss_kb": 0, "pss_kb": 0, "titles": []})
+                seen["rss_kb"], seen["pss_kb"] = max(seen["rss_kb"], rss), max(seen["pss_kb"], pss)
+                title = process_title(pid)
+                if title not in seen["titles"]:
+                    seen["titles"].append(title)
             peak["pss_kb"] = max(peak["pss_kb"], sum(m[0] for m in mem))
             peak["rss_kb"] = max(peak["rss_kb"], sum(m[1] for m in mem))
             peak["processes"] = max(peak["processes"], len(pids))

@@ -186,7 +186,7 @@ def big(fitted):
 
 def test_tiled_labels_agree_with_one_whole_image_pass(big):
     agree = (big["tiled"].label == big["whole"].label).mean()
-    assert agree >= 0.99, agree  # measured 1.0000 (bench/tiling_bench.py)
+    assert agree >= 0.99, agree  # measured 99.995-100.000 % over two fits (bench/tiling_bench.py)
     assert big["tiled"].tiles == 25 and big["tiled"].label.shape == (2048, 2048)
 
 
@@ -213,8 +213,8 @@ def test_tiled_statistics_describe_the_label_map(big):
 
 
 def test_seams_show_without_overlap_or_weights(fitted):
-    """The check above can fail: with no overlap the border band agrees visibly less (measured 0.963 against
-    0.9995) and a plain mean blend sits between (0.990)."""
+    """The check above can fail: with no overlap the border band agrees visibly less (measured 0.95-0.96 against
+    0.997-0.999) and a plain mean blend sits between (0.98-0.99)."""
     image, _ = mosaic(1024)
     whole = predict_image(fitted, None, image, max_side=None, batch_size=1)
     for overlap, blend, worse in ((0.0, "gaussian", 0.01), (0.25, "mean", 0.002)):

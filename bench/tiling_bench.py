@@ -36,28 +36,10 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def mosaic(side: int, cell: int = 64, distinct: int = 256, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
-    from pipeline.synthetic import render_sample
+def mosaic(side: int, distinct: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    from pipeline.synthetic import render_mosaic
 
-    samples = [render_sample(seed, i, (cell, cell)) for i in range(distinct)]
-    n = side // cell
-    image, truth = np.zeros((side, side, 3), np.uint8), np.zeros((side, side), np.uint8)
-    for k in range(n * n):
-        r, c = divmod(k, n)
-        image[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell], truth[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = (
-            samples[k % distinct])
-    return image, truth
-
-
-def near_tile_borders(tiling, height: int, width: int, px: int = 16) -> np.ndarray:
-    def along(length: int) -> np.ndarray:
-        near = np.zeros(length, bool)
-        for origin in tiling.origins(length):
-            for edge in (origin, origin + tiling.size):
-                if 0 < edge < length:
-                    near[max(0, edge - px):edge + px] = True
-        return near
-    return along(height)[:, None] | along(width)[None, :]
+    return render_mosaic(side, distinct=distinct)
 
 
 def agreement(args) -> dict:
@@ -87,7 +69,7 @@ def agreement(args) -> dict:
                 pred = Predictor(ck.model, ck.convention, s).predict([preprocess(image, None, 32, s.tiling)])[0]
                 seconds = time.perf_counter() - t
                 agree = pred.label == whole.label
-                near = near_tile_borders(s.tiling, args.side, args.side)
+                near = s.tiling.near_borders(args.side, args.side)
                 rows.append({"tile": tile, "overlap": overlap, "blend": blend, "tiles": pred.tiles,
                              "tiles_per_mp": round(pred.tiles / (args.side ** 2 / 1e6), 2), "seconds": round(seconds, 2),
                              "agree": round(float(agree.mean()), 5), "agree_near_borders": round(float(agree[near].mean()), 5),
@@ -306,18 +288,13 @@ def main() -> None:
     t.add_argument("--width-mult", type=float, default=0.25)
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--rounds", type=int, default=3)
-    m = sub.add_parser("memory")
-    m.add_argument("--megapixels", type=float, default=100.0)
-    m.add_argument("--tile", type=int, default=512)
-    m.add_argument("--width-mult", type=float, default=0.0625)
-    m.add_argument("--label-encoding", default="raw")
-    m.add_argument("--workdir", default=None)
-    st = sub.add_parser("stages")
-    st.add_argument("--megapixels", type=float, default=100.0)
-    st.add_argument("--tile", type=int, default=512)
-    st.add_argument("--width-mult", type=float, default=0.0625)
-    st.add_argument("--label-encoding", default="raw")
-    st.add_argument("--workdir", default=None)
+    for name in ("memory", "stages"):  # one image, as a job and stage by stage
+        m = sub.add_parser(name)
+        m.add_argument("--megapixels", type=float, default=100.0)
+        m.add_argument("--tile", type=int, default=512)
+        m.add_argument("--width-mult", type=float, default=0.0625)
+        m.add_argument("--label-encoding", default="raw", choices=("raw", "png"))
+        m.add_argument("--workdir", default=None)
     args = p.parse_args()
     print(json.dumps({"agreement": agreement, "throughput": throughput, "memory": memory, "stages": stages}[args.what](args)))
 

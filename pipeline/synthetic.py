@@ -185,6 +185,19 @@ def render_sample(seed: int, index: int, size: tuple[int, int] = (160, 120)) -> 
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), labels
 
 
+def render_mosaic(side: int, *, cell: int = 64, distinct: int = 256, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """A large side x side image and its mask, a grid of `distinct` cell x cell samples repeated: objects at the
+    scale a model trained on small samples knows, on an image big enough to tile (pipeline.label.tiling)."""
+    samples = [render_sample(seed, i, (cell, cell)) for i in range(distinct)]
+    n = math.ceil(side / cell)
+    image, mask = np.zeros((n * cell, n * cell, 3), np.uint8), np.zeros((n * cell, n * cell), np.uint8)
+    for k in range(n * n):
+        r, c = divmod(k, n)
+        image[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell], mask[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = (
+            samples[k % distinct])
+    return np.ascontiguousarray(image[:side, :side]), np.ascontiguousarray(mask[:side, :side])
+
+
 def encode_jpeg(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image, "RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=False,

@@ -16,7 +16,7 @@ from pipeline.label.device_stats import labels_and_stats
 from pipeline.label.inference import Predictor, predict_image
 from pipeline.label.inference_settings import InferenceSettings
 from pipeline.label.tiling import BLENDS, MIN_TILE, SCORE_STRIDE, Tiling, check_tiling
-from pipeline.synthetic import render_sample
+from pipeline.synthetic import render_mosaic
 from pipeline.testbed import fitted_checkpoint
 from tests.images import gradient_rgb
 
@@ -31,29 +31,13 @@ def fitted(tmp_path_factory):
     return load_checkpoint(path)
 
 
-def mosaic(side: int, cell: int = 64, distinct: int = 256, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+def mosaic(side: int, distinct: int = 256, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
     """A side x side image of synthetic samples at the scale the fitted model knows, and its ground truth."""
-    samples = [render_sample(seed, i, (cell, cell)) for i in range(distinct)]
-    n = side // cell
-    image, truth = np.zeros((side, side, 3), np.uint8), np.zeros((side, side), np.uint8)
-    for k in range(n * n):
-        r, c = divmod(k, n)
-        im, m = samples[k % distinct]
-        image[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = im
-        truth[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = m
-    return image, truth
+    return render_mosaic(side, distinct=distinct, seed=seed)
 
 
-def near_tile_borders(tiling: Tiling, height: int, width: int, px: int = SEAM_PX) -> np.ndarray:
-    """Pixels within `px` of an edge of any tile that lies inside the image."""
-    def along(length: int) -> np.ndarray:
-        near = np.zeros(length, bool)
-        for origin in tiling.origins(length):
-            for edge in (origin, origin + tiling.size):
-                if 0 < edge < length:
-                    near[max(0, edge - px):edge + px] = True
-        return near
-    return along(height)[:, None] | along(width)[None, :]
+def near_tile_borders(tiling: Tiling, height: int, width: int) -> np.ndarray:
+    return tiling.near_borders(height, width, SEAM_PX)
 
 
 def tiled(tile: int, **kw) -> InferenceSettings:

@@ -112,6 +112,18 @@ class Tiling:
             w = np.exp(-((u - 0.5) ** 2) / (2 * GAUSSIAN_SIGMA ** 2))
         return (w / w.max()).astype(np.float32)
 
+    def near_borders(self, height: int, width: int, px: int = 16) -> np.ndarray:
+        """(height, width) bool: the pixels within `px` of an edge of a tile that lies inside the image, where seams
+        would show (the agreement checks of tests/test_tiling.py and bench/tiling_bench.py)."""
+        def along(length: int) -> np.ndarray:
+            near = np.zeros(length, bool)
+            for origin in self.origins(length):
+                for edge in (origin, origin + self.size):
+                    if 0 < edge < length:
+                        near[max(0, edge - px):edge + px] = True
+            return near
+        return along(height)[:, None] | along(width)[None, :]
+
     def tile_canvas(self, rgb: np.ndarray, y0: int, x0: int) -> np.ndarray:
         """The (size, size, 3) canvas of the tile at (y0, x0): a view of the image, or an edge-padded copy where the
         tile overhangs it."""

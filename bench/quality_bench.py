@@ -64,7 +64,7 @@ def write_night(root: str, rows: int, per_image: int, error_rate: float) -> tupl
                 "classes_present": pa.array([[0]] * m, pa.list_(pa.int32())), "model_id": _strings(MODEL, m),
                 "run_id": _strings(RUN_ID, m), "labeled_at": pa.array([now] * m, LABELS_SCHEMA.field("labeled_at").type),
                 "mean_confidence": pa.array(rng.uniform(0.3, 1.0, m)), "mean_margin": pa.array(rng.uniform(0, 0.7, m)),
-                "low_confidence_fraction": pa.array(rng.uniform(0, 1, m)),
+                "low_confidence_fraction": pa.array(rng.uniform(0, 1, m)), "tiles": pa.array(np.zeros(m, np.int32)),
             }, schema=LABELS_SCHEMA)
             with open(os.path.join(folders["labels"], f"part-{group}-{k:04d}.parquet"), "wb") as f:
                 f.write(parquet_bytes(labels))

@@ -64,7 +64,7 @@ def write_output(root: str, images: int, side: int) -> None:
             "label_encoding": ["png"] * n, "classes_present": present, "model_id": [MODEL] * n,
             "run_id": [RUN_ID] * n, "labeled_at": [now] * n,
             "mean_confidence": rng.random(n).tolist(), "mean_margin": rng.random(n).tolist(),
-            "low_confidence_fraction": rng.random(n).tolist()}
+            "low_confidence_fraction": rng.random(n).tolist(), "tiles": [0] * n}
         table = pa.table({f.name: pa.array(columns[f.name], f.type) for f in LABELS_SCHEMA}, schema=LABELS_SCHEMA)
         with open(os.path.join(folder, f"part-bench-{start // ROWS_PER_FILE:06d}.parquet"), "wb") as f:
             f.write(parquet_bytes(table))

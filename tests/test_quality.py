@@ -249,7 +249,8 @@ def test_on_s3_the_same_row_without_fetching_a_label_map(nights, bucket, s3):
                      "label_map": [rng.bytes(1_000_000) for _ in range(n)], "label_encoding": ["raw"] * n,
                      "classes_present": [[0]] * n, "model_id": ["m"] * n, "run_id": ["r"] * n,
                      "labeled_at": [datetime.now(timezone.utc)] * n, "mean_confidence": rng.random(n),
-                     "mean_margin": rng.random(n), "low_confidence_fraction": rng.random(n)}, schema=LABELS_SCHEMA)
+                     "mean_margin": rng.random(n), "low_confidence_fraction": rng.random(n),
+                     "tiles": pa.array([0] * n, pa.int32())}, schema=LABELS_SCHEMA)
     s3.pipe(f"{bucket}/big/part-r-x.parquet", parquet_bytes(rows, row_group_rows=4))
     big = Location.of(f"{bucket}/big/part-r-x.parquet")
     got, fetched, size = read_columns(big, big.path, "labels")

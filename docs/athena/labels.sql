@@ -13,7 +13,8 @@ CREATE EXTERNAL TABLE IF NOT EXISTS segmentation.labels (
   labeled_at timestamp,
   mean_confidence double,
   mean_margin double,
-  low_confidence_fraction double
+  low_confidence_fraction double,
+  tiles int
 )
 PARTITIONED BY (run_date string)
 STORED AS PARQUET

@@ -17,6 +17,7 @@ CREATE TABLE IF NOT EXISTS hive.segmentation.labels (
   mean_confidence double,
   mean_margin double,
   low_confidence_fraction double,
+  tiles integer,
   run_date varchar
 )
 WITH (

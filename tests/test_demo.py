@@ -135,6 +135,6 @@ def test_demo_review_loop_raises_the_reviewed_images_mean_iu(tmp_path):
     # seeds, 3 base models): 25 epochs +0.26 to +0.38 (5 runs), 35 epochs +0.32 to +0.34 (3); the old split (7 train,
     # 1 val) rose +0.24 to +0.34 here and +0.12 in CI (0.249 -> 0.373); a fresh clone's make test-slow measured
     # +0.145 at 35 epochs (0.231 -> 0.376). The smallest rise seen is +0.12: +0.08 asserts a clear rise (a third of
-    # the base) with room for that spread; a fine-tuning that did nothing measures +-0.02.
+    # the base) with room for that spread.
     assert review["mean_iou_after"] >= review["mean_iou_before"] + 0.08, review
     assert review["fine_tuned"].startswith(str(tmp_path / "demo" / "runs" / "demo-reviewed"))

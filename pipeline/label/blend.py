@@ -43,8 +43,8 @@ class TileBlender:
 
     def __init__(self, tiling: Tiling, height: int, width: int, classes: int, device: torch.device,
                  window: torch.Tensor | None = None):
-        self.tiling, self.height, self.width = tiling, height, width
-        self.grid = tiling.grid(height, width)
+        self.height, self.width = height, width
+        self.tiles = tiling.count(height, width)
         self.h, self.w = tiling.score_shape(height, width)
         self.sums = torch.zeros((1, classes, self.h, self.w), dtype=torch.float32, device=device)
         self.weights = torch.zeros((self.h, self.w), dtype=torch.float32, device=device)
@@ -53,16 +53,12 @@ class TileBlender:
         self._scores: torch.Tensor | None = None
 
     @property
-    def tiles(self) -> int:
-        return len(self.grid)
-
-    @property
     def complete(self) -> bool:
-        return self.added == len(self.grid)
+        return self.added == self.tiles
 
-    def add(self, cells: torch.Tensor) -> None:
-        """The next tile's score cells (C, t, t), in grid order; cells past the image's score grid are dropped."""
-        y0, x0 = self.grid[self.added]
+    def add(self, cells: torch.Tensor, y0: int, x0: int) -> None:
+        """The score cells (C, t, t) of the tile at (y0, x0), added in grid order (the sums' order); cells past the
+        image's score grid are dropped."""
         cy, cx = y0 // SCORE_STRIDE, x0 // SCORE_STRIDE
         rows, cols = min(cells.shape[1], self.h - cy), min(cells.shape[2], self.w - cx)
         weight = self.window[:rows, :cols]
@@ -73,7 +69,7 @@ class TileBlender:
     def scores(self) -> torch.Tensor:
         """The blended logits (1, C, h, w), once every tile is in (in place, once: the sums become the scores)."""
         if not self.complete:
-            raise RuntimeError(f"{self.added} of {len(self.grid)} tiles blended")
+            raise RuntimeError(f"{self.added} of {self.tiles} tiles blended")
         if self._scores is None:
             self._scores = self.sums.div_(self.weights)
         return self._scores

@@ -382,7 +382,7 @@ class Predictor:
             out[s.item] = pred
         for j, s in enumerate(tiles):
             blender = blenders[s.item]
-            blender.add(cells[j])
+            blender.add(cells[j], s.y0, s.x0)
             if blender.complete:
                 del blenders[s.item]
                 out[s.item] = self._finish(blender)

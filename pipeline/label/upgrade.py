@@ -138,13 +138,13 @@ def _labels_uncertainty(rows: pa.Table, ctx: FileContext) -> pa.Table:
     return rows
 
 
-def _labels_tiles(rows: pa.Table, ctx: FileContext) -> pa.Table:
-    return rows.append_column(_TILES, pa.array(np.zeros(rows.num_rows, np.int32)))
-
-
 # labels/'s tile count (--tile): every image labeled before tiling existed was labeled whole, so 0 (a fact, not a
 # measurement: unlike the uncertainty figures, nothing is made up).
 _TILES = pa.field("tiles", pa.int32(), nullable=True)
+
+
+def _labels_tiles(rows: pa.Table, ctx: FileContext) -> pa.Table:
+    return rows.append_column(_TILES, pa.array(np.zeros(rows.num_rows, np.int32)))
 
 STEPS: tuple[Step, ...] = (
     Step(2, "class_stats", FIRST_RELEASE["class_stats"].append(pa.field("labeled_at", _TS, nullable=True)),
